@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Tiny random models in Hugging Face layout, and transformers' outputs for them.
+
+    tiny_models.py make OUT_DIR     models + a tokenizer trained on tests/data/corpus.txt,
+                                    and reference.safetensors per model (logits and every
+                                    hidden state from transformers, for right-padded,
+                                    left-padded and unpadded batches)
+    tiny_models.py logits MODEL_DIR INPUTS OUT
+                                    transformers' logits of MODEL_DIR for the input_ids /
+                                    attention_mask in INPUTS (safetensors)
+    tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
+                                    transformers' apply_chat_template of a conversation:
+                                    the rendered text and its token ids
+
+Deterministic (fixed seeds), offline, a few seconds on a CPU. OUT_DIR is written to a
+temporary sibling and renamed, so a concurrent or interrupted run never leaves half a set.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "data" / "corpus.txt"
+CHATML = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_VOCAB = 384
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+
+# name -> (config class name, config overrides, save options)
+MODELS = {
+    # Llama 3.1-style rope scaling, untied head.
+    "llama": ("LlamaConfig", dict(rope_theta=10000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32)), dict()),
+    # Tied embeddings, attention and MLP biases, MHA, stored sharded in bfloat16.
+    "llama-tied-bf16": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True,
+        attention_bias=True, mlp_bias=True, rope_theta=500000.0), dict(dtype=torch.bfloat16, max_shard_size="40KB")),
+    # qkv bias, tied, padded vocabulary (more rows than tokens, as Qwen2 does).
+    "qwen2": ("Qwen2Config", dict(vocab_size=TOKENIZER_VOCAB + 32, tie_word_embeddings=True,
+        rope_theta=1000000.0), dict()),
+    # q/k norms, head_dim independent of hidden_size / heads.
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False), dict(jinja=True)),
+    # sliding window shorter than the test sequences.
+    "mistral": ("MistralConfig", dict(sliding_window=8), dict()),
+}
+
+
+def train_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer=trainer)
+    # Llama-style: BOS in front of plain text.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(out / "tokenizer.json"))
+
+
+def write_tokenizer_files(src: Path, dst: Path, jinja: bool):
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    cfg = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>",
+           "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"}
+    if jinja:
+        (dst / "chat_template.jinja").write_text(CHATML)
+    else:
+        cfg["chat_template"] = CHATML
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def spread_weights(model, seed):
+    """transformers' init (std 0.02) makes every layer nearly the identity; larger
+    weights and non-unit norms make a parity test sensitive to every part of a layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def corpus_batches(tok_path: Path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    ids = tok.encode(CORPUS.read_text()).ids
+    lengths = [40, 29, 13]
+    seqs = [ids[1 + 50 * i: 1 + 50 * i + n] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    batches = {}
+    for side in ("right", "left"):
+        input_ids = torch.full((len(seqs), width), 2, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            input_ids[r, sl] = torch.tensor(s)
+            mask[r, sl] = 1
+        batches[side] = (input_ids, mask)
+    full = torch.tensor([ids[200:232], ids[300:332]])
+    batches["full"] = (full, None)
+    return batches
+
+
+def hf_outputs(model, input_ids, mask):
+    kwargs = dict(input_ids=input_ids, output_hidden_states=True)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+        # Positions count real tokens, so left padding does not shift them.
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits.float(), [h.float() for h in out.hidden_states]
+
+
+def make(out_dir: Path):
+    import transformers
+
+    if out_dir.exists():
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    train_tokenizer(tmp)
+    batches = corpus_batches(tmp / "tokenizer.json")
+    for seed, (name, (cls, overrides, save)) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        cfg = getattr(transformers, cls)(**{**COMMON, "vocab_size": TOKENIZER_VOCAB, **overrides})
+        cfg._attn_implementation = "eager"
+        model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg).eval()
+        spread_weights(model, seed)
+        if save.get("dtype") is not None:
+            model = model.to(save["dtype"])
+        d = tmp / name
+        model.save_pretrained(d, max_shard_size=save.get("max_shard_size", "5GB"))
+        write_tokenizer_files(tmp, d, save.get("jinja", False))
+        # The reference comes from the saved files, in float32, as our loader sees them.
+        ref_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager").eval()
+        bf16_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
+            d, dtype=torch.bfloat16, attn_implementation="eager").eval()
+        tensors = {}
+        for side, (input_ids, mask) in batches.items():
+            # transformers' own bfloat16 run: the yardstick for our reduced-precision runs.
+            tensors[f"{side}.logits_bf16"] = hf_outputs(bf16_model, input_ids, mask)[0]
+            logits, hidden = hf_outputs(ref_model, input_ids, mask)
+            tensors[f"{side}.input_ids"] = input_ids
+            if mask is not None:
+                tensors[f"{side}.attention_mask"] = mask
+            tensors[f"{side}.logits"] = logits
+            for i, h in enumerate(hidden):
+                tensors[f"{side}.hidden.{i}"] = h
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "reference.safetensors"))
+    (tmp / "README").write_text("Generated by scripts/tiny_models.py; random weights, not for use.\n")
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        shutil.rmtree(tmp)  # another process finished first
+        if not out_dir.exists():
+            raise
+
+
+def logits(model_dir: Path, inputs: Path, out: Path):
+    import transformers
+
+    t = load_file(str(inputs))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mask = t.get("attention_mask")
+    kwargs = dict(input_ids=t["input_ids"])
+    if mask is not None:
+        kwargs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        result = model(**kwargs).logits.float()
+    save_file({"logits": result.contiguous()}, str(out))
+
+
+def chat(model_dir: Path, messages: Path, out: Path):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    msgs = json.loads(messages.read_text())
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    plain = tok("Alice was beginning to get very tired.")["input_ids"]
+    out.write_text(json.dumps({"text": text, "ids": ids, "plain_ids": plain}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "make":
+        make(Path(sys.argv[2]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "chat":
+        chat(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "logits":
+        logits(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,3 @@
+//! One file per subcommand: argument parsing and output; the work lives in the library.
+pub mod env;
+pub mod score;

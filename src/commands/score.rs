@@ -1,0 +1,92 @@
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+use distill::chat::ChatTemplate;
+use distill::dataset::{read_jsonl, FieldNames};
+use distill::model::{config_path_of, parse_kind, CausalLm, ModelConfig};
+use distill::runtime::parse_device;
+use distill::score::{rows, score_sequences, ScoreOptions};
+use distill::tokenizer::TextTokenizer;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Jsonl,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Model directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL file: rows with `text`, `prompt` + `response`, or chat `messages`.
+    #[arg(long)]
+    input: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Cut sequences to this many tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_len: usize,
+    /// Tokens per forward pass (batch x padded length).
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Name of the plain-text field.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let kind = parse_kind(&args.dtype)?;
+    // Cheap checks first: a tokenizer that does not fit the model fails before loading.
+    let config = ModelConfig::from_dir(&args.model)?;
+    let tokenizer = TextTokenizer::from_dir(&args.model)?;
+    tokenizer.check_fits(&config, &config_path_of(&args.model))?;
+    let template = ChatTemplate::load(&args.model)?;
+    let model = CausalLm::load(&args.model, device, kind)?;
+    let fields = FieldNames { text: args.text_field.clone(), ..FieldNames::default() };
+    let records = read_jsonl(&args.input, &fields)?;
+    let seqs = records
+        .iter()
+        .map(|r| {
+            r.example
+                .tokenize(&tokenizer, template.as_ref())
+                .with_context(|| format!("{}: example {}", args.input.display(), r.id))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, max_len: args.max_len, ..ScoreOptions::default() };
+    let started = std::time::Instant::now();
+    let sums = score_sequences(&model, &seqs, &opts)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ids: Vec<String> = records.into_iter().map(|r| r.id).collect();
+    let (per, total) = rows(&ids, &sums);
+    match args.format {
+        Format::Jsonl => {
+            for row in per.iter().chain(std::iter::once(&total)) {
+                println!("{}", serde_json::to_string(row)?);
+            }
+        }
+        Format::Table => {
+            let width = per.iter().map(|r| r.id.len()).max().unwrap_or(2).max(3);
+            println!("{:<width$}  {:>7}  {:>8}  {:>10}", "id", "tokens", "nll", "ppl");
+            for r in per.iter().chain(std::iter::once(&total)) {
+                println!("{:<width$}  {:>7}  {:>8.4}  {:>10.3}", r.id, r.tokens, r.nll, r.ppl);
+            }
+            eprintln!(
+                "scored {} tokens of {} examples in {elapsed:.2}s ({:.0} tokens/s) on {device:?} in {}",
+                total.tokens,
+                per.len(),
+                total.tokens as f64 / elapsed.max(1e-9),
+                args.dtype
+            );
+        }
+    }
+    Ok(())
+}

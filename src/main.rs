@@ -1,0 +1,32 @@
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+/// Offline knowledge distillation of language models with cached teacher logits.
+#[derive(Parser)]
+#[command(name = "distill", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the libtorch this binary runs on, CUDA availability and the GPUs.
+    Env(commands::env::EnvArgs),
+    /// Per-example token count, mean negative log-likelihood and perplexity of a model.
+    Score(commands::score::ScoreArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Env(args) => commands::env::run(args),
+        Command::Score(args) => commands::score::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

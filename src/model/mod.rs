@@ -1,0 +1,130 @@
+//! Decoder-only language models in Hugging Face layout, on libtorch.
+//!
+//! `CausalLm::load(dir, ..)` reads `config.json` and safetensors weights;
+//! `forward` returns logits and the requested hidden states; `save` writes the
+//! same layout back (see `save.rs`).
+pub mod config;
+pub mod rope;
+pub mod save;
+pub mod transformer;
+pub mod weights;
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::sync::Mutex;
+use tch::{nn, Device, Kind, Tensor};
+
+pub use config::{config_path_of, Family, ModelConfig};
+pub use transformer::{Hidden, Transformer};
+use weights::{ParamSource, SafetensorsFiles, VarBuilder};
+
+/// A causal language model: its configuration, the VarStore that owns every parameter
+/// under its Hugging Face name, and the blocks that use them.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub vs: nn::VarStore,
+    pub transformer: Transformer,
+    kind: Kind,
+}
+
+/// Logits `[batch, seq, vocab]` in the model's dtype and the requested hidden states.
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face model directory (config.json + safetensors), converting the
+    /// weights to `kind` on `device`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let files = SafetensorsFiles::open_dir(dir)?;
+        let source = ParamSource::Checkpoint { files: &files, used: Mutex::new(Default::default()) };
+        let model =
+            Self::build(config, &source, device, kind).with_context(|| format!("loading model {}", dir.display()))?;
+        check_unused(&source, &files, &model.config)?;
+        Ok(model)
+    }
+
+    /// A model with fresh weights (normal(0, initializer_range), norms at one), as
+    /// transformers initialises one. Seed tch first for reproducible weights.
+    pub fn random(config: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
+        let source = ParamSource::Random { std: config.initializer_range };
+        Self::build(config, &source, device, kind)
+    }
+
+    fn build(config: ModelConfig, source: &ParamSource, device: Device, kind: Kind) -> Result<Self> {
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+            bail!("model dtype must be float32, bfloat16 or float16, not {kind:?}");
+        }
+        let vs = nn::VarStore::new(device);
+        let transformer = Transformer::new(&VarBuilder::new(&vs, source, kind), &config)?;
+        Ok(CausalLm { config, vs, transformer, kind })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
+    }
+
+    /// Logits and hidden states `capture` (transformers' numbering) for a batch.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        capture: &[usize],
+    ) -> Result<ForwardOutput> {
+        let hidden = self.transformer.forward_hidden(input_ids, attention_mask, None, capture)?;
+        Ok(ForwardOutput { logits: self.transformer.logits(&hidden.last), hidden_states: hidden.captured })
+    }
+}
+
+/// Tensors in the checkpoint that the config leaves no place for mean the config and
+/// weights disagree (more layers, a bias the config lacks): refuse them, except for
+/// buffers transformers itself ignores.
+fn check_unused(source: &ParamSource, files: &SafetensorsFiles, config: &ModelConfig) -> Result<()> {
+    let mut unexpected = vec![];
+    for name in source.unused() {
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        if name == "lm_head.weight" && config.tie_word_embeddings {
+            eprintln!("note: tie_word_embeddings is true; ignoring lm_head.weight as transformers does");
+            continue;
+        }
+        unexpected.push(name);
+    }
+    if let Some(first) = unexpected.first() {
+        let file = files.file_of(first).map(|p| p.display().to_string()).unwrap_or_default();
+        let more = if unexpected.len() > 1 { format!(" (and {} more)", unexpected.len() - 1) } else { String::new() };
+        bail!("{file}: tensor {first}{more} has no place in the model described by config.json");
+    }
+    Ok(())
+}
+
+/// Parses "float32" | "bfloat16" | "float16" (and common short forms).
+pub fn parse_kind(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "float32" | "f32" | "fp32" | "float" => Kind::Float,
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        "float16" | "f16" | "fp16" | "half" => Kind::Half,
+        other => bail!("unknown dtype {other:?} (use float32, bfloat16 or float16)"),
+    })
+}
+
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "float32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Double => "float64",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,105 @@
+//! Writing a model back in Hugging Face layout: config.json plus safetensors, sharded
+//! with an index above a size limit, as `save_pretrained` does. Files are written to
+//! temporary names and renamed, so an interrupted save never leaves a half file under
+//! the final name.
+use anyhow::{Context, Result};
+use safetensors::{Dtype, View};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Tensor};
+
+use super::weights::{dtype_of, INDEX_FILE, SINGLE_FILE};
+use super::{kind_name, CausalLm};
+
+/// transformers' default `max_shard_size`.
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// A tensor copied to host memory, in the form the safetensors writer wants.
+struct HostTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl HostTensor {
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = t.detach().to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        Ok(HostTensor { dtype: dtype_of(t.kind())?, shape: t.size().iter().map(|&d| d as usize).collect(), bytes })
+    }
+}
+
+impl View for &HostTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl CausalLm {
+    /// Writes `dir/config.json` and the weights (one file, or shards of at most
+    /// `max_shard_bytes` with `model.safetensors.index.json`).
+    pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let vars: BTreeMap<String, Tensor> = self.vs.variables().into_iter().collect();
+        let mut shards: Vec<Vec<(String, HostTensor)>> = vec![vec![]];
+        let mut shard_bytes = 0usize;
+        let mut total = 0usize;
+        for (name, t) in &vars {
+            let host = HostTensor::from_tensor(t).with_context(|| format!("copying {name} to host"))?;
+            let n = host.bytes.len();
+            if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
+                shards.push(vec![]);
+                shard_bytes = 0;
+            }
+            shard_bytes += n;
+            total += n;
+            shards.last_mut().expect("one shard").push((name.clone(), host));
+        }
+        let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = if count == 1 {
+                SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            };
+            let path = dir.join(&file);
+            safetensors::serialize_to_file(shard.iter().map(|(n, t)| (n.as_str(), t)), metadata.clone(), &path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            for (name, _) in shard {
+                weight_map.insert(name.clone(), file.clone().into());
+            }
+        }
+        if count > 1 {
+            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            write_atomic(&dir.join(INDEX_FILE), &serde_json::to_vec_pretty(&index)?)?;
+        } else {
+            // A stale index from an earlier sharded save would shadow the single file.
+            let _ = std::fs::remove_file(dir.join(INDEX_FILE));
+        }
+        let config = self.config.to_json(kind_name(self.kind()));
+        write_atomic(&dir.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-distill");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

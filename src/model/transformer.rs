@@ -1,0 +1,333 @@
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3:
+//! RMSNorm, GQA attention with RoPE (through libtorch's scaled_dot_product_attention),
+//! SwiGLU MLP, tied or untied head. Numerics follow transformers' modeling files:
+//! RMSNorm in float32 then cast back, RoPE angles in float32.
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use super::config::ModelConfig;
+use super::rope::{apply_rotary, RotaryEmbedding};
+use super::weights::{Init, VarBuilder};
+
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get("weight", &[size as i64], Init::Ones)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let variance = xf.square().mean_dim(-1, true, Kind::Float);
+        let normed = xf * (variance + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim as i64, in_dim as i64], Init::Normal)?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim as i64], Init::Zeros)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// How attention may look back. `Causal` lets SDPA pick its fastest kernel; `Explicit`
+/// is a boolean `[batch, 1, seq, seq]` mask (true = may attend).
+pub enum AttentionMask {
+    Causal,
+    Explicit(Tensor),
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    pub fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            cfg.qk_norm.then(|| RmsNorm::new(&vb.pp(name), cfg.head_dim, cfg.rms_norm_eps)).transpose()
+        };
+        Ok(Attention {
+            q_proj: Linear::new(&vb.pp("q_proj"), h, q, cfg.qkv_bias)?,
+            k_proj: Linear::new(&vb.pp("k_proj"), h, kv, cfg.qkv_bias)?,
+            v_proj: Linear::new(&vb.pp("v_proj"), h, kv, cfg.qkv_bias)?,
+            o_proj: Linear::new(&vb.pp("o_proj"), q, h, cfg.o_bias)?,
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
+            num_heads: cfg.num_heads as i64,
+            num_kv_heads: cfg.num_kv_heads as i64,
+            head_dim: cfg.head_dim as i64,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Tensor {
+        let (b, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
+        let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let t = t.view([b, s, n, self.head_dim]);
+            let t = match norm {
+                Some(norm) => norm.forward(&t),
+                None => t,
+            };
+            t.transpose(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
+        let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        let out = match mask {
+            AttentionMask::Causal => {
+                let gqa = self.num_kv_heads != self.num_heads;
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa)
+            }
+            AttentionMask::Explicit(m) => {
+                // Fused kernels with a mask do not all take grouped heads: expand k/v.
+                let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+            }
+        };
+        let out = out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&out)
+    }
+
+    fn repeat_kv(&self, t: Tensor) -> Tensor {
+        let rep = self.num_heads / self.num_kv_heads;
+        if rep == 1 {
+            return t;
+        }
+        let (b, n, s, d) = t.size4().expect("[batch, heads, seq, head_dim]");
+        t.unsqueeze(2).expand([b, n, rep, s, d], false).reshape([b, n * rep, s, d])
+    }
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Mlp {
+            gate_proj: Linear::new(&vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: Linear::new(&vb.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::new(&vb.pp("down_proj"), i, h, bias)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderLayer {
+    pub fn new(vb: &VarBuilder, cfg: &ModelConfig, index: usize) -> Result<Self> {
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::new(
+                &vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::new(&vb.pp("mlp"), cfg)?,
+            sliding_window: cfg.sliding_windows[index],
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Tensor {
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask);
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
+}
+
+/// The transformer body and head, without the VarStore that owns the parameters.
+#[derive(Debug)]
+pub struct Transformer {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rotary: RotaryEmbedding,
+}
+
+/// What one forward pass returns. `hidden_states[i]` is the hidden state numbered
+/// `capture[i]` in transformers' numbering: 0 = embeddings, l = output of layer l,
+/// and num_layers = the final (normed) hidden state.
+pub struct Hidden {
+    pub last: Tensor,
+    pub captured: Vec<Tensor>,
+}
+
+impl Transformer {
+    pub fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let body = vb.pp("model");
+        let embed_tokens =
+            body.pp("embed_tokens").get("weight", &[cfg.vocab_size as i64, cfg.hidden_size as i64], Init::Normal)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::new(&body.pp("layers").pp(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&body.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            vb.pp("lm_head").get("weight", &[cfg.vocab_size as i64, cfg.hidden_size as i64], Init::Normal)?
+        };
+        let rotary = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, vb.device());
+        Ok(Transformer { embed_tokens, layers, norm, lm_head, rotary })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs the body. `input_ids` `[batch, seq]` int64; `attention_mask` `[batch, seq]`
+    /// (1 = token, 0 = padding, either side); `position_ids` default to the count of
+    /// real tokens before each position, so padding does not shift positions.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        capture: &[usize],
+    ) -> Result<Hidden> {
+        let n = self.layers.len();
+        if let Some(&bad) = capture.iter().find(|&&i| i > n) {
+            bail!("hidden state {bad} requested but the model has {n} layers (valid: 0..={n})");
+        }
+        let (b, s) = input_ids.size2()?;
+        let device = input_ids.device();
+        let mask = attention_mask.map(|m| m.to_kind(Kind::Int64));
+        let positions = match (position_ids, &mask) {
+            (Some(p), _) => p.shallow_clone(),
+            (None, Some(m)) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0),
+            (None, None) => Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0).expand([b, s], false),
+        };
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
+        let masks = LayerMasks::new(mask.as_ref(), &self.layers, s, device);
+        let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
+        let mut keep = |index: usize, t: &Tensor| {
+            for (slot, &want) in captured.iter_mut().zip(capture) {
+                if want == index {
+                    *slot = Some(t.shallow_clone());
+                }
+            }
+        };
+        keep(0, &x);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, masks.for_layer(layer.sliding_window));
+            if i + 1 < n {
+                keep(i + 1, &x);
+            }
+        }
+        let last = self.norm.forward(&x);
+        keep(n, &last);
+        Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
+    }
+
+    /// Logits for final hidden states `[.., hidden]` -> `[.., vocab]`, in the model's dtype.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head.tr())
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+}
+
+/// The attention masks a forward pass needs: one for full attention and one per
+/// distinct sliding window, built once and shared by the layers.
+struct LayerMasks {
+    full: AttentionMask,
+    windowed: Vec<(usize, AttentionMask)>,
+}
+
+impl LayerMasks {
+    fn new(mask: Option<&Tensor>, layers: &[DecoderLayer], s: i64, device: tch::Device) -> Self {
+        // Right padding (or none) needs no mask under causal attention: a real token
+        // never sees a later pad. Only left padding and windows need an explicit mask.
+        let needs_key_mask = mask.is_some_and(|m| !is_right_padded(m));
+        let key_mask = if needs_key_mask { mask } else { None };
+        let build = |window: Option<usize>| -> AttentionMask {
+            if key_mask.is_none() && window.is_none() {
+                return AttentionMask::Causal;
+            }
+            let i = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(1);
+            let j = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
+            let mut allowed = j.le_tensor(&i);
+            if let Some(w) = window {
+                allowed = allowed.logical_and(&(&i - &j).lt(w as i64));
+            }
+            let mut allowed = allowed.view([1, 1, s, s]);
+            if let Some(m) = key_mask {
+                let keys = m.ne(0).unsqueeze(1).unsqueeze(1);
+                // A padding query with no visible key would make SDPA produce NaN, which
+                // then leaks through 0 * NaN; let every position see itself.
+                let diagonal = Tensor::eye(s, (Kind::Bool, device)).view([1, 1, s, s]);
+                allowed = allowed.logical_and(&keys).logical_or(&diagonal);
+            }
+            AttentionMask::Explicit(allowed)
+        };
+        let mut windows: Vec<usize> = layers.iter().filter_map(|l| l.sliding_window).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        LayerMasks { full: build(None), windowed: windows.into_iter().map(|w| (w, build(Some(w)))).collect() }
+    }
+
+    fn for_layer(&self, window: Option<usize>) -> &AttentionMask {
+        match window {
+            None => &self.full,
+            Some(w) => &self.windowed.iter().find(|(x, _)| *x == w).expect("mask built for every window").1,
+        }
+    }
+}
+
+/// True when every row is ones followed by zeros (padding only on the right).
+fn is_right_padded(mask: &Tensor) -> bool {
+    let m = mask.ne(0);
+    let s = m.size()[1];
+    if s < 2 {
+        return true;
+    }
+    // A 0 followed by a 1 anywhere means a gap or left padding.
+    let rises = m.narrow(1, 1, s - 1).logical_and(&m.narrow(1, 0, s - 1).logical_not());
+    rises.any().int64_value(&[]) == 0
+}

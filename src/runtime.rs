@@ -1,0 +1,122 @@
+//! What libtorch this process runs on: its location and version, CUDA and the GPUs.
+//! `distill env` prints it; benchmarks and logs record it.
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use tch::Device;
+
+#[derive(Debug, Serialize)]
+pub struct RuntimeInfo {
+    pub distill_version: &'static str,
+    pub libtorch_dir: Option<PathBuf>,
+    pub libtorch_version: Option<String>,
+    pub built_against: &'static str,
+    pub cuda_available: bool,
+    pub cudnn_available: bool,
+    pub cuda_devices: Vec<GpuInfo>,
+    pub cpu_threads: i32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GpuInfo {
+    pub index: usize,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+impl RuntimeInfo {
+    pub fn collect() -> Self {
+        let libtorch_dir = loaded_libtorch_dir();
+        let libtorch_version = libtorch_dir.as_ref().and_then(|d| read_torch_version(d));
+        let cuda_available = tch::Cuda::is_available();
+        let count = if cuda_available { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        RuntimeInfo {
+            distill_version: env!("CARGO_PKG_VERSION"),
+            libtorch_dir,
+            libtorch_version,
+            built_against: option_env!("DISTILL_BUILT_LIBTORCH").unwrap_or("unknown"),
+            cuda_available,
+            cudnn_available: tch::Cuda::cudnn_is_available(),
+            cuda_devices: gpu_info(count),
+            cpu_threads: tch::get_num_threads(),
+        }
+    }
+}
+
+/// The folder of the libtorch_cpu.so this process actually loaded (LD_LIBRARY_PATH or
+/// rpath), read from /proc/self/maps.
+fn loaded_libtorch_dir() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| PathBuf::from(p).parent().map(PathBuf::from))
+}
+
+/// torch/version.py next to torch/lib says e.g. `__version__ = '2.11.0+cu130'`.
+fn read_torch_version(lib_dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(lib_dir.parent()?.join("version.py")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("__version__"))?;
+    Some(line.split('=').nth(1)?.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+}
+
+/// GPU names and memory through the CUDA driver API (libtorch does not expose them).
+fn gpu_info(count: usize) -> Vec<GpuInfo> {
+    let fallback = |i| GpuInfo { index: i, name: "unknown".into(), memory_bytes: 0 };
+    // SAFETY: these are the documented driver API signatures; libcuda stays loaded.
+    unsafe {
+        let Ok(lib) = libloading::Library::new("libcuda.so.1") else {
+            return (0..count).map(fallback).collect();
+        };
+        type Init = unsafe extern "C" fn(u32) -> i32;
+        type Name = unsafe extern "C" fn(*mut std::ffi::c_char, i32, i32) -> i32;
+        type Mem = unsafe extern "C" fn(*mut usize, i32) -> i32;
+        let (Ok(init), Ok(name), Ok(mem)) = (
+            lib.get::<Init>(b"cuInit\0"),
+            lib.get::<Name>(b"cuDeviceGetName\0"),
+            lib.get::<Mem>(b"cuDeviceTotalMem_v2\0"),
+        ) else {
+            return (0..count).map(fallback).collect();
+        };
+        if init(0) != 0 {
+            return (0..count).map(fallback).collect();
+        }
+        (0..count)
+            .map(|i| {
+                let mut buf = [0 as std::ffi::c_char; 256];
+                let mut bytes = 0usize;
+                let n = if name(buf.as_mut_ptr(), 256, i as i32) == 0 {
+                    std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+                } else {
+                    "unknown".into()
+                };
+                let _ = mem(&mut bytes, i as i32);
+                GpuInfo { index: i, name: n, memory_bytes: bytes as u64 }
+            })
+            .collect()
+    }
+}
+
+/// "cpu", "cuda", "cuda:N", or "auto" (the first GPU if there is one).
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(),
+        "cuda" | "gpu" => cuda(0)?,
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => cuda(n)?,
+            None => bail!("unknown device {s:?} (use cpu, cuda, cuda:N or auto)"),
+        },
+    })
+}
+
+fn cuda(n: usize) -> Result<Device> {
+    if !tch::Cuda::is_available() {
+        bail!("device cuda:{n} requested but CUDA is not available to libtorch (run `distill env`)");
+    }
+    let count = tch::Cuda::device_count() as usize;
+    if n >= count {
+        bail!("device cuda:{n} requested but only {count} GPU(s) are visible");
+    }
+    Ok(Device::Cuda(n))
+}

@@ -1,0 +1,135 @@
+//! Broken model directories give errors that name the file and the tensor or field,
+//! through the library and through the `distill` binary (exit code 1, no panic).
+mod common;
+use common::*;
+use distill::model::CausalLm;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+/// A copy of a tiny model that a test may break.
+fn copy_model(name: &str, into: &Path) -> PathBuf {
+    let src = model_dir(name);
+    let dst = into.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}
+
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    edit(&mut tensors);
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    match CausalLm::load(dir, Device::Cpu, Kind::Float) {
+        Ok(_) => panic!("{} loaded although it is broken", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Runs `distill score` on the model and returns stderr; it must fail cleanly.
+fn cli_error(dir: &Path) -> String {
+    let input = dir.join("input.jsonl");
+    std::fs::write(&input, "{\"text\": \"Alice was beginning to get very tired.\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["score", "--device", "cpu", "--model"])
+        .arg(dir)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "distill score should fail with exit code 1:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "distill panicked:\n{stderr}");
+    stderr
+}
+
+fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "error does not name {p:?}:\n{msg}");
+    }
+}
+
+#[test]
+fn missing_weight_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("qwen3", tmp.path());
+    edit_weights(&dir, |t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"));
+    let e = load_error(&dir);
+    assert_names(&e, &["missing weight", "model.layers.1.mlp.up_proj.weight", "qwen3"]);
+    assert_names(&cli_error(&dir), &["model.layers.1.mlp.up_proj.weight"]);
+}
+
+#[test]
+fn shape_that_disagrees_with_config_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("qwen3", tmp.path());
+    edit_config(&dir, |c| c["intermediate_size"] = 100.into());
+    let e = load_error(&dir);
+    assert_names(&e, &["model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[100, 64]"]);
+    assert_names(&cli_error(&dir), &["model.layers.0.mlp.gate_proj.weight"]);
+}
+
+#[test]
+fn extra_tensor_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    edit_config(&dir, |c| c["num_hidden_layers"] = 2.into());
+    let e = load_error(&dir);
+    assert_names(&e, &["model.safetensors", "model.layers.2.", "no place"]);
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    edit_config(&dir, |c| c["model_type"] = "gpt2".into());
+    assert_names(&load_error(&dir), &["config.json", "model_type", "gpt2"]);
+    assert_names(&cli_error(&dir), &["config.json", "model_type"]);
+}
+
+#[test]
+fn unknown_rope_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    edit_config(&dir, |c| c["rope_parameters"]["rope_type"] = "yarn".into());
+    assert_names(&load_error(&dir), &["config.json", "rope_parameters", "yarn"]);
+    // The transformers 4 spelling is refused the same way.
+    edit_config(&dir, |c| {
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 2.0});
+    });
+    assert_names(&cli_error(&dir), &["config.json", "rope_scaling", "dynamic"]);
+}
+
+#[test]
+fn tokenizer_that_does_not_fit_the_vocabulary_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    edit_config(&dir, |c| c["vocab_size"] = 300.into());
+    assert_names(&cli_error(&dir), &["tokenizer.json", "config.json", "vocab_size", "300"]);
+}
+
+#[test]
+fn truncated_weights_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_names(&load_error(&dir), &["model.safetensors"]);
+    assert_names(&cli_error(&dir), &["model.safetensors"]);
+}

@@ -1,0 +1,128 @@
+//! Shared by the end-to-end tests: the tiny models made by scripts/tiny_models.py (once
+//! per fixture version, cached under target/), the Python that runs transformers, and
+//! comparison helpers.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tch::{Kind, Tensor};
+
+pub const MODELS: &[&str] = &["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral"];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python (scripts/setup.sh makes it), or $DISTILL_PYTHON.
+pub fn python() -> PathBuf {
+    std::env::var_os("DISTILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// Runs scripts/tiny_models.py with `args`; panics with its output on failure.
+pub fn run_script(args: &[&str]) {
+    let out = Command::new(python())
+        .arg(repo().join("scripts/tiny_models.py"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (run scripts/setup.sh first): {e}", python().display()));
+    assert!(
+        out.status.success(),
+        "tiny_models.py {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Directory holding one folder per tiny model; generated on first use. The name
+/// carries a hash of the generator so a changed script makes a new set.
+/// $DISTILL_FIXTURES points at a ready set instead (a GPU machine without Python deps).
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("DISTILL_FIXTURES") {
+            return PathBuf::from(dir);
+        }
+        let script = std::fs::read(repo().join("scripts/tiny_models.py")).unwrap();
+        let corpus = std::fs::read(repo().join("tests/data/corpus.txt")).unwrap();
+        let hash = fnv1a(&[script, corpus].concat());
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tiny-models-{hash:016x}"));
+        if !dir.exists() {
+            run_script(&["make", dir.to_str().unwrap()]);
+        }
+        dir
+    })
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// max |a - b| / max |b| over the positions where `mask` `[batch, seq]` is 1 (all when None).
+pub fn rel_err(a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let (diff, scale) = match mask {
+        Some(m) => {
+            let keep = m.ne(0);
+            let pick = |t: &Tensor| t.index(&[Some(keep.shallow_clone())]);
+            ((pick(&a) - pick(&b)).abs().max(), pick(&b).abs().max())
+        }
+        None => ((&a - &b).abs().max(), b.abs().max()),
+    };
+    diff.double_value(&[]) / scale.double_value(&[])
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// ‖a - b‖ / ‖b‖ over the positions where `mask` is 1: the figure for reduced-precision
+/// runs, where a max-based ratio is dominated by one unlucky element.
+pub fn norm_rel_err(a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> f64 {
+    let a = a.to_device(tch::Device::Cpu).to_kind(Kind::Double);
+    let b = b.to_device(tch::Device::Cpu).to_kind(Kind::Double);
+    let keep = |t: &Tensor| match mask {
+        Some(m) => t.index(&[Some(m.ne(0))]),
+        None => t.shallow_clone(),
+    };
+    let (a, b) = (keep(&a), keep(&b));
+    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[])
+}
+
+/// One reduced-precision comparison: our error against the float32 reference, and
+/// transformers' own bfloat16 error against the same reference (its yardstick).
+pub struct PrecisionCheck {
+    pub what: String,
+    pub ours: f64,
+    pub transformers_bf16: f64,
+}
+
+/// Logits of `model` run on `device` in `kind`, against the float32 reference, for the
+/// left-padded batch (the explicit-mask path) and the unpadded one (the causal path).
+pub fn reduced_precision_errors(name: &str, device: tch::Device, kind: Kind) -> Vec<PrecisionCheck> {
+    let dir = model_dir(name);
+    let model = distill::model::CausalLm::load(&dir, device, kind).unwrap();
+    let reference = read_tensors(&dir.join("reference.safetensors"));
+    ["left", "full"]
+        .iter()
+        .map(|side| {
+            let ids = reference[&format!("{side}.input_ids")].to_device(device);
+            let mask = reference.get(&format!("{side}.attention_mask"));
+            let mask_dev = mask.map(|m| m.to_device(device));
+            let out = tch::no_grad(|| model.forward(&ids, mask_dev.as_ref(), &[])).unwrap();
+            let f32_ref = &reference[&format!("{side}.logits")];
+            PrecisionCheck {
+                what: format!("{name} {side}"),
+                ours: norm_rel_err(&out.logits, f32_ref, mask),
+                transformers_bf16: norm_rel_err(&reference[&format!("{side}.logits_bf16")], f32_ref, mask),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,40 @@
+//! GPU checks, ignored by default (CI has no GPU). scripts/gpu_check.sh builds this test
+//! binary and runs it on a CUDA machine with `--ignored`.
+mod common;
+use common::*;
+use tch::{Device, Kind};
+
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn cuda_is_linked_and_available() {
+    let info = distill::runtime::RuntimeInfo::collect();
+    eprintln!("{}", serde_json::to_string_pretty(&info).unwrap());
+    assert!(info.cuda_available, "libtorch reports no CUDA: is libtorch_cuda linked? (ldd the binary)");
+    assert!(!info.cuda_devices.is_empty());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn bfloat16_on_cuda_matches_cpu_float32() {
+    for name in MODELS {
+        // Same yardstick as the CPU test: transformers' own bf16 error on these models
+        // (1.5e-2..2.4e-2, ‖bf16 - f32‖ / ‖f32‖), with 25% room for other GPU kernels.
+        for c in reduced_precision_errors(name, Device::Cuda(0), Kind::BFloat16) {
+            eprintln!(
+                "{}: cuda bf16 vs cpu float32 {:.2e} (transformers cpu bf16: {:.2e})",
+                c.what, c.ours, c.transformers_bf16
+            );
+            assert!(
+                c.ours < 1.25 * c.transformers_bf16 + 1e-3,
+                "{}: CUDA bf16 logits differ by {:.3e}",
+                c.what,
+                c.ours
+            );
+        }
+        for c in reduced_precision_errors(name, Device::Cuda(0), Kind::Float) {
+            eprintln!("{}: cuda float32 vs cpu float32 {:.2e}", c.what, c.ours);
+            // TF32 may be on for matmuls; 1e-3 covers it.
+            assert!(c.ours < 1e-3, "{}: CUDA float32 logits differ by {:.3e}", c.what, c.ours);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! `distill score` against a float64 computation of the NLL from transformers' logits.
+mod common;
+use common::*;
+use distill::model::CausalLm;
+use distill::score::{score_sequences, ScoreOptions};
+use distill::tokenizer::MaskedTokens;
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+/// Sequences of the reference "right" batch, without padding.
+fn reference_sequences(reference: &std::collections::HashMap<String, Tensor>) -> Vec<Vec<i64>> {
+    let ids = Vec::<Vec<i64>>::try_from(&reference["right.input_ids"]).unwrap();
+    let mask = Vec::<Vec<i64>>::try_from(&reference["right.attention_mask"]).unwrap();
+    ids.into_iter()
+        .zip(mask)
+        .map(|(row, m)| row.into_iter().zip(m).filter(|x| x.1 == 1).map(|x| x.0).collect())
+        .collect()
+}
+
+#[test]
+fn nll_matches_transformers_logits_in_float64() {
+    let dir = model_dir("llama");
+    let reference = read_tensors(&dir.join("reference.safetensors"));
+    let seqs = reference_sequences(&reference);
+    let logits = reference["right.logits"].to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+    let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let inputs: Vec<MaskedTokens> = seqs
+        .iter()
+        .map(|s| MaskedTokens { ids: s.iter().map(|&x| x as u32).collect(), loss_mask: vec![true; s.len()] })
+        .collect();
+    // Small batches and chunks exercise the batching and the chunked head.
+    let opts = ScoreOptions { max_batch_tokens: 60, max_len: 0, max_logit_elements: 5 * 384 };
+    let ours = score_sequences(&model, &inputs, &opts).unwrap();
+    for (r, seq) in seqs.iter().enumerate() {
+        let want: f64 = (1..seq.len()).map(|t| -logits.double_value(&[r as i64, t as i64 - 1, seq[t]])).sum();
+        let (n, got) = ours[r];
+        assert_eq!(n, seq.len() - 1);
+        let rel = (got - want).abs() / want.abs();
+        assert!(rel < 1e-5, "row {r}: NLL {got} vs transformers {want} (rel {rel:.2e})");
+    }
+}
+
+#[test]
+fn cli_prints_jsonl_rows_and_a_total() {
+    let dir = model_dir("qwen2");
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            "{\"id\": \"a\", \"text\": \"It was the best of times, it was the worst of times.\"}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Call me Ishmael.\"}]}\n",
+            "{\"prompt\": \"We hold these truths\", \"response\": \" to be self-evident.\"}\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["score", "--device", "cpu", "--format", "jsonl", "--model"])
+        .arg(&dir)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["a", "in:2", "in:3", "ALL"]);
+    let tokens: Vec<u64> = rows.iter().map(|r| r["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(tokens[3], tokens[..3].iter().sum::<u64>());
+    for r in &rows {
+        let (nll, ppl) = (r["nll"].as_f64().unwrap(), r["ppl"].as_f64().unwrap());
+        assert!(nll > 0.0 && (ppl - nll.exp()).abs() < 1e-6 * ppl, "{r}");
+    }
+}
