@@ -17,6 +17,10 @@ enum Command {
     Env(commands::env::EnvArgs),
     /// Per-example token count, mean negative log-likelihood and perplexity of a model.
     Score(commands::score::ScoreArgs),
+    /// Run the teacher once over a dataset; write top-k targets and hidden states to shards.
+    Precompute(Box<commands::precompute::PrecomputeArgs>),
+    /// Merge the shard sets of a sliced precompute into one.
+    MergeShards(commands::merge::MergeArgs),
 }
 
 fn main() {
@@ -24,6 +28,8 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),
         Command::Score(args) => commands::score::run(args),
+        Command::Precompute(args) => commands::precompute::run_command(*args),
+        Command::MergeShards(args) => commands::merge::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::CausalLm;
+use crate::model::{CausalLm, ForwardInput};
 use crate::tokenizer::MaskedTokens;
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,7 +81,7 @@ fn score_batch(
     let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
     let attn = Tensor::from_slice(&attn).view(shape).to_device(device);
     let target = Tensor::from_slice(&target).view(shape).to_device(device);
-    let hidden = model.transformer.forward_hidden(&ids, Some(&attn), None, &[])?.last;
+    let hidden = model.transformer.forward_hidden(&ForwardInput::new(&ids, Some(&attn)), &[])?.last;
     let nll = target_nll(model, &hidden, &ids, &target, opts.max_logit_elements);
     let sums = Vec::<f64>::try_from(nll.to_device(Device::Cpu))?;
     let counts = Vec::<f64>::try_from(target.sum_dim_intlist(1, false, Kind::Double).to_device(Device::Cpu))?;

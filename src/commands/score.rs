@@ -3,7 +3,8 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
 use distill::chat::ChatTemplate;
-use distill::dataset::{read_jsonl, FieldNames};
+use distill::dataset::read::{read_records, resolve_inputs};
+use distill::dataset::FieldNames;
 use distill::model::{config_path_of, parse_kind, CausalLm, ModelConfig};
 use distill::runtime::parse_device;
 use distill::score::{rows, score_sequences, ScoreOptions};
@@ -20,9 +21,10 @@ pub struct ScoreArgs {
     /// Model directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// JSONL file: rows with `text`, `prompt` + `response`, or chat `messages`.
-    #[arg(long)]
-    input: PathBuf,
+    /// JSONL or Parquet files, directories or globs: rows with `text`, `prompt` +
+    /// `response`, or chat `messages`.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<String>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -52,14 +54,10 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let template = ChatTemplate::load(&args.model)?;
     let model = CausalLm::load(&args.model, device, kind)?;
     let fields = FieldNames { text: args.text_field.clone(), ..FieldNames::default() };
-    let records = read_jsonl(&args.input, &fields)?;
+    let (records, _) = read_records(&resolve_inputs(&args.input)?, &fields, false)?;
     let seqs = records
         .iter()
-        .map(|r| {
-            r.example
-                .tokenize(&tokenizer, template.as_ref())
-                .with_context(|| format!("{}: example {}", args.input.display(), r.id))
-        })
+        .map(|r| r.example.tokenize(&tokenizer, template.as_ref()).with_context(|| r.location.clone()))
         .collect::<Result<Vec<_>>>()?;
     let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, max_len: args.max_len, ..ScoreOptions::default() };
     let started = std::time::Instant::now();

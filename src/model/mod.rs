@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
 pub use config::{config_path_of, Family, ModelConfig};
-pub use transformer::{Hidden, Transformer};
+pub use transformer::{ForwardInput, Hidden, Transformer};
 use weights::{ParamSource, SafetensorsFiles, VarBuilder};
 
 /// A causal language model: its configuration, the VarStore that owns every parameter
@@ -81,7 +81,7 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
         capture: &[usize],
     ) -> Result<ForwardOutput> {
-        let hidden = self.transformer.forward_hidden(input_ids, attention_mask, None, capture)?;
+        let hidden = self.transformer.forward_hidden(&ForwardInput::new(input_ids, attention_mask), capture)?;
         Ok(ForwardOutput { logits: self.transformer.logits(&hidden.last), hidden_states: hidden.captured })
     }
 }

@@ -188,6 +188,21 @@ pub struct Transformer {
     rotary: RotaryEmbedding,
 }
 
+/// The inputs of one forward pass; see `Transformer::forward_hidden`.
+#[derive(Clone, Copy)]
+pub struct ForwardInput<'a> {
+    pub input_ids: &'a Tensor,
+    pub attention_mask: Option<&'a Tensor>,
+    pub position_ids: Option<&'a Tensor>,
+    pub segment_ids: Option<&'a Tensor>,
+}
+
+impl<'a> ForwardInput<'a> {
+    pub fn new(input_ids: &'a Tensor, attention_mask: Option<&'a Tensor>) -> Self {
+        ForwardInput { input_ids, attention_mask, position_ids: None, segment_ids: None }
+    }
+}
+
 /// What one forward pass returns. `hidden_states[i]` is the hidden state numbered
 /// `capture[i]` in transformers' numbering: 0 = embeddings, l = output of layer l,
 /// and num_layers = the final (normed) hidden state.
@@ -220,14 +235,10 @@ impl Transformer {
 
     /// Runs the body. `input_ids` `[batch, seq]` int64; `attention_mask` `[batch, seq]`
     /// (1 = token, 0 = padding, either side); `position_ids` default to the count of
-    /// real tokens before each position, so padding does not shift positions.
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        position_ids: Option<&Tensor>,
-        capture: &[usize],
-    ) -> Result<Hidden> {
+    /// real tokens before each position, so padding does not shift positions;
+    /// `segment_ids` (packed rows) stop attention from crossing document boundaries.
+    pub fn forward_hidden(&self, input: &ForwardInput, capture: &[usize]) -> Result<Hidden> {
+        let ForwardInput { input_ids, attention_mask, position_ids, segment_ids } = *input;
         let n = self.layers.len();
         if let Some(&bad) = capture.iter().find(|&&i| i > n) {
             bail!("hidden state {bad} requested but the model has {n} layers (valid: 0..={n})");
@@ -242,7 +253,7 @@ impl Transformer {
         };
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
-        let masks = LayerMasks::new(mask.as_ref(), &self.layers, s, device);
+        let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
         let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
         let mut keep = |index: usize, t: &Tensor| {
             for (slot, &want) in captured.iter_mut().zip(capture) {
@@ -281,13 +292,19 @@ struct LayerMasks {
 }
 
 impl LayerMasks {
-    fn new(mask: Option<&Tensor>, layers: &[DecoderLayer], s: i64, device: tch::Device) -> Self {
+    fn new(
+        mask: Option<&Tensor>,
+        segments: Option<&Tensor>,
+        layers: &[DecoderLayer],
+        s: i64,
+        device: tch::Device,
+    ) -> Self {
         // Right padding (or none) needs no mask under causal attention: a real token
-        // never sees a later pad. Only left padding and windows need an explicit mask.
+        // never sees a later pad. Left padding, windows and packed documents do.
         let needs_key_mask = mask.is_some_and(|m| !is_right_padded(m));
         let key_mask = if needs_key_mask { mask } else { None };
         let build = |window: Option<usize>| -> AttentionMask {
-            if key_mask.is_none() && window.is_none() {
+            if key_mask.is_none() && window.is_none() && segments.is_none() {
                 return AttentionMask::Causal;
             }
             let i = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(1);
@@ -297,6 +314,10 @@ impl LayerMasks {
                 allowed = allowed.logical_and(&(&i - &j).lt(w as i64));
             }
             let mut allowed = allowed.view([1, 1, s, s]);
+            if let Some(seg) = segments {
+                let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1)).unsqueeze(1);
+                allowed = allowed.logical_and(&same);
+            }
             if let Some(m) = key_mask {
                 let keys = m.ne(0).unsqueeze(1).unsqueeze(1);
                 // A padding query with no visible key would make SDPA produce NaN, which

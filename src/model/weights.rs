@@ -208,12 +208,21 @@ impl<'a> VarBuilder<'a> {
                 let Some(file) = files.file_of(&full) else {
                     bail!("missing weight {full}: no safetensors file of the model holds it");
                 };
-                let stored = files.shape(&full).unwrap_or_default();
-                if stored != shape {
-                    bail!("{}: tensor {full} has shape {stored:?} but config.json implies {shape:?}", file.display());
+                let stored_shape = files.shape(&full).unwrap_or_default();
+                if stored_shape != shape {
+                    bail!(
+                        "{}: tensor {full} has shape {stored_shape:?} but config.json implies {shape:?}",
+                        file.display()
+                    );
                 }
                 used.lock().unwrap().insert(full.clone());
-                files.load(&full)?.to_kind(self.kind).to_device(device)
+                // Convert on whichever side moves fewer bytes between host and device.
+                let stored = files.load(&full)?;
+                if stored.kind().elt_size_in_bytes() > self.kind.elt_size_in_bytes() {
+                    stored.to_kind(self.kind).to_device(device)
+                } else {
+                    stored.to_device(device).to_kind(self.kind)
+                }
             }
             ParamSource::Random { std } => match init {
                 Init::Normal => Tensor::randn(shape, (Kind::Float, device)) * *std,

@@ -1,10 +1,11 @@
 //! Examples in the shapes users have (plain `text`, `prompt` + `response`, chat
 //! `messages`) read from JSONL, and their tokenisation with a loss mask: every token
 //! for plain text, only the response / assistant tokens otherwise.
-use anyhow::{bail, Context, Result};
+pub mod read;
+pub mod sequence;
+
+use anyhow::{bail, Result};
 use serde_json::Value as Json;
-use std::io::BufRead;
-use std::path::Path;
 
 use crate::chat::ChatTemplate;
 use crate::tokenizer::{MaskedTokens, TextTokenizer};
@@ -36,10 +37,11 @@ impl Default for FieldNames {
     }
 }
 
-/// One input row: a stable id and its example.
+/// One input row: a stable id, where it came from (`FILE:LINE`, for errors) and its example.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub id: String,
+    pub location: String,
     pub example: Example,
 }
 
@@ -110,33 +112,6 @@ impl Example {
     }
 }
 
-/// Reads a JSONL file; errors name the file and line. Blank lines are skipped.
-pub fn read_jsonl(path: &Path, fields: &FieldNames) -> Result<Vec<Record>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut records = vec![];
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.with_context(|| format!("{}:{line_no}: cannot read line", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let obj: Json =
-            serde_json::from_str(&line).with_context(|| format!("{}:{line_no}: not valid JSON", path.display()))?;
-        let example = Example::from_json(&obj, fields).with_context(|| format!("{}:{line_no}", path.display()))?;
-        let id = match obj.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => format!("{stem}:{line_no}"),
-        };
-        records.push(Record { id, example });
-    }
-    if records.is_empty() {
-        bail!("{}: no examples (the file is empty)", path.display());
-    }
-    Ok(records)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,19 +127,5 @@ mod tests {
         assert!(e.contains("messages[0].role"), "{e}");
         let e = Example::from_json(&json!({"body": "x"}), &f).unwrap_err().to_string();
         assert!(e.contains("none of the fields"), "{e}");
-    }
-
-    #[test]
-    fn jsonl_errors_name_file_and_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("d.jsonl");
-        std::fs::write(&p, "{\"text\": \"ok\"}\n\n{\"text\": 3}\n").unwrap();
-        let e = format!("{:#}", read_jsonl(&p, &FieldNames::default()).unwrap_err());
-        assert!(e.contains("d.jsonl:3") && e.contains("`text`"), "{e}");
-        std::fs::write(&p, "{\"text\": \"ok\"\n").unwrap();
-        let e = format!("{:#}", read_jsonl(&p, &FieldNames::default()).unwrap_err());
-        assert!(e.contains("d.jsonl:1") && e.contains("JSON"), "{e}");
-        std::fs::write(&p, "").unwrap();
-        assert!(format!("{:#}", read_jsonl(&p, &FieldNames::default()).unwrap_err()).contains("empty"));
     }
 }

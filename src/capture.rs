@@ -1,0 +1,211 @@
+//! Teacher forward pass -> the targets a loss needs, per trained position:
+//! the top-k token ids with their log-probabilities under the full-vocabulary
+//! log-softmax (temperature 1, descending), the log of the probability mass outside
+//! the top-k (the tail bucket), the log-probability of the true next token, and the
+//! hidden states of chosen layers divided by their per-position RMS (float16 that
+//! cannot overflow) with the RMS kept in float32.
+//!
+//! Everything vocabulary-sized stays on the device: only k values per position and
+//! the chosen hidden states travel to the host.
+use anyhow::{bail, Result};
+use half::f16;
+use tch::{Device, Kind, Tensor};
+
+use crate::dataset::sequence::Sequence;
+use crate::model::{CausalLm, ForwardInput};
+
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    pub top_k: usize,
+    /// Hidden states to keep, in transformers' numbering (0 = embeddings).
+    pub hidden_layers: Vec<usize>,
+    /// Softmax over ids `0..vocab_limit` only: the tokenizer's real vocabulary, so
+    /// padded embedding rows (Qwen2: 152,064 rows for 151,646 tokens) get no mass.
+    pub vocab_limit: usize,
+    /// Upper bound on elements of one float32 `[positions, vocab]` chunk.
+    pub max_logit_elements: i64,
+}
+
+/// Targets of one row, one entry per trained position in increasing token order
+/// (position t-1 predicts token t where `loss_mask[t]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKTargets {
+    pub k: usize,
+    /// `positions * k` ids, each position's in descending probability.
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f16>,
+    /// log(1 - sum of the top-k probabilities); -inf when k covers the vocabulary.
+    pub tail_logmass: Vec<f32>,
+    /// log-probability of the token that actually follows (may lie outside the top-k).
+    pub target_logprob: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenTargets {
+    pub layer: usize,
+    pub width: usize,
+    /// `positions * width` values of h / rms(h).
+    pub values: Vec<f16>,
+    pub rms: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapturedRow {
+    pub topk: TopKTargets,
+    pub hidden: Vec<HiddenTargets>,
+}
+
+/// Runs the teacher on `rows` (one padded batch) and captures their targets.
+pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<CapturedRow>> {
+    let _guard = tch::no_grad_guard();
+    let k = settings.top_k as i64;
+    if settings.top_k == 0 || settings.vocab_limit < settings.top_k || settings.vocab_limit > model.config.vocab_size {
+        bail!(
+            "top_k {} must be between 1 and the vocabulary ({} tokens, model rows {})",
+            settings.top_k,
+            settings.vocab_limit,
+            model.config.vocab_size
+        );
+    }
+    let device = model.device();
+    let batch = PaddedBatch::new(rows, device);
+    let input = ForwardInput {
+        input_ids: &batch.ids,
+        attention_mask: Some(&batch.mask),
+        position_ids: Some(&batch.positions),
+        segment_ids: batch.segments.as_ref(),
+    };
+    let hidden = model.transformer.forward_hidden(&input, &settings.hidden_layers)?;
+    let width = hidden.last.size()[2];
+    let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting);
+    let last = flat(&hidden.last);
+    let positions = batch.predicting.size()[0];
+    let chunk = (settings.max_logit_elements / settings.vocab_limit as i64).clamp(1, positions.max(1));
+
+    let (mut ids, mut logprobs, mut tails, mut targets) = (vec![], vec![], vec![], vec![]);
+    let mut start = 0;
+    while start < positions {
+        let n = chunk.min(positions - start);
+        let logits = model.transformer.logits(&last.narrow(0, start, n));
+        let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
+        let lse = logits.logsumexp([-1], true);
+        let (top, idx) = logits.topk(k, -1, true, true);
+        let next = batch.next_tokens.narrow(0, start, n).unsqueeze(-1);
+        targets.push((logits.gather(-1, &next, false) - &lse).squeeze_dim(-1));
+        logprobs.push((top - &lse).to_kind(Kind::Half));
+        // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even
+        // when the top-k hold nearly all the mass.
+        let _ = logits.scatter_value_(-1, &idx, f64::NEG_INFINITY);
+        tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
+        ids.push(idx.to_kind(Kind::Int));
+        start += n;
+    }
+    let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
+    let ids = Vec::<i32>::try_from(host(&ids).reshape([-1]))?;
+    let logprobs = half_values(&host(&logprobs))?;
+    let tails = Vec::<f32>::try_from(host(&tails))?;
+    let targets = Vec::<f32>::try_from(host(&targets))?;
+
+    let hidden_host: Vec<(Vec<f16>, Vec<f32>)> = hidden
+        .captured
+        .iter()
+        .map(|h| {
+            let h = flat(h).to_kind(Kind::Float);
+            let rms = h.square().mean_dim(-1, true, Kind::Float).sqrt().clamp_min(f64::from(f32::MIN_POSITIVE));
+            let values = (&h / &rms).to_kind(Kind::Half).to_device(Device::Cpu);
+            Ok((half_values(&values)?, Vec::<f32>::try_from(rms.reshape([-1]).to_device(Device::Cpu))?))
+        })
+        .collect::<Result<_>>()?;
+
+    let (ku, wu) = (settings.top_k, width as usize);
+    let mut out = Vec::with_capacity(rows.len());
+    let mut offset = 0;
+    for &count in &batch.targets_per_row {
+        let range = offset..offset + count;
+        let topk = TopKTargets {
+            k: ku,
+            ids: ids[range.start * ku..range.end * ku].iter().map(|&i| i as u32).collect(),
+            logprobs: logprobs[range.start * ku..range.end * ku].to_vec(),
+            tail_logmass: tails[range.clone()].to_vec(),
+            target_logprob: targets[range.clone()].to_vec(),
+        };
+        let hidden = settings
+            .hidden_layers
+            .iter()
+            .zip(&hidden_host)
+            .map(|(&layer, (values, rms))| HiddenTargets {
+                layer,
+                width: wu,
+                values: values[range.start * wu..range.end * wu].to_vec(),
+                rms: rms[range.clone()].to_vec(),
+            })
+            .collect();
+        out.push(CapturedRow { topk, hidden });
+        offset += count;
+    }
+    Ok(out)
+}
+
+/// Raw float16 values of a CPU Half tensor.
+fn half_values(t: &Tensor) -> Result<Vec<f16>> {
+    let t = t.contiguous();
+    let n = t.numel();
+    let mut bits = vec![0u16; n];
+    // SAFETY: u16 has no invalid bit patterns; the slice covers exactly n * 2 bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr() as *mut u8, n * 2) };
+    t.f_copy_data_u8(bytes, n)?;
+    Ok(bits.into_iter().map(f16::from_bits).collect())
+}
+
+/// Right-padded batch tensors plus the flat indices of the predicting positions.
+struct PaddedBatch {
+    ids: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    segments: Option<Tensor>,
+    /// Flat index `row * width + t - 1` for every target token t, row-major.
+    predicting: Tensor,
+    /// The token each predicting position must predict.
+    next_tokens: Tensor,
+    targets_per_row: Vec<usize>,
+}
+
+impl PaddedBatch {
+    fn new(rows: &[&Sequence], device: Device) -> Self {
+        let width = rows.iter().map(|r| r.len()).max().unwrap_or(1);
+        let b = rows.len();
+        let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);
+        let (mut ids, mut mask, mut pos, mut seg) =
+            (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![-1i64; b * width]);
+        let (mut predicting, mut next, mut counts) = (vec![], vec![], vec![]);
+        for (r, row) in rows.iter().enumerate() {
+            let base = r * width;
+            for (t, &id) in row.ids.iter().enumerate() {
+                ids[base + t] = id as i64;
+                mask[base + t] = 1;
+            }
+            pos[base..base + row.len()].copy_from_slice(&row.position_ids());
+            seg[base..base + row.len()].copy_from_slice(&row.segment_ids());
+            let mut count = 0;
+            for t in 1..row.len() {
+                if row.loss_mask[t] {
+                    predicting.push((base + t - 1) as i64);
+                    next.push(row.ids[t] as i64);
+                    count += 1;
+                }
+            }
+            counts.push(count);
+        }
+        let shape = [b as i64, width as i64];
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        PaddedBatch {
+            ids: tensor(&ids),
+            mask: tensor(&mask),
+            positions: tensor(&pos),
+            segments: packed.then(|| tensor(&seg)),
+            predicting: Tensor::from_slice(&predicting).to_device(device),
+            next_tokens: Tensor::from_slice(&next).to_device(device),
+            targets_per_row: counts,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! From records to the sequences a teacher sees: tokenised in parallel (in input
+//! order), cut to `max_len`, optionally packed several to a row.
+//!
+//! Packing keeps document boundaries in two ways at once: position ids restart at 0
+//! in each document and attention cannot cross a boundary (a block-diagonal causal
+//! mask). Together they make every packed document's teacher outputs equal to those
+//! of the same document alone, so targets never depend on what it was packed with.
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use super::read::InvalidRow;
+use super::Record;
+use crate::chat::ChatTemplate;
+use crate::tokenizer::TextTokenizer;
+
+/// One row of teacher input. `loss_mask[t]` marks token t as a target; it is false at
+/// every document start (nothing in the document predicts its first token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    /// Index of the row's first example among all input rows: a stable key that does
+    /// not depend on slicing, skipping or packing.
+    pub row_index: u64,
+    pub sample_ids: Vec<String>,
+    pub doc_lengths: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+}
+
+impl Sequence {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn num_targets(&self) -> usize {
+        self.loss_mask.iter().filter(|&&m| m).count()
+    }
+
+    /// Position of each token within its document (restarting at 0 per document).
+    pub fn position_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
+    }
+
+    /// Index of each token's document within the row.
+    pub fn segment_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SequenceOptions {
+    /// Longest sequence in tokens; longer examples are cut (and counted).
+    pub max_len: usize,
+    /// Pack several examples into rows of up to `max_len` tokens.
+    pub pack: bool,
+    /// Count bad examples (template rejects them, no target left) instead of failing.
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SequenceStats {
+    pub examples: usize,
+    pub truncated: usize,
+    pub truncated_tokens: usize,
+    pub invalid: Vec<InvalidRow>,
+}
+
+/// Tokenises `records` in parallel and returns the rows in input order. `first_index`
+/// is the input-wide index of `records[0]` (non-zero for a slice).
+pub fn build_sequences(
+    records: &[Record],
+    first_index: u64,
+    tokenizer: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    opts: &SequenceOptions,
+) -> Result<(Vec<Sequence>, SequenceStats)> {
+    if opts.max_len < 2 {
+        bail!("max_len must be at least 2 tokens");
+    }
+    let tokenized: Vec<Result<(Sequence, usize)>> = records
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut t = r.example.tokenize(tokenizer, template).with_context(|| r.location.clone())?;
+            let cut = t.ids.len().saturating_sub(opts.max_len);
+            t.ids.truncate(opts.max_len);
+            t.loss_mask.truncate(opts.max_len);
+            if let Some(first) = t.loss_mask.first_mut() {
+                *first = false;
+            }
+            if !t.loss_mask.iter().any(|&m| m) {
+                let why = if cut > 0 { " after truncation to max_len" } else { "" };
+                bail!("{}: example {} has no target token{why} (every token is masked)", r.location, r.id);
+            }
+            let n = t.ids.len() as u32;
+            let seq = Sequence {
+                row_index: first_index + i as u64,
+                sample_ids: vec![r.id.clone()],
+                doc_lengths: vec![n],
+                ids: t.ids,
+                loss_mask: t.loss_mask,
+            };
+            Ok((seq, cut))
+        })
+        .collect();
+    let mut stats = SequenceStats::default();
+    let mut docs = Vec::with_capacity(records.len());
+    for (record, result) in records.iter().zip(tokenized) {
+        match result {
+            Ok((seq, cut)) => {
+                stats.examples += 1;
+                if cut > 0 {
+                    stats.truncated += 1;
+                    stats.truncated_tokens += cut;
+                }
+                docs.push(seq);
+            }
+            Err(e) if opts.skip_invalid => {
+                stats.invalid.push(InvalidRow { location: record.location.clone(), error: format!("{e:#}") })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if docs.is_empty() {
+        bail!("no usable example in the input ({} skipped as invalid)", stats.invalid.len());
+    }
+    let rows = if opts.pack { pack(docs, opts.max_len) } else { docs };
+    Ok((rows, stats))
+}
+
+/// Greedy packing in input order: a document joins the current row if it fits.
+fn pack(docs: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
+    let mut rows: Vec<Sequence> = vec![];
+    for doc in docs {
+        match rows.last_mut() {
+            Some(row) if row.len() + doc.len() <= max_len => {
+                row.sample_ids.extend(doc.sample_ids);
+                row.doc_lengths.extend(doc.doc_lengths);
+                row.ids.extend(doc.ids);
+                row.loss_mask.extend(doc.loss_mask);
+            }
+            _ => rows.push(doc),
+        }
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, n: usize) -> Sequence {
+        let mut mask = vec![true; n];
+        mask[0] = false;
+        Sequence {
+            row_index: 0,
+            sample_ids: vec![id.into()],
+            doc_lengths: vec![n as u32],
+            ids: vec![7; n],
+            loss_mask: mask,
+        }
+    }
+
+    #[test]
+    fn packing_keeps_order_and_boundaries() {
+        let rows = pack(vec![doc("a", 3), doc("b", 4), doc("c", 5), doc("d", 2)], 8);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].sample_ids, ["a", "b"]);
+        assert_eq!(rows[0].doc_lengths, [3, 4]);
+        assert_eq!(rows[0].position_ids(), [0, 1, 2, 0, 1, 2, 3]);
+        assert_eq!(rows[0].segment_ids(), [0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(rows[0].loss_mask, [false, true, true, false, true, true, true]);
+        assert_eq!(rows[1].sample_ids, ["c", "d"]);
+    }
+}

@@ -1,0 +1,172 @@
+//! The teacher pass: one worker thread per device runs batches through its teacher
+//! replica while a writer thread encodes and writes the previous results, so the GPU
+//! does not wait for Arrow, zstd or the disk. Results are written in plan order
+//! (a reorder buffer), so the shards do not depend on which device was faster.
+use anyhow::{anyhow, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tch::Device;
+
+use super::PrecomputeConfig;
+use crate::capture::{capture_batch, CaptureSettings, CapturedRow};
+use crate::dataset::sequence::Sequence;
+use crate::model::CausalLm;
+use crate::shards::manifest::Manifest;
+use crate::shards::schema::ShardLayout;
+use crate::shards::writer::{ShardRow, ShardWriter};
+
+/// One batch of one shard; `seq` numbers batches across the whole run.
+pub struct Job {
+    pub seq: usize,
+    pub shard: usize,
+    pub last_of_shard: bool,
+    pub rows: Vec<usize>,
+}
+
+struct Done {
+    job: Job,
+    captured: Vec<CapturedRow>,
+}
+
+/// Time accounting for the summary.
+#[derive(Debug, Default, Clone)]
+pub struct PassStats {
+    /// Summed over devices: time inside teacher forward + capture (GPU work and copies).
+    pub teacher_busy: Duration,
+    pub wall: Duration,
+    pub tokens_written: usize,
+}
+
+pub struct Pass<'a> {
+    pub cfg: &'a PrecomputeConfig,
+    pub rows: &'a [Sequence],
+    pub layout: &'a ShardLayout,
+    pub capture: CaptureSettings,
+    pub settings_json: String,
+    pub on_progress: &'a (dyn Fn(usize) + Sync),
+}
+
+impl Pass<'_> {
+    /// Runs `jobs`, writing shards into `dir` and recording each complete shard in
+    /// `manifest` (saved after every shard).
+    pub fn run(&self, jobs: Vec<Job>, dir: &Path, manifest: &mut Manifest) -> Result<PassStats> {
+        let started = Instant::now();
+        let devices = self.cfg.devices.clone();
+        let (job_tx, job_rx) = bounded::<Job>(2 * devices.len());
+        // A small queue between the teacher and the writer bounds host memory while
+        // still letting the teacher run ahead of the writer by a couple of batches.
+        let (done_tx, done_rx) = bounded::<Result<Done>>(2 + devices.len());
+        let mut stats = PassStats::default();
+        let result = std::thread::scope(|scope| -> Result<()> {
+            let mut workers = vec![];
+            for &device in &devices {
+                let (rx, tx) = (job_rx.clone(), done_tx.clone());
+                workers.push(scope.spawn(move || self.worker(device, rx, tx)));
+            }
+            drop(done_tx);
+            drop(job_rx);
+            let writer = scope.spawn(|| self.writer(done_rx, dir, manifest));
+            for job in jobs {
+                if job_tx.send(job).is_err() {
+                    break; // the writer or the workers stopped on an error
+                }
+            }
+            drop(job_tx);
+            for w in workers {
+                stats.teacher_busy += w.join().map_err(|_| anyhow!("a teacher thread panicked"))?;
+            }
+            stats.tokens_written = writer.join().map_err(|_| anyhow!("the writer thread panicked"))??;
+            Ok(())
+        });
+        result?;
+        stats.wall = started.elapsed();
+        Ok(stats)
+    }
+
+    /// Loads a teacher replica on `device` and captures batches until the queue closes.
+    fn worker(&self, device: Device, jobs: Receiver<Job>, done: Sender<Result<Done>>) -> Duration {
+        let mut busy = Duration::ZERO;
+        let model = match CausalLm::load(&self.cfg.teacher, device, self.cfg.dtype) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = done.send(Err(e.context(format!("loading the teacher on {device:?}"))));
+                return busy;
+            }
+        };
+        for job in jobs {
+            let rows: Vec<&Sequence> = job.rows.iter().map(|&i| &self.rows[i]).collect();
+            let t0 = Instant::now();
+            let result = capture_batch(&model, &rows, &self.capture);
+            busy += t0.elapsed();
+            let failed = result.is_err();
+            if done.send(result.map(|captured| Done { job, captured })).is_err() || failed {
+                break;
+            }
+        }
+        busy
+    }
+
+    /// Writes results in `seq` order; returns the number of tokens written.
+    fn writer(&self, done: Receiver<Result<Done>>, dir: &Path, manifest: &mut Manifest) -> Result<usize> {
+        // Fault injection for the resume tests: abort like `kill -9` part-way into the
+        // shard after this many complete ones.
+        let crash_after: Option<usize> = std::env::var("DISTILL_CRASH_AFTER_SHARDS").ok().and_then(|v| v.parse().ok());
+        let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
+        let mut next_seq = None;
+        let mut current: Option<(usize, ShardWriter)> = None;
+        let mut tokens = 0;
+        for result in done {
+            let d = result?;
+            next_seq.get_or_insert(d.job.seq);
+            pending.insert(d.job.seq, d);
+            while let Some(d) = next_seq.and_then(|s| pending.remove(&s)) {
+                next_seq = Some(d.job.seq + 1);
+                if current.as_ref().map(|c| c.0) != Some(d.job.shard) {
+                    let w = ShardWriter::create(
+                        dir,
+                        d.job.shard,
+                        self.layout.clone(),
+                        &self.cfg.parquet,
+                        &self.settings_json,
+                    )?;
+                    current = Some((d.job.shard, w));
+                }
+                let (_, w) = current.as_mut().expect("writer opened above");
+                let rows: Vec<ShardRow> = d
+                    .job
+                    .rows
+                    .iter()
+                    .zip(&d.captured)
+                    .map(|(&i, c)| ShardRow { sequence: &self.rows[i], captured: c })
+                    .collect();
+                w.write(&rows)?;
+                if crash_after == Some(manifest.shards.len()) {
+                    std::process::abort();
+                }
+                let n: usize = rows.iter().map(|r| r.sequence.len()).sum();
+                tokens += n;
+                (self.on_progress)(n);
+                if d.job.last_of_shard {
+                    let (_, w) = current.take().expect("writer open");
+                    manifest.shards.push(w.finish()?);
+                    manifest.save(dir)?;
+                }
+            }
+        }
+        Ok(tokens)
+    }
+}
+
+/// Jobs for the given shards, in order; `seq` continues across shards.
+pub fn jobs_for(shard_batches: Vec<(usize, Vec<Vec<usize>>)>) -> Vec<Job> {
+    let mut jobs = vec![];
+    for (shard, batches) in shard_batches {
+        let n = batches.len();
+        for (i, rows) in batches.into_iter().enumerate() {
+            jobs.push(Job { seq: jobs.len(), shard, last_of_shard: i + 1 == n, rows });
+        }
+    }
+    jobs
+}

@@ -1,0 +1,190 @@
+//! `manifest.json` of a shard set: what produced it (settings that a resumed or merged
+//! run must share), the list of complete shards with counts and checksums, and what
+//! was skipped. Rewritten atomically (temp file + rename) after each complete shard,
+//! so a crash never lists a partial one.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+
+use super::schema::{IdType, FORMAT_NAME, FORMAT_VERSION};
+use crate::model::save::write_atomic;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Everything that determines the shards' contents. Two runs with equal settings write
+/// identical shards; resume and merge require equality and name any difference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub teacher: TeacherInfo,
+    pub tokenizer: TokenizerInfo,
+    pub capture: CaptureInfo,
+    pub data: DataInfo,
+    pub sharding: ShardingInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherInfo {
+    pub path: String,
+    /// xxh3 of config.json's bytes.
+    pub config_hash: String,
+    pub architecture: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    /// Rows of the embedding table (may exceed the tokenizer's vocabulary).
+    pub model_vocab_size: usize,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    /// xxh3 of tokenizer.json's bytes.
+    pub hash: String,
+    /// Ids the tokenizer can produce: the softmax runs over `0..vocab_size`.
+    pub vocab_size: usize,
+    pub chat_template_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureInfo {
+    pub top_k: usize,
+    pub id_type: IdType,
+    pub logprob_dtype: String,
+    /// What `tail_logmass` holds.
+    pub tail: String,
+    pub hidden_layers: Vec<usize>,
+    pub hidden_dtype: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    pub sources: Vec<SourceFile>,
+    pub hash: String,
+    pub fields: Json,
+    pub max_len: usize,
+    pub packing: bool,
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub path: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardingInfo {
+    /// Rows go to a new shard once a shard holds this many tokens.
+    pub shard_tokens: usize,
+    pub zstd_level: i32,
+    pub row_group_rows: usize,
+}
+
+/// Which part of the data this set covers: rows `[index * n / count, (index+1) * n / count)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    pub index: usize,
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub rows: usize,
+    pub tokens: usize,
+    pub targets: usize,
+    pub bytes: u64,
+    /// xxh3-64 of the whole file.
+    pub checksum: String,
+    /// First and one-past-last `row_index` in this shard.
+    pub row_range: (u64, u64),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SkipReport {
+    pub invalid_rows: usize,
+    /// The first invalid rows with their errors (file:line and message).
+    pub examples: Vec<(String, String)>,
+    pub truncated_examples: usize,
+    pub truncated_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub distill_version: String,
+    pub settings: Settings,
+    pub slices: Vec<Slice>,
+    pub planned_shards: usize,
+    pub complete: bool,
+    pub shards: Vec<ShardEntry>,
+    pub skipped: SkipReport,
+}
+
+impl Manifest {
+    pub fn new(settings: Settings, slice: Slice, planned_shards: usize, skipped: SkipReport) -> Self {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            distill_version: env!("CARGO_PKG_VERSION").into(),
+            settings,
+            slices: vec![slice],
+            planned_shards,
+            complete: false,
+            shards: vec![],
+            skipped,
+        }
+    }
+
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
+    /// Reads `dir/manifest.json`; the error says plainly when `dir` is not a shard set.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} is not a distill shard set: cannot read {}", dir.display(), path.display()))?;
+        let json: Json = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        if json.get("format").and_then(Json::as_str) != Some(FORMAT_NAME) {
+            bail!("{}: not a distill shard manifest (field `format` is not {FORMAT_NAME:?})", path.display());
+        }
+        let version = json.get("format_version").and_then(Json::as_u64).unwrap_or(0);
+        if version != u64::from(FORMAT_VERSION) {
+            bail!(
+                "{}: format_version {version} is not supported (this distill reads {FORMAT_VERSION})",
+                path.display()
+            );
+        }
+        serde_json::from_value(json).with_context(|| format!("{}: malformed manifest", path.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn total_tokens(&self) -> usize {
+        self.shards.iter().map(|s| s.tokens).sum()
+    }
+}
+
+/// Names the first fields where `ours` and `theirs` differ, as dotted paths.
+pub fn settings_diff(ours: &Settings, theirs: &Settings) -> Vec<String> {
+    let mut out = vec![];
+    diff_json("", &serde_json::to_value(ours).unwrap(), &serde_json::to_value(theirs).unwrap(), &mut out);
+    out
+}
+
+fn diff_json(path: &str, a: &Json, b: &Json, out: &mut Vec<String>) {
+    match (a, b) {
+        (Json::Object(x), Json::Object(y)) => {
+            for (k, va) in x {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff_json(&p, va, y.get(k).unwrap_or(&Json::Null), out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {b} there, {a} here")),
+        _ => {}
+    }
+}

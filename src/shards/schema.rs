@@ -1,0 +1,85 @@
+//! The Arrow schema of a shard, built from the capture settings. The same columns are
+//! described for people in schemas/shards.md and for machines in
+//! schemas/shard.schema.json; a test checks written files against the latter.
+use arrow::datatypes::{DataType, Field, Schema};
+use std::sync::Arc;
+
+pub const FORMAT_NAME: &str = "distill-shards";
+pub const FORMAT_VERSION: u32 = 1;
+/// Parquet key-value metadata keys.
+pub const META_FORMAT: &str = "distill.format";
+pub const META_VERSION: &str = "distill.format_version";
+pub const META_SETTINGS: &str = "distill.settings";
+
+/// Token ids are stored in the narrowest type that holds the vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdType {
+    Uint16,
+    Int32,
+}
+
+impl IdType {
+    pub fn for_vocab(vocab: usize) -> Self {
+        if vocab <= 1 << 16 {
+            IdType::Uint16
+        } else {
+            IdType::Int32
+        }
+    }
+
+    pub fn data_type(self) -> DataType {
+        match self {
+            IdType::Uint16 => DataType::UInt16,
+            IdType::Int32 => DataType::Int32,
+        }
+    }
+}
+
+/// What varies between shard sets: k, the id type, and the captured layers' widths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardLayout {
+    pub top_k: usize,
+    pub id_type: IdType,
+    /// (layer number, width) of each captured hidden state.
+    pub hidden: Vec<(usize, usize)>,
+}
+
+pub fn hidden_column(layer: usize) -> String {
+    format!("hidden_{layer}")
+}
+
+pub fn hidden_rms_column(layer: usize) -> String {
+    format!("hidden_{layer}_rms")
+}
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, false)))
+}
+
+fn fixed_list_of(item: DataType, n: usize) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", item, false)), n as i32)
+}
+
+impl ShardLayout {
+    pub fn arrow_schema(&self) -> Schema {
+        let mut fields = vec![
+            Field::new("row_index", DataType::UInt64, false),
+            Field::new("sample_ids", list_of(DataType::Utf8), false),
+            Field::new("doc_lengths", list_of(DataType::Int32), false),
+            Field::new("num_tokens", DataType::Int32, false),
+            Field::new("num_targets", DataType::Int32, false),
+            Field::new("input_ids", list_of(DataType::Int32), false),
+            Field::new("loss_mask", list_of(DataType::Boolean), false),
+            Field::new("topk_ids", list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false),
+            Field::new("topk_logprobs", list_of(fixed_list_of(DataType::Float16, self.top_k)), false),
+            Field::new("tail_logmass", list_of(DataType::Float32), false),
+            Field::new("target_logprob", list_of(DataType::Float32), false),
+        ];
+        for &(layer, width) in &self.hidden {
+            fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));
+            fields.push(Field::new(hidden_rms_column(layer), list_of(DataType::Float32), false));
+        }
+        Schema::new(fields)
+    }
+}

@@ -1,0 +1,194 @@
+//! `ShardWriter`: captured rows -> Arrow record batches -> one zstd Parquet file,
+//! written under a temporary name and renamed only when complete, so a crash never
+//! leaves a file that looks finished.
+use anyhow::{bail, Context, Result};
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
+    StringArray, UInt16Array, UInt64Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::manifest::ShardEntry;
+use super::schema::{IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION, META_FORMAT, META_SETTINGS, META_VERSION};
+use crate::capture::CapturedRow;
+use crate::dataset::sequence::Sequence;
+
+/// Parquet settings; defaults chosen by `scripts/bench_precompute.sh` (see README).
+#[derive(Debug, Clone)]
+pub struct ParquetOptions {
+    pub zstd_level: i32,
+    pub row_group_rows: usize,
+}
+
+pub fn shard_file_name(index: usize) -> String {
+    format!("shard-{index:05}.parquet")
+}
+
+/// A row ready to be written: its input and its teacher targets.
+pub struct ShardRow<'a> {
+    pub sequence: &'a Sequence,
+    pub captured: &'a CapturedRow,
+}
+
+pub struct ShardWriter {
+    layout: ShardLayout,
+    schema: Arc<Schema>,
+    writer: ArrowWriter<File>,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    entry: ShardEntry,
+}
+
+impl ShardWriter {
+    /// Starts `dir/shard-{index}.parquet` (as a `.tmp` file). `settings_json` goes into
+    /// the file's key-value metadata so a shard describes itself.
+    pub fn create(
+        dir: &Path,
+        index: usize,
+        layout: ShardLayout,
+        opts: &ParquetOptions,
+        settings_json: &str,
+    ) -> Result<Self> {
+        let name = shard_file_name(index);
+        let final_path = dir.join(&name);
+        let tmp_path = dir.join(format!("{name}.tmp"));
+        let schema = Arc::new(layout.arrow_schema());
+        let metadata = vec![
+            KeyValue::new(META_FORMAT.to_string(), FORMAT_NAME.to_string()),
+            KeyValue::new(META_VERSION.to_string(), FORMAT_VERSION.to_string()),
+            KeyValue::new(META_SETTINGS.to_string(), settings_json.to_string()),
+        ];
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level)?))
+            .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
+            .set_dictionary_enabled(false)
+            .set_statistics_enabled(EnabledStatistics::None)
+            .set_key_value_metadata(Some(metadata))
+            .build();
+        let file = File::create(&tmp_path).with_context(|| format!("cannot create {}", tmp_path.display()))?;
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        let entry = ShardEntry {
+            file: name,
+            rows: 0,
+            tokens: 0,
+            targets: 0,
+            bytes: 0,
+            checksum: String::new(),
+            row_range: (u64::MAX, 0),
+        };
+        Ok(ShardWriter { layout, schema, writer, tmp_path, final_path, entry })
+    }
+
+    pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let batch = self.record_batch(rows)?;
+        self.writer.write(&batch).with_context(|| format!("writing {}", self.tmp_path.display()))?;
+        for r in rows {
+            self.entry.rows += 1;
+            self.entry.tokens += r.sequence.len();
+            self.entry.targets += r.captured.topk.tail_logmass.len();
+            self.entry.row_range.0 = self.entry.row_range.0.min(r.sequence.row_index);
+            self.entry.row_range.1 = self.entry.row_range.1.max(r.sequence.row_index + 1);
+        }
+        Ok(())
+    }
+
+    /// Closes the file, syncs it to disk, renames it to its final name and returns its
+    /// manifest entry (with size and checksum).
+    pub fn finish(mut self) -> Result<ShardEntry> {
+        let file = self.writer.into_inner().with_context(|| format!("closing {}", self.tmp_path.display()))?;
+        file.sync_all().with_context(|| format!("syncing {}", self.tmp_path.display()))?;
+        drop(file);
+        std::fs::rename(&self.tmp_path, &self.final_path)
+            .with_context(|| format!("renaming {} to {}", self.tmp_path.display(), self.final_path.display()))?;
+        self.entry.bytes = std::fs::metadata(&self.final_path)?.len();
+        self.entry.checksum = file_checksum(&self.final_path)?;
+        Ok(self.entry)
+    }
+
+    fn record_batch(&self, rows: &[ShardRow]) -> Result<RecordBatch> {
+        let k = self.layout.top_k;
+        let per_row_targets: Vec<usize> = rows.iter().map(|r| r.captured.topk.tail_logmass.len()).collect();
+        let per_row_tokens: Vec<usize> = rows.iter().map(|r| r.sequence.len()).collect();
+        for r in rows {
+            if r.captured.topk.k != k || r.captured.hidden.len() != self.layout.hidden.len() {
+                bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
+            }
+        }
+        let by_token = |values: ArrayRef| list(values, &per_row_tokens);
+        let by_target = |values: ArrayRef| list(values, &per_row_targets);
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.sequence.row_index))),
+            list(
+                Arc::new(StringArray::from_iter_values(rows.iter().flat_map(|r| r.sequence.sample_ids.iter()))),
+                &rows.iter().map(|r| r.sequence.sample_ids.len()).collect::<Vec<_>>(),
+            ),
+            list(
+                Arc::new(Int32Array::from_iter_values(
+                    rows.iter().flat_map(|r| r.sequence.doc_lengths.iter().map(|&n| n as i32)),
+                )),
+                &rows.iter().map(|r| r.sequence.doc_lengths.len()).collect::<Vec<_>>(),
+            ),
+            Arc::new(Int32Array::from_iter_values(per_row_tokens.iter().map(|&n| n as i32))),
+            Arc::new(Int32Array::from_iter_values(per_row_targets.iter().map(|&n| n as i32))),
+            by_token(Arc::new(Int32Array::from_iter_values(
+                rows.iter().flat_map(|r| r.sequence.ids.iter().map(|&i| i as i32)),
+            ))),
+            by_token(Arc::new(BooleanArray::from_iter(
+                rows.iter().flat_map(|r| r.sequence.loss_mask.iter().map(|&m| Some(m))),
+            ))),
+        ];
+        let ids = rows.iter().flat_map(|r| r.captured.topk.ids.iter().copied());
+        let ids: ArrayRef = match self.layout.id_type {
+            IdType::Uint16 => Arc::new(UInt16Array::from_iter_values(ids.map(|i| i as u16))),
+            IdType::Int32 => Arc::new(Int32Array::from_iter_values(ids.map(|i| i as i32))),
+        };
+        columns.push(by_target(fixed(ids, k)));
+        let logprobs =
+            Float16Array::from_iter_values(rows.iter().flat_map(|r| r.captured.topk.logprobs.iter().copied()));
+        columns.push(by_target(fixed(Arc::new(logprobs), k)));
+        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.topk.tail_logmass.iter().copied()))));
+        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.topk.target_logprob.iter().copied()))));
+        for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
+            let values =
+                Float16Array::from_iter_values(rows.iter().flat_map(|r| r.captured.hidden[i].values.iter().copied()));
+            columns.push(by_target(fixed(Arc::new(values), width)));
+            columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.hidden[i].rms.iter().copied()))));
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+fn f32_array(values: impl Iterator<Item = f32>) -> ArrayRef {
+    Arc::new(Float32Array::from_iter_values(values))
+}
+
+/// `values` grouped `n` at a time.
+fn fixed(values: ArrayRef, n: usize) -> ArrayRef {
+    let field = Arc::new(Field::new("item", values.data_type().clone(), false));
+    Arc::new(FixedSizeListArray::new(field, n as i32, values, None))
+}
+
+/// `values` split into rows of `lengths` elements.
+fn list(values: ArrayRef, lengths: &[usize]) -> ArrayRef {
+    let field = Arc::new(Field::new("item", values.data_type().clone(), false));
+    Arc::new(ListArray::new(field, OffsetBuffer::from_lengths(lengths.iter().copied()), values, None))
+}
+
+/// xxh3-64 of a file's bytes, as `xxh3:<16 hex digits>`.
+pub fn file_checksum(path: &Path) -> Result<String> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping of a file we just wrote and no one else modifies.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    Ok(format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&map)))
+}
