@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# The main job on a built-in default. Today: set up, make a tiny model in Hugging Face
-# layout, report the runtime, and score the shipped sample text with it.
-# Usage: scripts/run.sh [--device cpu|cuda|auto] [--dtype float32|bfloat16]
+# The main job on a built-in default: set up, make a tiny teacher in Hugging Face
+# layout, report the runtime, score the shipped sample text, and precompute the
+# teacher's targets for it into shards (pipeline/tiny.toml).
+# Usage: scripts/run.sh [extra precompute flags, e.g. --devices cuda:0]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --release
 source scripts/env.sh
-models="$DISTILL_ROOT/.cache/tiny-models"
-python scripts/tiny_models.py make "$models"
+python scripts/tiny_models.py make .cache/tiny-models
 distill=target/release/distill
 $distill env
 echo
-echo "# distill score --model $models/qwen3 --input tests/data/sample.jsonl $*"
-$distill score --model "$models/qwen3" --input tests/data/sample.jsonl "$@"
+echo "# distill score --model .cache/tiny-models/qwen3 --input tests/data/sample.jsonl --device cpu"
+$distill score --model .cache/tiny-models/qwen3 --input tests/data/sample.jsonl --device cpu
+echo
+echo "# distill precompute --config pipeline/tiny.toml --overwrite $*"
+$distill precompute --config pipeline/tiny.toml --overwrite "$@"
+python - <<'PY'
+import pyarrow.parquet as pq, glob
+files = sorted(glob.glob(".cache/shards/tiny/shard-*.parquet"))
+t = pq.read_table(files[0], columns=["sample_ids", "num_tokens", "num_targets"])
+print(f"\npyarrow reads {len(files)} shard(s); first rows of {files[0]}:")
+for r in t.slice(0, 3).to_pylist():
+    print(" ", r)
+PY

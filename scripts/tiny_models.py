@@ -8,6 +8,10 @@
     tiny_models.py logits MODEL_DIR INPUTS OUT
                                     transformers' logits of MODEL_DIR for the input_ids /
                                     attention_mask in INPUTS (safetensors)
+    tiny_models.py bench-model OUT_DIR [VOCAB] [HIDDEN] [LAYERS]
+                                    a random Qwen2-shaped teacher with a realistic
+                                    vocabulary (default 151936 ids: the tiny BPE padded
+                                    with added tokens) for benchmarks
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -95,7 +99,8 @@ def train_tokenizer(out: Path):
 
 
 def write_tokenizer_files(src: Path, dst: Path, jinja: bool):
-    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    if src != dst:
+        shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
     cfg = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>",
            "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"}
     if jinja:
@@ -212,6 +217,30 @@ def logits(model_dir: Path, inputs: Path, out: Path):
     save_file({"logits": result.contiguous()}, str(out))
 
 
+def bench_model(out_dir: Path, vocab: int, hidden: int, layers: int):
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    if out_dir.exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    train_tokenizer(tmp)
+    tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    extra = vocab - tok.get_vocab_size()
+    tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
+    tok.save(str(tmp / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, "hidden_size": hidden,
+                                      "intermediate_size": 3 * hidden, "num_hidden_layers": layers,
+                                      "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": 1,
+                                      "tie_word_embeddings": True})
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    spread_weights(model, 0)
+    model.save_pretrained(tmp)
+    write_tokenizer_files(tmp, tmp, False)
+    tmp.rename(out_dir)
+
+
 def chat(model_dir: Path, messages: Path, out: Path):
     import transformers
 
@@ -226,6 +255,9 @@ def chat(model_dir: Path, messages: Path, out: Path):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(Path(sys.argv[2]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "bench-model":
+        nums = [int(x) for x in sys.argv[3:]] + [151936, 128, 2][len(sys.argv) - 3:]
+        bench_model(Path(sys.argv[2]), *nums[:3])
     elif len(sys.argv) == 5 and sys.argv[1] == "chat":
         chat(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif len(sys.argv) == 5 and sys.argv[1] == "logits":

@@ -77,7 +77,9 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     };
     let hidden = model.transformer.forward_hidden(&input, &settings.hidden_layers)?;
     let width = hidden.last.size()[2];
-    let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting);
+    // Captured states of a model split by layers live on their layer's device.
+    let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting.to_device(t.device()));
+    let next_tokens = batch.next_tokens.to_device(model.output_device());
     let last = flat(&hidden.last);
     let positions = batch.predicting.size()[0];
     let chunk = (settings.max_logit_elements / settings.vocab_limit as i64).clamp(1, positions.max(1));
@@ -90,7 +92,7 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
         let (top, idx) = logits.topk(k, -1, true, true);
-        let next = batch.next_tokens.narrow(0, start, n).unsqueeze(-1);
+        let next = next_tokens.narrow(0, start, n).unsqueeze(-1);
         targets.push((logits.gather(-1, &next, false) - &lse).squeeze_dim(-1));
         logprobs.push((top - &lse).to_kind(Kind::Half));
         // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even

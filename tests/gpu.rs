@@ -38,3 +38,20 @@ fn bfloat16_on_cuda_matches_cpu_float32() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn model_split_over_cuda_and_cpu_matches_one_device() {
+    // One GPU is enough to move activations across a device boundary.
+    for name in MODELS {
+        let dir = model_dir(name);
+        let reference = read_tensors(&dir.join("reference.safetensors"));
+        let model = distill::model::CausalLm::load_split(&dir, &[Device::Cuda(0), Device::Cpu], Kind::Float).unwrap();
+        let ids = reference["left.input_ids"].to_device(Device::Cuda(0));
+        let mask = reference["left.attention_mask"].to_device(Device::Cuda(0));
+        let out = tch::no_grad(|| model.forward(&ids, Some(&mask), &[0, 1])).unwrap();
+        let e = norm_rel_err(&out.logits, &reference["left.logits"], Some(&reference["left.attention_mask"]));
+        eprintln!("{name}: split cuda:0+cpu float32 vs reference {e:.2e}");
+        assert!(e < 1e-3, "{name}: split model logits differ by {e:.3e}");
+    }
+}

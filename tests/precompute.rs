@@ -17,7 +17,10 @@ fn distill(args: &[&str], envs: &[(&str, &str)]) -> Output {
 
 fn precompute(model: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
     let dir = model_dir(model);
-    let mut args = vec!["precompute", "--devices", "cpu", "--teacher", dir.to_str().unwrap()];
+    let mut args = vec!["precompute", "--teacher", dir.to_str().unwrap()];
+    if !extra.contains(&"--devices") {
+        args.extend(["--devices", "cpu"]);
+    }
     args.extend(["--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     args.extend(extra);
     distill(&args, &[])
@@ -305,4 +308,16 @@ fn an_output_made_with_other_settings_is_refused() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("notes.txt"), "mine").unwrap();
     assert!(err(precompute("llama", &sample(), &other, &[])).contains("not a shard set"));
+}
+
+#[test]
+fn two_teacher_replicas_write_the_same_shards_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let args = ["--top-k", "8", "--hidden-layers", "1", "--shard-tokens", "600", "--batch-tokens", "200"];
+    ok(precompute("qwen2", &sample(), &one, &args));
+    let mut two_args = args.to_vec();
+    two_args.extend(["--devices", "cpu,cpu"]);
+    ok(precompute("qwen2", &sample(), &two, &two_args));
+    assert_same_shards(&one, &two);
 }

@@ -49,6 +49,7 @@ pub struct PrecomputeArgs {
     #[arg(long, value_delimiter = ',')]
     hidden_layers: Option<Vec<usize>>,
     /// Devices, one teacher replica each: cpu, cuda:0,cuda:1,... or auto [default: auto].
+    /// Join devices with `+` to split one replica by layers: cuda:0+cuda:1.
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
     /// Teacher dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, f32 on CPU).
@@ -66,6 +67,9 @@ pub struct PrecomputeArgs {
     /// Rows per Parquet row group [default: 64].
     #[arg(long)]
     row_group_rows: Option<usize>,
+    /// BYTE_STREAM_SPLIT encoding for ids and floats [default: true].
+    #[arg(long)]
+    byte_stream_split: Option<bool>,
     /// This process's slice of the data (0-based), for runs split over GPUs or nodes.
     #[arg(long)]
     shard_index: Option<usize>,
@@ -107,6 +111,7 @@ impl PrecomputeArgs {
             shard_tokens,
             zstd_level,
             row_group_rows,
+            byte_stream_split,
             shard_index,
             num_shards,
             skip_invalid,
@@ -130,10 +135,13 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
     let Some(inputs) = args.input else { bail!("--input is required (or `input` in the --config file)") };
     let Some(output) = args.output else { bail!("--output is required (or `output` in the --config file)") };
     let devices = match args.devices {
-        Some(list) => list.iter().map(|d| parse_device(d)).collect::<Result<Vec<_>>>()?,
-        None => vec![parse_device("auto")?],
+        Some(list) => list
+            .iter()
+            .map(|replica| replica.split('+').map(parse_device).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?,
+        None => vec![vec![parse_device("auto")?]],
     };
-    let on_cuda = devices.iter().all(|d| d.is_cuda());
+    let on_cuda = devices.iter().flatten().all(|d| d.is_cuda());
     let dtype = match args.dtype.as_deref() {
         None | Some("auto") => {
             if on_cuda {
@@ -166,6 +174,7 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
         parquet: ParquetOptions {
             zstd_level: args.zstd_level.unwrap_or(3),
             row_group_rows: args.row_group_rows.unwrap_or(64),
+            byte_stream_split: args.byte_stream_split.unwrap_or(true),
         },
         slice: Slice { index: args.shard_index.unwrap_or(0), count: args.num_shards.unwrap_or(1) },
         skip_invalid: args.skip_invalid.unwrap_or(false),
@@ -200,5 +209,27 @@ fn print_summary(cfg: &PrecomputeConfig, s: &Summary) {
     }
     if s.truncated_examples > 0 {
         println!("  truncated      {} examples to {} tokens", s.truncated_examples, cfg.max_len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ready pipeline files stay valid as options change.
+    #[test]
+    fn every_pipeline_file_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let parsed: Result<PrecomputeArgs, _> = toml::from_str(&text);
+                assert!(parsed.is_ok(), "{}: {}", path.display(), parsed.err().unwrap());
+                n += 1;
+            }
+        }
+        assert!(n >= 3);
     }
 }

@@ -37,11 +37,17 @@ impl CausalLm {
     /// Loads a Hugging Face model directory (config.json + safetensors), converting the
     /// weights to `kind` on `device`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_split(dir, &[device], kind)
+    }
+
+    /// Like `load`, with the layers split in equal runs over `devices` (a model too
+    /// large for one GPU); inputs go to the first device, outputs come from the last.
+    pub fn load_split(dir: &Path, devices: &[Device], kind: Kind) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = SafetensorsFiles::open_dir(dir)?;
         let source = ParamSource::Checkpoint { files: &files, used: Mutex::new(Default::default()) };
         let model =
-            Self::build(config, &source, device, kind).with_context(|| format!("loading model {}", dir.display()))?;
+            Self::build(config, &source, devices, kind).with_context(|| format!("loading model {}", dir.display()))?;
         check_unused(&source, &files, &model.config)?;
         Ok(model)
     }
@@ -50,15 +56,18 @@ impl CausalLm {
     /// transformers initialises one. Seed tch first for reproducible weights.
     pub fn random(config: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
         let source = ParamSource::Random { std: config.initializer_range };
-        Self::build(config, &source, device, kind)
+        Self::build(config, &source, &[device], kind)
     }
 
-    fn build(config: ModelConfig, source: &ParamSource, device: Device, kind: Kind) -> Result<Self> {
+    fn build(config: ModelConfig, source: &ParamSource, devices: &[Device], kind: Kind) -> Result<Self> {
         if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
             bail!("model dtype must be float32, bfloat16 or float16, not {kind:?}");
         }
-        let vs = nn::VarStore::new(device);
-        let transformer = Transformer::new(&VarBuilder::new(&vs, source, kind), &config)?;
+        if devices.is_empty() {
+            bail!("no device given for the model");
+        }
+        let vs = nn::VarStore::new(devices[0]);
+        let transformer = Transformer::new(&VarBuilder::new(&vs, source, kind), &config, devices)?;
         Ok(CausalLm { config, vs, transformer, kind })
     }
 
@@ -66,8 +75,14 @@ impl CausalLm {
         self.kind
     }
 
+    /// Where inputs go (the first device of a split model).
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// Where logits and the final hidden states come out.
+    pub fn output_device(&self) -> Device {
+        self.transformer.output_device()
     }
 
     pub fn num_parameters(&self) -> i64 {

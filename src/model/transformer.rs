@@ -3,7 +3,7 @@
 //! SwiGLU MLP, tied or untied head. Numerics follow transformers' modeling files:
 //! RMSNorm in float32 then cast back, RoPE angles in float32.
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
 use super::rope::{apply_rotary, RotaryEmbedding};
@@ -183,6 +183,8 @@ impl DecoderLayer {
 pub struct Transformer {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
+    /// Device of each layer; more than one device when the model is split by layers.
+    layer_devices: Vec<Device>,
     norm: RmsNorm,
     lm_head: Tensor,
     rotary: RotaryEmbedding,
@@ -212,21 +214,39 @@ pub struct Hidden {
 }
 
 impl Transformer {
-    pub fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    /// Builds the model on `devices`: one device, or several to split the layers in
+    /// contiguous, equal runs (embeddings on the first, final norm and head on the last).
+    pub fn new(vb: &VarBuilder, cfg: &ModelConfig, devices: &[Device]) -> Result<Self> {
+        let (first, last) = (devices[0], devices[devices.len() - 1]);
         let body = vb.pp("model");
-        let embed_tokens =
-            body.pp("embed_tokens").get("weight", &[cfg.vocab_size as i64, cfg.hidden_size as i64], Init::Normal)?;
+        let embed_tokens = body.on(first).pp("embed_tokens").get(
+            "weight",
+            &[cfg.vocab_size as i64, cfg.hidden_size as i64],
+            Init::Normal,
+        )?;
+        let layer_devices: Vec<Device> =
+            (0..cfg.num_layers).map(|i| devices[i * devices.len() / cfg.num_layers]).collect();
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::new(&body.pp("layers").pp(i), cfg, i))
+            .map(|i| DecoderLayer::new(&body.on(layer_devices[i]).pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(&body.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            vb.pp("lm_head").get("weight", &[cfg.vocab_size as i64, cfg.hidden_size as i64], Init::Normal)?
+        let norm = RmsNorm::new(&body.on(last).pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = match (cfg.tie_word_embeddings, first == last) {
+            (true, true) => embed_tokens.shallow_clone(),
+            // A split, tied model keeps a copy of the embeddings next to the head.
+            (true, false) => embed_tokens.detach().to_device(last),
+            (false, _) => vb.on(last).pp("lm_head").get(
+                "weight",
+                &[cfg.vocab_size as i64, cfg.hidden_size as i64],
+                Init::Normal,
+            )?,
         };
-        let rotary = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, vb.device());
-        Ok(Transformer { embed_tokens, layers, norm, lm_head, rotary })
+        let rotary = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, first);
+        Ok(Transformer { embed_tokens, layers, layer_devices, norm, lm_head, rotary })
+    }
+
+    /// Where outputs (final hidden states, logits) live.
+    pub fn output_device(&self) -> Device {
+        self.lm_head.device()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -254,6 +274,8 @@ impl Transformer {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
         let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
+        // Per device: rotary tables and masks, moved once for a model split by layers.
+        let mut contexts = vec![(device, cos, sin, masks)];
         let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
         let mut keep = |index: usize, t: &Tensor| {
             for (slot, &want) in captured.iter_mut().zip(capture) {
@@ -264,12 +286,21 @@ impl Transformer {
         };
         keep(0, &x);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, masks.for_layer(layer.sliding_window));
+            let dev = self.layer_devices[i];
+            if x.device() != dev {
+                x = x.to_device(dev);
+            }
+            if contexts.iter().all(|c| c.0 != dev) {
+                let (_, cos, sin, masks) = &contexts[0];
+                contexts.push((dev, cos.to_device(dev), sin.to_device(dev), masks.to_device(dev)));
+            }
+            let (_, cos, sin, masks) = contexts.iter().find(|c| c.0 == dev).expect("context made above");
+            x = layer.forward(&x, cos, sin, masks.for_layer(layer.sliding_window));
             if i + 1 < n {
                 keep(i + 1, &x);
             }
         }
-        let last = self.norm.forward(&x);
+        let last = self.norm.forward(&x.to_device(self.output_device()));
         keep(n, &last);
         Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
     }
@@ -292,13 +323,7 @@ struct LayerMasks {
 }
 
 impl LayerMasks {
-    fn new(
-        mask: Option<&Tensor>,
-        segments: Option<&Tensor>,
-        layers: &[DecoderLayer],
-        s: i64,
-        device: tch::Device,
-    ) -> Self {
+    fn new(mask: Option<&Tensor>, segments: Option<&Tensor>, layers: &[DecoderLayer], s: i64, device: Device) -> Self {
         // Right padding (or none) needs no mask under causal attention: a real token
         // never sees a later pad. Left padding, windows and packed documents do.
         let needs_key_mask = mask.is_some_and(|m| !is_right_padded(m));
@@ -331,6 +356,17 @@ impl LayerMasks {
         windows.sort_unstable();
         windows.dedup();
         LayerMasks { full: build(None), windowed: windows.into_iter().map(|w| (w, build(Some(w)))).collect() }
+    }
+
+    fn to_device(&self, device: Device) -> Self {
+        let move_mask = |m: &AttentionMask| match m {
+            AttentionMask::Causal => AttentionMask::Causal,
+            AttentionMask::Explicit(t) => AttentionMask::Explicit(t.to_device(device)),
+        };
+        LayerMasks {
+            full: move_mask(&self.full),
+            windowed: self.windowed.iter().map(|(w, m)| (*w, move_mask(m))).collect(),
+        }
     }
 
     fn for_layer(&self, window: Option<usize>) -> &AttentionMask {

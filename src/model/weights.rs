@@ -180,19 +180,26 @@ pub struct VarBuilder<'a> {
     path: nn::Path<'a>,
     source: &'a ParamSource<'a>,
     kind: Kind,
+    /// Where parameters go; differs from the VarStore's device for a model split by layers.
+    device: Device,
 }
 
 impl<'a> VarBuilder<'a> {
     pub fn new(vs: &'a nn::VarStore, source: &'a ParamSource<'a>, kind: Kind) -> Self {
-        VarBuilder { path: vs.root(), source, kind }
+        VarBuilder { path: vs.root(), source, kind, device: vs.device() }
     }
 
     pub fn pp<S: ToString>(&self, name: S) -> VarBuilder<'a> {
-        VarBuilder { path: self.path.sub(name), source: self.source, kind: self.kind }
+        VarBuilder { path: self.path.sub(name), source: self.source, kind: self.kind, device: self.device }
+    }
+
+    /// The same builder placing parameters on `device`.
+    pub fn on(&self, device: Device) -> VarBuilder<'a> {
+        VarBuilder { path: self.path.clone(), device, ..*self }
     }
 
     pub fn device(&self) -> Device {
-        self.path.device()
+        self.device
     }
 
     pub fn kind(&self) -> Kind {

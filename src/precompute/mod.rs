@@ -29,8 +29,9 @@ pub struct PrecomputeConfig {
     pub pack: bool,
     pub top_k: usize,
     pub hidden_layers: Vec<usize>,
-    /// One teacher replica per device.
-    pub devices: Vec<Device>,
+    /// One teacher replica per entry; an entry of several devices splits that replica
+    /// by layers over them.
+    pub devices: Vec<Vec<Device>>,
     pub dtype: Kind,
     /// Padded tokens per teacher batch.
     pub batch_tokens: usize,

@@ -53,7 +53,7 @@ impl Pass<'_> {
     /// `manifest` (saved after every shard).
     pub fn run(&self, jobs: Vec<Job>, dir: &Path, manifest: &mut Manifest) -> Result<PassStats> {
         let started = Instant::now();
-        let devices = self.cfg.devices.clone();
+        let devices = &self.cfg.devices;
         let (job_tx, job_rx) = bounded::<Job>(2 * devices.len());
         // A small queue between the teacher and the writer bounds host memory while
         // still letting the teacher run ahead of the writer by a couple of batches.
@@ -61,9 +61,9 @@ impl Pass<'_> {
         let mut stats = PassStats::default();
         let result = std::thread::scope(|scope| -> Result<()> {
             let mut workers = vec![];
-            for &device in &devices {
+            for replica in devices {
                 let (rx, tx) = (job_rx.clone(), done_tx.clone());
-                workers.push(scope.spawn(move || self.worker(device, rx, tx)));
+                workers.push(scope.spawn(move || self.worker(replica, rx, tx)));
             }
             drop(done_tx);
             drop(job_rx);
@@ -85,13 +85,13 @@ impl Pass<'_> {
         Ok(stats)
     }
 
-    /// Loads a teacher replica on `device` and captures batches until the queue closes.
-    fn worker(&self, device: Device, jobs: Receiver<Job>, done: Sender<Result<Done>>) -> Duration {
+    /// Loads a teacher replica on `devices` and captures batches until the queue closes.
+    fn worker(&self, devices: &[Device], jobs: Receiver<Job>, done: Sender<Result<Done>>) -> Duration {
         let mut busy = Duration::ZERO;
-        let model = match CausalLm::load(&self.cfg.teacher, device, self.cfg.dtype) {
+        let model = match CausalLm::load_split(&self.cfg.teacher, devices, self.cfg.dtype) {
             Ok(m) => m,
             Err(e) => {
-                let _ = done.send(Err(e.context(format!("loading the teacher on {device:?}"))));
+                let _ = done.send(Err(e.context(format!("loading the teacher on {devices:?}"))));
                 return busy;
             }
         };
@@ -114,15 +114,16 @@ impl Pass<'_> {
         // shard after this many complete ones.
         let crash_after: Option<usize> = std::env::var("DISTILL_CRASH_AFTER_SHARDS").ok().and_then(|v| v.parse().ok());
         let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
-        let mut next_seq = None;
+        // Jobs are numbered from 0 (see `jobs_for`): write them in that order whichever
+        // replica finishes first.
+        let mut next_seq = 0;
         let mut current: Option<(usize, ShardWriter)> = None;
         let mut tokens = 0;
         for result in done {
             let d = result?;
-            next_seq.get_or_insert(d.job.seq);
             pending.insert(d.job.seq, d);
-            while let Some(d) = next_seq.and_then(|s| pending.remove(&s)) {
-                next_seq = Some(d.job.seq + 1);
+            while let Some(d) = pending.remove(&next_seq) {
+                next_seq += 1;
                 if current.as_ref().map(|c| c.0) != Some(d.job.shard) {
                     let w = ShardWriter::create(
                         dir,
@@ -154,6 +155,9 @@ impl Pass<'_> {
                     manifest.save(dir)?;
                 }
             }
+        }
+        if let Some(seq) = pending.keys().next() {
+            anyhow::bail!("batch {next_seq} never arrived; batches from {seq} on were not written");
         }
         Ok(tokens)
     }

@@ -108,6 +108,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
             shard_tokens: cfg.shard_tokens,
             zstd_level: cfg.parquet.zstd_level,
             row_group_rows: cfg.parquet.row_group_rows,
+            byte_stream_split: cfg.parquet.byte_stream_split,
         },
     };
     Ok(Prepared { settings, layout, rows, skipped, teacher_config })

@@ -78,6 +78,7 @@ pub struct ShardingInfo {
     pub shard_tokens: usize,
     pub zstd_level: i32,
     pub row_group_rows: usize,
+    pub byte_stream_split: bool,
 }
 
 /// Which part of the data this set covers: rows `[index * n / count, (index+1) * n / count)`.

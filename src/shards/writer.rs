@@ -8,8 +8,8 @@ use arrow::array::{
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{Field, Schema};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use std::fs::File;
@@ -26,6 +26,10 @@ use crate::dataset::sequence::Sequence;
 pub struct ParquetOptions {
     pub zstd_level: i32,
     pub row_group_rows: usize,
+    /// BYTE_STREAM_SPLIT for the numeric per-token and per-target columns: the bytes of
+    /// each value are stored in separate streams, so the always-zero high bytes of ids
+    /// and the similar exponents of floats compress away under zstd.
+    pub byte_stream_split: bool,
 }
 
 pub fn shard_file_name(index: usize) -> String {
@@ -66,13 +70,23 @@ impl ShardWriter {
             KeyValue::new(META_VERSION.to_string(), FORMAT_VERSION.to_string()),
             KeyValue::new(META_SETTINGS.to_string(), settings_json.to_string()),
         ];
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level)?))
             .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
             .set_dictionary_enabled(false)
             .set_statistics_enabled(EnabledStatistics::None)
-            .set_key_value_metadata(Some(metadata))
-            .build();
+            .set_key_value_metadata(Some(metadata));
+        if opts.byte_stream_split {
+            let parquet_schema = ArrowSchemaConverter::new().convert(&schema)?;
+            for col in parquet_schema.columns() {
+                let root = col.path().parts()[0].as_str();
+                let numeric = !matches!(root, "sample_ids" | "loss_mask" | "row_index" | "num_tokens" | "num_targets");
+                if numeric {
+                    props = props.set_column_encoding(col.path().clone(), Encoding::BYTE_STREAM_SPLIT);
+                }
+            }
+        }
+        let props = props.build();
         let file = File::create(&tmp_path).with_context(|| format!("cannot create {}", tmp_path.display()))?;
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
         let entry = ShardEntry {

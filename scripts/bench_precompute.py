@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Benchmark of `distill precompute` (not a test): throughput, teacher busy share, bytes
+per token for k = 16, 64, 256 and one hidden layer, and the Parquet settings (zstd level,
+BYTE_STREAM_SPLIT, row-group size) against decode speed with pyarrow.
+
+    bench_precompute.py DISTILL_BINARY WORK_DIR [--devices cpu] [--tokens 12000]
+
+The teacher is a random Qwen2-shaped model with Qwen2's vocabulary size (151,936 ids)
+and a small body (scripts/tiny_models.py bench-model), so the head and top-k dominate
+as they do for a real teacher's capture; random weights make top-k ids as incompressible
+as real ones (about 17 bits each). Prints one table per question.
+"""
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_input(path: Path, tokens: int):
+    lines = (ROOT / "tests/data/corpus.txt").read_text().splitlines()
+    rows, approx, i = [], 0, 0
+    while approx < tokens:
+        line = lines[i % len(lines)]
+        rows.append(json.dumps({"id": f"bench-{i}", "text": line}))
+        approx += len(line) // 2.2  # ~ tokens per character of the tiny BPE
+        i += 1
+    path.write_text("\n".join(rows) + "\n")
+
+
+def precompute(binary, teacher, data, out, devices, **opts):
+    shutil.rmtree(out, ignore_errors=True)
+    args = [binary, "precompute", "--teacher", str(teacher), "--input", str(data), "--output", str(out),
+            "--devices", devices, "--no-progress"]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    t0 = time.perf_counter()
+    res = subprocess.run(args, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"precompute failed: {res.stderr}")
+    m = json.loads((out / "manifest.json").read_text())
+    tokens = sum(s["tokens"] for s in m["shards"])
+    size = sum(s["bytes"] for s in m["shards"])
+    busy = float(re.search(r"teacher busy\s+(\d+)%", res.stdout).group(1))
+    run_s = float(re.search(r"time\s+([\d.]+)s", res.stdout).group(1))
+    return {"tokens": tokens, "bytes": size, "bpt": size / tokens, "tok_s": tokens / run_s, "busy": busy,
+            "wall": wall, "out": out}
+
+
+def decode_rate(out: Path, repeat=3):
+    """Tokens per second pyarrow decodes (all columns, best of `repeat`)."""
+    files = sorted(out.glob("shard-*.parquet"))
+    tokens = sum(sum(pq.read_table(f, columns=["num_tokens"]).column(0).to_pylist()) for f in files)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for f in files:
+            pq.read_table(f)
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--devices", default="cpu")
+    ap.add_argument("--tokens", type=int, default=12000)
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    teacher = a.work / "bench-teacher"
+    subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher)], check=True)
+    data = a.work / "bench.jsonl"
+    make_input(data, a.tokens)
+    out = a.work / "shards"
+
+    print(f"\n## capture (teacher: Qwen2-shaped, vocab 151936, hidden 128, 2 layers, random; devices {a.devices})")
+    print("| k | hidden layers | tokens | tokens/s | teacher busy | bytes/token |")
+    print("|---|---|---|---|---|---|")
+    for k, hidden in [(16, ""), (64, ""), (256, ""), (64, "2")]:
+        opts = {"top_k": k}
+        if hidden:
+            opts["hidden_layers"] = hidden
+        r = precompute(a.binary, teacher, data, out, a.devices, **opts)
+        print(f"| {k} | {hidden or '-'} | {r['tokens']} | {r['tok_s']:.0f} | {r['busy']:.0f}% | {r['bpt']:.1f} |")
+
+    print("\n## Parquet settings at k = 64 (bytes/token vs pyarrow decode rate)")
+    print("| zstd level | byte_stream_split | row-group rows | bytes/token | decode tokens/s |")
+    print("|---|---|---|---|---|")
+    for level, bss, rg in [(1, "false", 64), (3, "false", 64), (1, "true", 64), (3, "true", 64), (9, "true", 64),
+                           (3, "true", 16), (3, "true", 256)]:
+        r = precompute(a.binary, teacher, data, out, a.devices, top_k=64, zstd_level=level,
+                       byte_stream_split=bss, row_group_rows=rg)
+        print(f"| {level} | {bss} | {rg} | {r['bpt']:.1f} | {decode_rate(out):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
