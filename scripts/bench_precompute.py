@@ -3,12 +3,15 @@
 per token for k = 16, 64, 256 and one hidden layer, and the Parquet settings (zstd level,
 BYTE_STREAM_SPLIT, row-group size) against decode speed with pyarrow.
 
-    bench_precompute.py DISTILL_BINARY WORK_DIR [--devices cpu] [--tokens 12000]
+    bench_precompute.py DISTILL_BINARY WORK_DIR [--devices cpu] [--tokens 12000] [--shape small|qwen2-7b]
 
-The teacher is a random Qwen2-shaped model with Qwen2's vocabulary size (151,936 ids)
-and a small body (scripts/tiny_models.py bench-model), so the head and top-k dominate
-as they do for a real teacher's capture; random weights make top-k ids as incompressible
-as real ones (about 17 bits each). Prints one table per question.
+The teacher is a random Qwen2-shaped model with Qwen2's vocabulary size (151,936 ids;
+scripts/tiny_models.py bench-model): `small` (hidden 128, 2 layers; the head and top-k
+dominate, as in a real capture's host-side work) or Qwen2-7B's shape for a GPU. The
+teacher's FLOP rate is reported against the same device's measured matmul rate (float32
+on CPU, bfloat16 on CUDA), through the same torch. Caveat: a random teacher's
+distributions are flatter and its inputs (a 384-token BPE) less varied than a real one's,
+so bytes per token here are indicative only; see README.md. Prints markdown tables.
 """
 import argparse
 import json
@@ -68,29 +71,68 @@ def decode_rate(out: Path, repeat=3):
     return tokens / best
 
 
+def teacher_flops_per_token(c):
+    """2 x multiply-adds of the projections, MLP and head per token (attention scores,
+    which grow with length, are left out: these sequences are short)."""
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    d = c.get("head_dim") or h // heads
+    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * c["intermediate_size"]
+    return 2 * (layers * per_layer + h * c["vocab_size"])
+
+
+def matmul_rate(devices):
+    """FLOP/s of a large matmul on the first device, through the same torch."""
+    import torch
+
+    dev = devices.split(",")[0].split("+")[0]
+    dev = "cuda:0" if dev in ("auto", "cuda") and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    n = 8192 if dev.startswith("cuda") else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    best = float("inf")
+    for _ in range(5):
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return 2 * n ** 3 / best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("work", type=Path)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--tokens", type=int, default=12000)
+    ap.add_argument("--shape", default="small")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     teacher = a.work / "bench-teacher"
-    subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher), a.shape],
+                   check=True)
+    flops_per_token = teacher_flops_per_token(json.loads((teacher / "config.json").read_text()))
+    peak = matmul_rate(a.devices)
     data = a.work / "bench.jsonl"
     make_input(data, a.tokens)
     out = a.work / "shards"
 
-    print(f"\n## capture (teacher: Qwen2-shaped, vocab 151936, hidden 128, 2 layers, random; devices {a.devices})")
-    print("| k | hidden layers | tokens | tokens/s | teacher busy | bytes/token |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n## capture (teacher: random Qwen2 shape `{a.shape}`, vocab 151936; devices {a.devices}; "
+          f"measured matmul rate {peak / 1e9:.0f} GFLOP/s)")
+    print("| k | hidden layers | tokens | tokens/s | teacher GFLOP/s | share of matmul rate | teacher busy | bytes/token |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, hidden in [(16, ""), (64, ""), (256, ""), (64, "2")]:
         opts = {"top_k": k}
         if hidden:
             opts["hidden_layers"] = hidden
         r = precompute(a.binary, teacher, data, out, a.devices, **opts)
-        print(f"| {k} | {hidden or '-'} | {r['tokens']} | {r['tok_s']:.0f} | {r['busy']:.0f}% | {r['bpt']:.1f} |")
+        rate = r["tok_s"] * flops_per_token
+        print(f"| {k} | {hidden or '-'} | {r['tokens']} | {r['tok_s']:.0f} | {rate / 1e9:.1f} | {rate / peak:.0%} "
+              f"| {r['busy']:.0f}% | {r['bpt']:.1f} |")
 
     print("\n## Parquet settings at k = 64 (bytes/token vs pyarrow decode rate)")
     print("| zstd level | byte_stream_split | row-group rows | bytes/token | decode tokens/s |")

@@ -8,10 +8,11 @@
     tiny_models.py logits MODEL_DIR INPUTS OUT
                                     transformers' logits of MODEL_DIR for the input_ids /
                                     attention_mask in INPUTS (safetensors)
-    tiny_models.py bench-model OUT_DIR [VOCAB] [HIDDEN] [LAYERS]
+    tiny_models.py bench-model OUT_DIR [small|qwen2-7b]
                                     a random Qwen2-shaped teacher with a realistic
-                                    vocabulary (default 151936 ids: the tiny BPE padded
-                                    with added tokens) for benchmarks
+                                    vocabulary (151,936 ids: the tiny BPE padded with
+                                    added tokens) for benchmarks: `small` (hidden 128,
+                                    2 layers) or Qwen2-7B's shape in bfloat16
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -217,7 +218,17 @@ def logits(model_dir: Path, inputs: Path, out: Path):
     save_file({"logits": result.contiguous()}, str(out))
 
 
-def bench_model(out_dir: Path, vocab: int, hidden: int, layers: int):
+BENCH_SHAPES = {
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, tie_word_embeddings=True),
+    # Qwen2-7B's config.json (152,064 embedding rows for 151,646 tokens).
+    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, rope_theta=1000000.0,
+                     max_position_embeddings=32768),
+}
+
+
+def bench_model(out_dir: Path, shape: str):
     import transformers
     from tokenizers import AddedToken, Tokenizer
 
@@ -226,16 +237,19 @@ def bench_model(out_dir: Path, vocab: int, hidden: int, layers: int):
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     train_tokenizer(tmp)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    vocab = 151936
     extra = vocab - tok.get_vocab_size()
     tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
     tok.save(str(tmp / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, "hidden_size": hidden,
-                                      "intermediate_size": 3 * hidden, "num_hidden_layers": layers,
-                                      "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": 1,
-                                      "tie_word_embeddings": True})
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    spread_weights(model, 0)
+    cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
+    if shape == "small":
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
+        spread_weights(model, 0)
+    else:
+        # transformers' own init (std 0.02), straight into bfloat16 to halve memory.
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(tmp)
     write_tokenizer_files(tmp, tmp, False)
     tmp.rename(out_dir)
@@ -256,8 +270,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(Path(sys.argv[2]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "bench-model":
-        nums = [int(x) for x in sys.argv[3:]] + [151936, 128, 2][len(sys.argv) - 3:]
-        bench_model(Path(sys.argv[2]), *nums[:3])
+        bench_model(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "small")
     elif len(sys.argv) == 5 and sys.argv[1] == "chat":
         chat(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif len(sys.argv) == 5 and sys.argv[1] == "logits":

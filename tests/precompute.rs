@@ -321,3 +321,44 @@ fn two_teacher_replicas_write_the_same_shards_as_one() {
     ok(precompute("qwen2", &sample(), &two, &two_args));
     assert_same_shards(&one, &two);
 }
+
+/// Runs a short Python snippet in the venv; panics with its output on failure.
+fn python_ok(code: &str, args: &[&Path]) {
+    let out = Command::new(python()).arg("-c").arg(code).args(args).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn parquet_input_gives_the_same_shards_as_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parquet = tmp.path().join("sample.parquet");
+    python_ok(
+        "import sys, json, pyarrow as pa, pyarrow.parquet as pq\n\
+         rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]\n\
+         pq.write_table(pa.Table.from_struct_array(pa.array(rows)), sys.argv[2])",
+        &[&sample(), &parquet],
+    );
+    let (a, b) = (tmp.path().join("from-jsonl"), tmp.path().join("from-parquet"));
+    ok(precompute("llama", &sample(), &a, &["--top-k", "8"]));
+    ok(precompute("llama", &parquet, &b, &["--top-k", "8"]));
+    python_ok(
+        "import sys, pyarrow.parquet as pq\n\
+         a, b = pq.read_table(sys.argv[1]), pq.read_table(sys.argv[2])\n\
+         assert a.num_rows == 13 and a.equals(b), 'parquet input differs from jsonl input'",
+        &[&a.join("shard-00000.parquet"), &b.join("shard-00000.parquet")],
+    );
+}
+
+#[test]
+fn train_on_all_tokens_marks_prompts_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shards");
+    ok(precompute("llama", &sample(), &out, &["--top-k", "4", "--train-on-all-tokens"]));
+    python_ok(
+        "import sys, pyarrow.parquet as pq\n\
+         t = pq.read_table(sys.argv[1]).to_pylist()\n\
+         assert all(r['loss_mask'] == [False] + [True] * (r['num_tokens'] - 1) for r in t)\n\
+         assert all(r['num_targets'] == r['num_tokens'] - 1 for r in t)",
+        &[&out.join("shard-00000.parquet")],
+    );
+}

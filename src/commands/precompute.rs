@@ -76,6 +76,9 @@ pub struct PrecomputeArgs {
     /// Number of slices the data is split into [default: 1].
     #[arg(long)]
     num_shards: Option<usize>,
+    /// Train on every token, prompts and user turns included.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    train_on_all_tokens: Option<bool>,
     /// Count and skip bad rows (listed in the manifest) instead of stopping.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     skip_invalid: Option<bool>,
@@ -114,6 +117,7 @@ impl PrecomputeArgs {
             byte_stream_split,
             shard_index,
             num_shards,
+            train_on_all_tokens,
             skip_invalid,
             overwrite,
             no_progress
@@ -178,6 +182,7 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
         },
         slice: Slice { index: args.shard_index.unwrap_or(0), count: args.num_shards.unwrap_or(1) },
         skip_invalid: args.skip_invalid.unwrap_or(false),
+        train_on_all_tokens: args.train_on_all_tokens.unwrap_or(false),
         overwrite: args.overwrite.unwrap_or(false),
         progress: !args.no_progress.unwrap_or(false),
         max_logit_elements: 1 << 28,

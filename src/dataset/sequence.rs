@@ -58,6 +58,9 @@ pub struct SequenceOptions {
     pub pack: bool,
     /// Count bad examples (template rejects them, no target left) instead of failing.
     pub skip_invalid: bool,
+    /// Train on every token, prompts and user turns included (default: only
+    /// responses and assistant turns for prompt/response and chat examples).
+    pub train_on_all_tokens: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -88,6 +91,9 @@ pub fn build_sequences(
             let cut = t.ids.len().saturating_sub(opts.max_len);
             t.ids.truncate(opts.max_len);
             t.loss_mask.truncate(opts.max_len);
+            if opts.train_on_all_tokens {
+                t.loss_mask.fill(true);
+            }
             if let Some(first) = t.loss_mask.first_mut() {
                 *first = false;
             }

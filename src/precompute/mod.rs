@@ -39,6 +39,8 @@ pub struct PrecomputeConfig {
     pub parquet: ParquetOptions,
     pub slice: Slice,
     pub skip_invalid: bool,
+    /// Targets for every token, not only responses / assistant turns.
+    pub train_on_all_tokens: bool,
     /// Delete an existing shard set in `output` instead of resuming it.
     pub overwrite: bool,
     pub progress: bool,
@@ -91,7 +93,12 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         .collect();
     let total_tokens: usize = prepared.rows.iter().map(|r| r.len()).sum();
     let bar = progress_bar(cfg.progress, total_tokens as u64, resumed_tokens as u64);
-    let on_progress = |n: usize| bar.inc(n as u64);
+    let sequences = std::sync::atomic::AtomicUsize::new(manifest.shards.iter().map(|s| s.rows).sum());
+    let on_progress = |rows: usize, tokens: usize| {
+        let done = sequences.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
+        bar.set_message(format!("{done}/{} sequences", prepared.rows.len()));
+        bar.inc(tokens as u64);
+    };
     let pass = Pass {
         cfg,
         rows: &prepared.rows,
@@ -210,7 +217,7 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}",
+            "{elapsed_precise} [{bar:30}] {msg}  {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}",
         )
         .expect("valid template")
         .progress_chars("=> "),

@@ -45,7 +45,8 @@ pub struct Pass<'a> {
     pub layout: &'a ShardLayout,
     pub capture: CaptureSettings,
     pub settings_json: String,
-    pub on_progress: &'a (dyn Fn(usize) + Sync),
+    /// Called with (sequences, tokens) after each written batch.
+    pub on_progress: &'a (dyn Fn(usize, usize) + Sync),
 }
 
 impl Pass<'_> {
@@ -148,7 +149,7 @@ impl Pass<'_> {
                 }
                 let n: usize = rows.iter().map(|r| r.sequence.len()).sum();
                 tokens += n;
-                (self.on_progress)(n);
+                (self.on_progress)(rows.len(), n);
                 if d.job.last_of_shard {
                     let (_, w) = current.take().expect("writer open");
                     manifest.shards.push(w.finish()?);

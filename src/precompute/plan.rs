@@ -49,7 +49,12 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
     let (records, invalid) = read_records(&files, &cfg.fields, cfg.skip_invalid)?;
     let n = records.len();
     let range = slice_range(n, slice_index, slice_count);
-    let seq_opts = SequenceOptions { max_len: cfg.max_len, pack: cfg.pack, skip_invalid: cfg.skip_invalid };
+    let seq_opts = SequenceOptions {
+        max_len: cfg.max_len,
+        pack: cfg.pack,
+        skip_invalid: cfg.skip_invalid,
+        train_on_all_tokens: cfg.train_on_all_tokens,
+    };
     let (rows, stats) =
         build_sequences(&records[range.clone()], range.start as u64, &tokenizer, template.as_ref(), &seq_opts)?;
     let mut all_invalid = invalid;
@@ -102,6 +107,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
             }),
             max_len: cfg.max_len,
             packing: cfg.pack,
+            train_on_all_tokens: cfg.train_on_all_tokens,
             skip_invalid: cfg.skip_invalid,
         },
         sharding: ShardingInfo {

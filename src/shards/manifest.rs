@@ -63,6 +63,7 @@ pub struct DataInfo {
     pub fields: Json,
     pub max_len: usize,
     pub packing: bool,
+    pub train_on_all_tokens: bool,
     pub skip_invalid: bool,
 }
 
