@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod chat;
 pub mod dataset;
+pub mod losses;
 pub mod model;
 pub mod precompute;
 pub mod runtime;

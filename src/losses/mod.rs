@@ -1,0 +1,138 @@
+//! Distillation losses as pure functions of tensors, per trained position.
+//!
+//! With the teacher's top-k log-probs `log p_i` (i in K), its tail mass `r = 1 - sum p_i`
+//! and the student's full-vocabulary log-softmax `log q`:
+//! - `Bucket` compares the (k+1)-bucket distributions `{p_K, r}` and `{q_K, q_rest}`,
+//!   `q_rest = 1 - sum_K q_i`: exact, and equal to the full KL when k is the vocabulary;
+//! - `Renormalized` compares both distributions renormalised over K (what top-k tools
+//!   such as DistillKit and axolotl approximate); it ignores the student's mass outside K.
+//!
+//! Divergences: forward KL(p || q), reverse KL(q || p) (MiniLLM) and the generalised JSD
+//! of GKD: `beta KL(p || m) + (1 - beta) KL(q || m)`, `m = beta p + (1 - beta) q`.
+//! Temperature T (renormalised mode) re-tempers the stored teacher log-probs as
+//! `softmax(log p_K / T)` and the student as `log_softmax(z / T)`, and scales by T^2.
+//! All results are per position (`[P]`, float32); callers sum and normalise by the
+//! global count of trained tokens.
+pub mod chunked;
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+/// Log-probabilities are floored here instead of -inf, so `0 * log 0` terms and their
+/// gradients stay finite (exp(-1e4) is 0 in float32).
+const LOG_FLOOR: f64 = -1e4;
+
+/// Teacher targets for P positions on the training device.
+pub struct TeacherTargets {
+    /// `[P, k]` int64 token ids.
+    pub ids: Tensor,
+    /// `[P, k]` log-probabilities at temperature 1 (any float kind).
+    pub logprobs: Tensor,
+    /// `[P]` log of the mass outside the top-k (-inf when k is the vocabulary).
+    pub tail_logmass: Tensor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Divergence {
+    ForwardKl,
+    ReverseKl,
+    /// GKD's generalised JSD; beta = 0 is forward KL, beta = 1 reverse KL.
+    Jsd {
+        beta: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TopKMode {
+    Bucket,
+    Renormalized,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdLoss {
+    pub divergence: Divergence,
+    pub mode: TopKMode,
+    pub temperature: f64,
+}
+
+impl KdLoss {
+    /// Per-position divergence `[P]` between teacher targets and student logits `[P, V]`,
+    /// times T^2.
+    pub fn per_position(&self, student_logits: &Tensor, teacher: &TeacherTargets) -> Result<Tensor> {
+        let t = self.temperature;
+        if t <= 0.0 {
+            bail!("temperature must be positive, not {t}");
+        }
+        if let Divergence::Jsd { beta } = self.divergence {
+            if !(0.0..=1.0).contains(&beta) {
+                bail!("JSD beta must lie in [0, 1], not {beta}");
+            }
+        }
+        let z = student_logits.to_kind(Kind::Float);
+        let logp_k = teacher.logprobs.to_kind(Kind::Float);
+        let (log_p, log_q) = match self.mode {
+            TopKMode::Bucket => {
+                if t != 1.0 {
+                    bail!("the tail bucket holds mass at temperature 1 only; use the renormalised top-k mode with a temperature");
+                }
+                let lse = z.logsumexp([-1], true);
+                let q_k = z.gather(-1, &teacher.ids, false) - &lse;
+                // The student's tail from its own logsumexp over the non-top-k logits.
+                let q_rest = z.scatter_value(-1, &teacher.ids, LOG_FLOOR).logsumexp([-1], true) - &lse;
+                let p = Tensor::cat(&[logp_k, teacher.tail_logmass.to_kind(Kind::Float).unsqueeze(-1)], -1);
+                // Stored teacher values are rounded (float16): renormalise the k+1 buckets.
+                let p = p.clamp_min(LOG_FLOOR);
+                (p.log_softmax(-1, Kind::Float), Tensor::cat(&[q_k, q_rest], -1).clamp_min(LOG_FLOOR))
+            }
+            TopKMode::Renormalized => {
+                let p = (logp_k / t).log_softmax(-1, Kind::Float);
+                let q =
+                    (z / t).log_softmax(-1, Kind::Float).gather(-1, &teacher.ids, false).log_softmax(-1, Kind::Float);
+                (p, q)
+            }
+        };
+        let kl = |a: &Tensor, b: &Tensor| (a.exp() * (a - b)).sum_dim_intlist(-1, false, Kind::Float);
+        let loss = match self.divergence {
+            Divergence::ForwardKl => kl(&log_p, &log_q),
+            Divergence::ReverseKl => kl(&log_q, &log_p),
+            Divergence::Jsd { beta } if beta == 0.0 => kl(&log_p, &log_q),
+            Divergence::Jsd { beta } if beta == 1.0 => kl(&log_q, &log_p),
+            Divergence::Jsd { beta } => {
+                let log_m = Tensor::stack(&[&log_p + beta.ln(), &log_q + (1.0 - beta).ln()], 0).logsumexp([0], false);
+                kl(&log_p, &log_m) * beta + kl(&log_q, &log_m) * (1.0 - beta)
+            }
+        };
+        Ok(loss * (t * t))
+    }
+}
+
+/// Per-position hard-label cross-entropy `-log q(target)` `[P]` for logits `[P, V]`.
+pub fn cross_entropy(student_logits: &Tensor, targets: &Tensor) -> Tensor {
+    let logq = student_logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    -logq.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HiddenLoss {
+    /// Mean over features of the squared difference.
+    Mse,
+    /// 1 - cosine similarity.
+    Cosine,
+}
+
+/// Per-position hidden-state loss `[P]` between the student's (already projected to the
+/// teacher's width) and the teacher's states, both `[P, H]`.
+pub fn hidden_loss(kind: HiddenLoss, student: &Tensor, teacher: &Tensor) -> Tensor {
+    let (s, t) = (student.to_kind(Kind::Float), teacher.to_kind(Kind::Float));
+    match kind {
+        HiddenLoss::Mse => (&s - &t).square().mean_dim(-1, false, Kind::Float),
+        HiddenLoss::Cosine => {
+            let dot = (&s * &t).sum_dim_intlist(-1, false, Kind::Float);
+            let norms = s.norm_scalaropt_dim(2, [-1], false) * t.norm_scalaropt_dim(2, [-1], false);
+            1.0 - dot / norms.clamp_min(1e-12)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
