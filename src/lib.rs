@@ -13,3 +13,4 @@ pub mod runtime;
 pub mod score;
 pub mod shards;
 pub mod tokenizer;
+pub mod train;

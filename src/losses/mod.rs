@@ -95,8 +95,8 @@ impl KdLoss {
         let loss = match self.divergence {
             Divergence::ForwardKl => kl(&log_p, &log_q),
             Divergence::ReverseKl => kl(&log_q, &log_p),
-            Divergence::Jsd { beta } if beta == 0.0 => kl(&log_p, &log_q),
-            Divergence::Jsd { beta } if beta == 1.0 => kl(&log_q, &log_p),
+            Divergence::Jsd { beta: 0.0 } => kl(&log_p, &log_q),
+            Divergence::Jsd { beta: 1.0 } => kl(&log_q, &log_p),
             Divergence::Jsd { beta } => {
                 let log_m = Tensor::stack(&[&log_p + beta.ln(), &log_q + (1.0 - beta).ln()], 0).logsumexp([0], false);
                 kl(&log_p, &log_m) * beta + kl(&log_q, &log_m) * (1.0 - beta)
