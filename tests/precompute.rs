@@ -362,3 +362,72 @@ fn train_on_all_tokens_marks_prompts_too() {
         &[&out.join("shard-00000.parquet")],
     );
 }
+
+#[test]
+fn shard_reader_decodes_what_pyarrow_reads_and_refuses_bad_sets() {
+    use distill::shards::reader::ShardSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shards");
+    ok(precompute("llama", &sample(), &out, &["--top-k", "8", "--hidden-layers", "2", "--row-group-rows", "4"]));
+    let set = ShardSet::open(&out, false).unwrap();
+    assert!(set.row_groups().len() >= 3, "13 rows in row groups of 4");
+    let rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
+    assert_eq!(rows.len(), 13);
+    for r in &rows {
+        let targets = r.loss_mask.iter().filter(|&&m| m).count();
+        assert_eq!(r.tail_logmass.len(), targets);
+        assert_eq!(r.topk_ids.len(), 8 * targets);
+        assert_eq!(r.hidden[0].1.len(), 64 * targets);
+    }
+    // The same values as pyarrow reads, for one row.
+    let dump = tmp.path().join("row.json");
+    python_ok(
+        "import sys, json, pyarrow.parquet as pq\n\
+         r = pq.read_table(sys.argv[1]).to_pylist()[2]\n\
+         json.dump({k: r[k] for k in ['row_index', 'topk_ids', 'topk_logprobs', 'tail_logmass', 'hidden_2']}, open(sys.argv[2], 'w'))",
+        &[&out.join("shard-00000.parquet"), &dump],
+    );
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dump).unwrap()).unwrap();
+    let row = rows.iter().find(|r| r.row_index == want["row_index"].as_u64().unwrap()).unwrap();
+    let flat_f = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.as_array().unwrap().iter().map(|y| y.as_f64().unwrap() as f32))
+            .collect()
+    };
+    let ids: Vec<u32> = want["topk_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| x.as_array().unwrap().iter().map(|y| y.as_u64().unwrap() as u32))
+        .collect();
+    assert_eq!(row.topk_ids, ids);
+    assert_eq!(row.topk_logprobs.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), flat_f(&want["topk_logprobs"]));
+    assert_eq!(row.hidden[0].1.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), flat_f(&want["hidden_2"]));
+    let tail: Vec<f32> = want["tail_logmass"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_eq!(row.tail_logmass, tail);
+
+    // The student's tokenizer must be the teacher's.
+    let hash = set.manifest.settings.tokenizer.hash.clone();
+    set.check_student(&hash, 384, false).unwrap();
+    let e = set.check_student("xxh3:0000000000000000", 384, false).unwrap_err().to_string();
+    assert!(e.contains(&hash) && e.contains("xxh3:0000000000000000") && e.contains("manifest.json"), "{e}");
+    let e = set.check_student(&hash, 300, false).unwrap_err().to_string();
+    assert!(e.contains("384") && e.contains("300"), "{e}");
+    set.check_student("xxh3:0000000000000000", 300, true).unwrap();
+
+    // A corrupt shard is refused by name.
+    let shard = out.join("shard-00000.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    let e = format!("{:#}", ShardSet::open(&out, false).err().unwrap());
+    assert!(e.contains("shard-00000.parquet") && e.contains("checksum"), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+    let e = format!("{:#}", ShardSet::open(&out, false).err().unwrap());
+    assert!(e.contains("shard-00000.parquet") && e.contains("missing"), "{e}");
+    let e = format!("{:#}", ShardSet::open(tmp.path(), false).err().unwrap());
+    assert!(e.contains("not a distill shard set"), "{e}");
+}

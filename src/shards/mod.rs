@@ -2,5 +2,6 @@
 //! The formats are documented in schemas/ (shards.md, shard.schema.json).
 pub mod manifest;
 pub mod merge;
+pub mod reader;
 pub mod schema;
 pub mod writer;

@@ -1,0 +1,220 @@
+//! Opening a shard set for training: the manifest and every listed shard are checked
+//! (present, complete, checksum) before use, the student's tokenizer is checked against
+//! the one the targets were made with, and row groups are decoded from memory-mapped
+//! files (no read of whole files) into typed rows.
+use anyhow::{bail, Context, Result};
+use arrow::array::{
+    Array, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Int32Array, ListArray, RecordBatch, StringArray,
+    UInt16Array, UInt64Array,
+};
+use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type};
+use bytes::Bytes;
+use half::f16;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::path::{Path, PathBuf};
+
+use super::manifest::Manifest;
+use super::schema::{hidden_column, hidden_rms_column, IdType};
+
+/// One decoded row: the teacher's input and its targets (see schemas/shards.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetRow {
+    pub row_index: u64,
+    pub sample_ids: Vec<String>,
+    pub doc_lengths: Vec<u32>,
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+    /// `targets * k`, each target's ids in descending probability.
+    pub topk_ids: Vec<u32>,
+    pub topk_logprobs: Vec<f16>,
+    pub tail_logmass: Vec<f32>,
+    pub target_logprob: Vec<f32>,
+    /// (layer, `targets * width` values divided by their RMS, `targets` RMS values).
+    pub hidden: Vec<(usize, Vec<f16>, Vec<f32>)>,
+}
+
+/// A row group of one shard: the reader's unit of decoding and shuffling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGroupRef {
+    pub shard: usize,
+    pub row_group: usize,
+    pub rows: usize,
+}
+
+pub struct ShardSet {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    files: Vec<Bytes>,
+    row_groups: Vec<RowGroupRef>,
+}
+
+impl ShardSet {
+    /// Opens `dir`, refusing an incomplete set (unless `allow_incomplete`), a missing
+    /// shard, or one whose size or checksum differs from the manifest.
+    pub fn open(dir: &Path, allow_incomplete: bool) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        if !manifest.complete && !allow_incomplete {
+            bail!(
+                "{}: the shard set is incomplete ({} of {} shards); finish the precompute or allow incomplete sets",
+                dir.display(),
+                manifest.shards.len(),
+                manifest.planned_shards
+            );
+        }
+        let mut files = vec![];
+        let mut row_groups = vec![];
+        for (i, entry) in manifest.shards.iter().enumerate() {
+            let path = dir.join(&entry.file);
+            let file =
+                std::fs::File::open(&path).with_context(|| format!("{}: listed shard is missing", path.display()))?;
+            // SAFETY: read-only mapping; shards are immutable once listed.
+            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            if map.len() as u64 != entry.bytes {
+                bail!(
+                    "{}: {} bytes, the manifest says {}: the shard is truncated or replaced",
+                    path.display(),
+                    map.len(),
+                    entry.bytes
+                );
+            }
+            let checksum = format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
+            if checksum != entry.checksum {
+                bail!(
+                    "{}: checksum {checksum} does not match the manifest's {}; the shard is corrupt",
+                    path.display(),
+                    entry.checksum
+                );
+            }
+            let bytes = Bytes::from_owner(map);
+            let meta = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+                .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+            for (g, rg) in meta.metadata().row_groups().iter().enumerate() {
+                row_groups.push(RowGroupRef { shard: i, row_group: g, rows: rg.num_rows() as usize });
+            }
+            files.push(bytes);
+        }
+        Ok(ShardSet { dir: dir.to_path_buf(), manifest, files, row_groups })
+    }
+
+    /// Refuses targets made with another tokenizer or vocabulary than the student's,
+    /// naming both, unless `force`.
+    pub fn check_student(&self, tokenizer_hash: &str, student_vocab: usize, force: bool) -> Result<()> {
+        let t = &self.manifest.settings.tokenizer;
+        let mut problems = vec![];
+        if t.hash != tokenizer_hash {
+            problems.push(format!("tokenizer.json hash {} (shards) vs {tokenizer_hash} (student)", t.hash));
+        }
+        if t.vocab_size > student_vocab {
+            problems.push(format!(
+                "the shards' vocabulary has {} ids but the student's embedding has {student_vocab} rows",
+                t.vocab_size
+            ));
+        }
+        if !problems.is_empty() && !force {
+            bail!(
+                "{}: the targets were made for another tokenizer than the student's: {}; use a student with the teacher's tokenizer, or force it",
+                Manifest::path(&self.dir).display(),
+                problems.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn row_groups(&self) -> &[RowGroupRef] {
+        &self.row_groups
+    }
+
+    /// Decodes one row group into rows.
+    pub fn decode(&self, rg: RowGroupRef) -> Result<Vec<TargetRow>> {
+        let file = &self.manifest.shards[rg.shard].file;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(self.files[rg.shard].clone())?
+            .with_row_groups(vec![rg.row_group])
+            .with_batch_size(rg.rows.max(1))
+            .build()?;
+        let mut rows = vec![];
+        for batch in reader {
+            let batch = batch.with_context(|| format!("{file}: cannot decode row group {}", rg.row_group))?;
+            rows.extend(self.rows_of(&batch).with_context(|| format!("{file}: row group {}", rg.row_group))?);
+        }
+        Ok(rows)
+    }
+
+    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<TargetRow>> {
+        let cap = &self.manifest.settings.capture;
+        let col = |name: &str| batch.column_by_name(name).with_context(|| format!("column `{name}` is missing"));
+        let list = |name: &str| -> Result<ListArray> {
+            col(name)?.as_list_opt::<i32>().cloned().with_context(|| format!("column `{name}` is not a list"))
+        };
+        let row_index = col("row_index")?.as_primitive_opt::<arrow::datatypes::UInt64Type>().cloned();
+        let row_index: UInt64Array = row_index.context("column `row_index` is not uint64")?;
+        let (samples, docs, ids, mask) =
+            (list("sample_ids")?, list("doc_lengths")?, list("input_ids")?, list("loss_mask")?);
+        let (topk_ids, topk_lp, tail, target) =
+            (list("topk_ids")?, list("topk_logprobs")?, list("tail_logmass")?, list("target_logprob")?);
+        let hidden: Vec<(usize, ListArray, ListArray)> = cap
+            .hidden_layers
+            .iter()
+            .map(|&l| Ok((l, list(&hidden_column(l))?, list(&hidden_rms_column(l))?)))
+            .collect::<Result<_>>()?;
+        let mut rows = Vec::with_capacity(batch.num_rows());
+        for r in 0..batch.num_rows() {
+            let strings = samples.value(r);
+            let strings: &StringArray = strings.as_string_opt::<i32>().context("`sample_ids` items are not strings")?;
+            let hidden = hidden
+                .iter()
+                .map(|(l, values, rms)| Ok((*l, fixed_f16(&values.value(r))?, f32s(&rms.value(r))?)))
+                .collect::<Result<_>>()?;
+            rows.push(TargetRow {
+                row_index: row_index.value(r),
+                sample_ids: strings.iter().map(|s| s.unwrap_or_default().to_string()).collect(),
+                doc_lengths: i32s(&docs.value(r))?.into_iter().map(|x| x as u32).collect(),
+                input_ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
+                loss_mask: bools(&mask.value(r))?,
+                topk_ids: fixed_ids(&topk_ids.value(r), cap.id_type)?,
+                topk_logprobs: fixed_f16(&topk_lp.value(r))?,
+                tail_logmass: f32s(&tail.value(r))?,
+                target_logprob: f32s(&target.value(r))?,
+                hidden,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+fn i32s(a: &dyn Array) -> Result<Vec<i32>> {
+    Ok(a.as_primitive_opt::<Int32Type>().context("expected int32 values")?.values().to_vec())
+}
+
+fn f32s(a: &dyn Array) -> Result<Vec<f32>> {
+    Ok(a.as_primitive_opt::<Float32Type>().context("expected float32 values")?.values().to_vec())
+}
+
+fn bools(a: &dyn Array) -> Result<Vec<bool>> {
+    let b: &BooleanArray = a.as_boolean_opt().context("expected bool values")?;
+    Ok(b.values().iter().collect())
+}
+
+fn fixed_values(a: &dyn Array) -> Result<std::sync::Arc<dyn Array>> {
+    let f: &FixedSizeListArray = a.as_fixed_size_list_opt().context("expected fixed-size lists")?;
+    Ok(f.values().slice(f.offset() * f.value_length() as usize, f.len() * f.value_length() as usize))
+}
+
+fn fixed_f16(a: &dyn Array) -> Result<Vec<f16>> {
+    let v = fixed_values(a)?;
+    let v: &Float16Array = v.as_primitive_opt::<Float16Type>().context("expected float16 values")?;
+    Ok(v.values().to_vec())
+}
+
+fn fixed_ids(a: &dyn Array, id_type: IdType) -> Result<Vec<u32>> {
+    let v = fixed_values(a)?;
+    Ok(match id_type {
+        IdType::Uint16 => {
+            let v: &UInt16Array = v.as_primitive_opt::<UInt16Type>().context("expected uint16 ids")?;
+            v.values().iter().map(|&x| x as u32).collect()
+        }
+        IdType::Int32 => {
+            let v: &Int32Array = v.as_primitive_opt::<Int32Type>().context("expected int32 ids")?;
+            v.values().iter().map(|&x| x as u32).collect()
+        }
+    })
+}
