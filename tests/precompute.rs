@@ -431,3 +431,36 @@ fn shard_reader_decodes_what_pyarrow_reads_and_refuses_bad_sets() {
     let e = format!("{:#}", ShardSet::open(tmp.path(), false).err().unwrap());
     assert!(e.contains("not a distill shard set"), "{e}");
 }
+
+#[test]
+fn row_stream_covers_each_epoch_once_and_restarts_exactly() {
+    use distill::shards::reader::ShardSet;
+    use distill::train::data::{RowStream, StreamOptions, StreamPosition};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shards");
+    ok(precompute("llama", &sample(), &out, &["--top-k", "4", "--row-group-rows", "2", "--shard-tokens", "700"]));
+    let set = std::sync::Arc::new(ShardSet::open(&out, false).unwrap());
+    let opts = StreamOptions { seed: 11, window: 3, prefetch: 2, epochs: Some(2) };
+    let all: Vec<(u64, StreamPosition)> = {
+        let mut s = RowStream::new(set.clone(), opts, StreamPosition::default());
+        let mut v = vec![];
+        while let Some(row) = s.next() {
+            v.push((row.unwrap().row_index, s.position()));
+        }
+        v
+    };
+    assert_eq!(all.len(), 26);
+    for epoch in all.chunks(13) {
+        let mut ids: Vec<u64> = epoch.iter().map(|x| x.0).collect();
+        ids.sort();
+        assert_eq!(ids, (0..13).collect::<Vec<u64>>());
+    }
+    assert_ne!(all[..13].iter().map(|x| x.0).collect::<Vec<_>>(), all[13..].iter().map(|x| x.0).collect::<Vec<_>>());
+    // Resume after any row: the rest is the same sequence.
+    for cut in [1, 5, 12, 13, 20] {
+        let resumed: Vec<u64> =
+            RowStream::new(set.clone(), opts, all[cut - 1].1).map(|r| r.unwrap().row_index).collect();
+        let want: Vec<u64> = all[cut..].iter().map(|x| x.0).collect();
+        assert_eq!(resumed, want, "resume after row {cut}");
+    }
+}

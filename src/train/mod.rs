@@ -1,4 +1,5 @@
 //! Stage two: training the student against the shards. This module grows with the
-//! training loop; so far it holds the optimiser and the learning-rate schedule.
+//! training loop; so far it holds the row stream, the optimiser and the schedule.
+pub mod data;
 pub mod optim;
 pub mod schedule;
