@@ -11,8 +11,9 @@ use anyhow::{bail, Result};
 use half::f16;
 use tch::{Device, Kind, Tensor};
 
+use crate::batch::{PaddedBatch, RowTokens};
 use crate::dataset::sequence::Sequence;
-use crate::model::{CausalLm, ForwardInput};
+use crate::model::CausalLm;
 
 #[derive(Debug, Clone)]
 pub struct CaptureSettings {
@@ -68,14 +69,9 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         );
     }
     let device = model.device();
-    let batch = PaddedBatch::new(rows, device);
-    let input = ForwardInput {
-        input_ids: &batch.ids,
-        attention_mask: Some(&batch.mask),
-        position_ids: Some(&batch.positions),
-        segment_ids: batch.segments.as_ref(),
-    };
-    let hidden = model.transformer.forward_hidden(&input, &settings.hidden_layers)?;
+    let tokens: Vec<RowTokens> = rows.iter().map(|r| r.tokens()).collect();
+    let batch = PaddedBatch::new(&tokens, device);
+    let hidden = model.transformer.forward_hidden(&batch.input(), &settings.hidden_layers)?;
     let width = hidden.last.size()[2];
     // Captured states of a model split by layers live on their layer's device.
     let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting.to_device(t.device()));
@@ -157,57 +153,4 @@ fn half_values(t: &Tensor) -> Result<Vec<f16>> {
     let bytes = unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr() as *mut u8, n * 2) };
     t.f_copy_data_u8(bytes, n)?;
     Ok(bits.into_iter().map(f16::from_bits).collect())
-}
-
-/// Right-padded batch tensors plus the flat indices of the predicting positions.
-struct PaddedBatch {
-    ids: Tensor,
-    mask: Tensor,
-    positions: Tensor,
-    segments: Option<Tensor>,
-    /// Flat index `row * width + t - 1` for every target token t, row-major.
-    predicting: Tensor,
-    /// The token each predicting position must predict.
-    next_tokens: Tensor,
-    targets_per_row: Vec<usize>,
-}
-
-impl PaddedBatch {
-    fn new(rows: &[&Sequence], device: Device) -> Self {
-        let width = rows.iter().map(|r| r.len()).max().unwrap_or(1);
-        let b = rows.len();
-        let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);
-        let (mut ids, mut mask, mut pos, mut seg) =
-            (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![-1i64; b * width]);
-        let (mut predicting, mut next, mut counts) = (vec![], vec![], vec![]);
-        for (r, row) in rows.iter().enumerate() {
-            let base = r * width;
-            for (t, &id) in row.ids.iter().enumerate() {
-                ids[base + t] = id as i64;
-                mask[base + t] = 1;
-            }
-            pos[base..base + row.len()].copy_from_slice(&row.position_ids());
-            seg[base..base + row.len()].copy_from_slice(&row.segment_ids());
-            let mut count = 0;
-            for t in 1..row.len() {
-                if row.loss_mask[t] {
-                    predicting.push((base + t - 1) as i64);
-                    next.push(row.ids[t] as i64);
-                    count += 1;
-                }
-            }
-            counts.push(count);
-        }
-        let shape = [b as i64, width as i64];
-        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-        PaddedBatch {
-            ids: tensor(&ids),
-            mask: tensor(&mask),
-            positions: tensor(&pos),
-            segments: packed.then(|| tensor(&seg)),
-            predicting: Tensor::from_slice(&predicting).to_device(device),
-            next_tokens: Tensor::from_slice(&next).to_device(device),
-            targets_per_row: counts,
-        }
-    }
 }

@@ -3,6 +3,7 @@
 //! Data flows one way: dataset -> tokens -> teacher -> captured targets -> shards ->
 //! reader -> batches -> student -> losses -> optimizer -> checkpoint. Each module owns
 //! one step; configuration is passed down as typed structs.
+pub mod batch;
 pub mod capture;
 pub mod chat;
 pub mod dataset;

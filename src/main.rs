@@ -21,6 +21,8 @@ enum Command {
     Precompute(Box<commands::precompute::PrecomputeArgs>),
     /// Merge the shard sets of a sliced precompute into one.
     MergeShards(commands::merge::MergeArgs),
+    /// Train a student against precomputed shards (KD, or plain SFT with --alpha 1).
+    Train(Box<commands::train::TrainArgs>),
 }
 
 fn main() {
@@ -30,6 +32,7 @@ fn main() {
         Command::Score(args) => commands::score::run(args),
         Command::Precompute(args) => commands::precompute::run_command(*args),
         Command::MergeShards(args) => commands::merge::run(args),
+        Command::Train(args) => commands::train::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,3 +3,4 @@ pub mod env;
 pub mod merge;
 pub mod precompute;
 pub mod score;
+pub mod train;

@@ -35,18 +35,12 @@ impl Sequence {
         self.ids.is_empty()
     }
 
+    pub fn tokens(&self) -> crate::batch::RowTokens<'_> {
+        crate::batch::RowTokens { ids: &self.ids, loss_mask: &self.loss_mask, doc_lengths: &self.doc_lengths }
+    }
+
     pub fn num_targets(&self) -> usize {
         self.loss_mask.iter().filter(|&&m| m).count()
-    }
-
-    /// Position of each token within its document (restarting at 0 per document).
-    pub fn position_ids(&self) -> Vec<i64> {
-        self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
-    }
-
-    /// Index of each token's document within the row.
-    pub fn segment_ids(&self) -> Vec<i64> {
-        self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()
     }
 }
 
@@ -176,8 +170,8 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].sample_ids, ["a", "b"]);
         assert_eq!(rows[0].doc_lengths, [3, 4]);
-        assert_eq!(rows[0].position_ids(), [0, 1, 2, 0, 1, 2, 3]);
-        assert_eq!(rows[0].segment_ids(), [0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(rows[0].tokens().position_ids(), [0, 1, 2, 0, 1, 2, 3]);
+        assert_eq!(rows[0].tokens().segment_ids(), [0, 0, 0, 1, 1, 1, 1]);
         assert_eq!(rows[0].loss_mask, [false, true, true, false, true, true, true]);
         assert_eq!(rows[1].sample_ids, ["c", "d"]);
     }

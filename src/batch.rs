@@ -1,0 +1,87 @@
+//! Rows of token ids -> right-padded batch tensors, shared by the teacher pass and the
+//! trainer: ids, attention mask, per-document position ids, segment ids for packed
+//! rows, and the flat indices of the positions that predict a trained token.
+use tch::{Device, Tensor};
+
+use crate::model::ForwardInput;
+
+/// The token side of one row (a `Sequence` or a decoded shard row).
+#[derive(Debug, Clone, Copy)]
+pub struct RowTokens<'a> {
+    pub ids: &'a [u32],
+    pub loss_mask: &'a [bool],
+    pub doc_lengths: &'a [u32],
+}
+
+impl RowTokens<'_> {
+    /// Position of each token within its document (restarting at 0 per document).
+    pub fn position_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
+    }
+
+    /// Index of each token's document within the row.
+    pub fn segment_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()
+    }
+}
+
+pub struct PaddedBatch {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub positions: Tensor,
+    pub segments: Option<Tensor>,
+    /// Flat index `row * width + t - 1` for every trained token t, row-major.
+    pub predicting: Tensor,
+    /// The token each predicting position must predict.
+    pub next_tokens: Tensor,
+    pub targets_per_row: Vec<usize>,
+}
+
+impl PaddedBatch {
+    pub fn new(rows: &[RowTokens], device: Device) -> Self {
+        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
+        let b = rows.len();
+        let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);
+        let (mut ids, mut mask, mut pos, mut seg) =
+            (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![-1i64; b * width]);
+        let (mut predicting, mut next, mut counts) = (vec![], vec![], vec![]);
+        for (r, row) in rows.iter().enumerate() {
+            let (base, n) = (r * width, row.ids.len());
+            for (t, &id) in row.ids.iter().enumerate() {
+                ids[base + t] = id as i64;
+                mask[base + t] = 1;
+            }
+            pos[base..base + n].copy_from_slice(&row.position_ids());
+            seg[base..base + n].copy_from_slice(&row.segment_ids());
+            let mut count = 0;
+            for t in 1..n {
+                if row.loss_mask[t] {
+                    predicting.push((base + t - 1) as i64);
+                    next.push(row.ids[t] as i64);
+                    count += 1;
+                }
+            }
+            counts.push(count);
+        }
+        let shape = [b as i64, width as i64];
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        PaddedBatch {
+            ids: tensor(&ids),
+            mask: tensor(&mask),
+            positions: tensor(&pos),
+            segments: packed.then(|| tensor(&seg)),
+            predicting: Tensor::from_slice(&predicting).to_device(device),
+            next_tokens: Tensor::from_slice(&next).to_device(device),
+            targets_per_row: counts,
+        }
+    }
+
+    pub fn input(&self) -> ForwardInput<'_> {
+        ForwardInput {
+            input_ids: &self.ids,
+            attention_mask: Some(&self.mask),
+            position_ids: Some(&self.positions),
+            segment_ids: self.segments.as_ref(),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! `distill train` end to end on tiny models: a student learns the teacher on held-out
+//! shards, resume is exact, checkpoints load in transformers, bad input stops cleanly.
+mod common;
+use common::*;
+use distill::model::CausalLm;
+use distill::shards::reader::ShardSet;
+use distill::train::eval::evaluate;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind};
+
+fn distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "distill failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Teacher shards (tiny llama, k = 16) of a data file.
+fn shards(data: &str, out: &Path) -> PathBuf {
+    let input = repo().join("tests/data").join(data);
+    ok(distill(&[
+        "precompute",
+        "--teacher",
+        model_dir("llama").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--top-k",
+        "16",
+        "--devices",
+        "cpu",
+        "--no-progress",
+    ]));
+    out.to_path_buf()
+}
+
+fn train(shards: &Path, out: &Path, extra: &[&str]) -> Output {
+    let student = model_dir("qwen3");
+    let mut args = vec!["train", "--student", student.to_str().unwrap(), "--shards", shards.to_str().unwrap()];
+    args.extend(["--output", out.to_str().unwrap(), "--device", "cpu", "--batch-tokens", "512"]);
+    if !extra.contains(&"--lr") {
+        args.extend(["--lr", "3e-3"]);
+    }
+    args.extend(extra);
+    distill(&args)
+}
+
+fn eval_kl(model: &Path, shards: &Path) -> f64 {
+    let m = CausalLm::load(model, Device::Cpu, Kind::Float).unwrap();
+    evaluate(&m, &ShardSet::open(shards, false).unwrap(), Device::Cpu).unwrap().kl
+}
+
+#[test]
+fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
+    let before = eval_kl(&model_dir("qwen3"), &held_out);
+    let out = tmp.path().join("run");
+    ok(train(&train_set, &out, &["--steps", "30", "--save-every", "30"]));
+    let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+    eprintln!("held-out KL to the teacher: {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "held-out KL did not fall: {before} -> {after}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 30);
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    let common = ["--save-every", "3", "--grad-accum", "2", "--loss", "jsd", "--alpha", "0.2", "--warmup-steps", "2"];
+    let mut all = common.to_vec();
+    all.extend(["--steps", "6"]);
+    ok(train(&train_set, &straight, &all));
+    // 3 steps of the 6-step schedule, stop, then resume for the other 3.
+    let mut half = all.clone();
+    half.extend(["--stop-at", "3"]);
+    ok(train(&train_set, &split, &half));
+    assert!(split.join("checkpoint-0000003").exists() && !split.join("checkpoint-0000006").exists());
+    let mut resume = all.clone();
+    resume.push("--resume");
+    ok(train(&train_set, &split, &resume));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(straight.join("checkpoint-0000006").join(file)).unwrap();
+        let b = std::fs::read(split.join("checkpoint-0000006").join(file)).unwrap();
+        assert!(a == b, "{file} differs between a straight and a resumed run");
+    }
+}
+
+#[test]
+fn checkpoints_load_in_transformers_with_equal_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let out = tmp.path().join("run");
+    ok(train(&train_set, &out, &["--steps", "2", "--save-every", "2"]));
+    let ckpt = out.join("checkpoint-0000002");
+    let reference = read_tensors(&model_dir("qwen3").join("reference.safetensors"));
+    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
+    let model = CausalLm::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
+    let ours = tch::no_grad(|| model.forward(ids, Some(mask), &[])).unwrap().logits;
+    let inputs = tmp.path().join("inputs.safetensors");
+    let hf = tmp.path().join("hf.safetensors");
+    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
+    run_script(&["logits", ckpt.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
+    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
+    assert!(e < 1e-4, "transformers' logits of the checkpoint differ by {e:.3e}");
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let out = tmp.path().join("run");
+    let res = train(
+        &train_set,
+        &out,
+        &["--steps", "6", "--save-every", "1", "--lr", "1e30", "--clip-norm", "1e30", "--weight-decay", "0"],
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("step ") && stderr.contains("loss is") && !stderr.contains("panicked"), "{stderr}");
+    assert!(out.join("checkpoint-0000001").join("model.safetensors").exists(), "the last good checkpoint is kept");
+}
+
+#[test]
+fn shards_of_another_tokenizer_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    // A student whose tokenizer.json differs (same vocabulary, another file).
+    let student = tmp.path().join("student");
+    std::fs::create_dir_all(&student).unwrap();
+    for e in std::fs::read_dir(model_dir("qwen3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), student.join(e.file_name())).unwrap();
+    }
+    let tok = std::fs::read_to_string(student.join("tokenizer.json")).unwrap();
+    std::fs::write(student.join("tokenizer.json"), format!("{tok}\n")).unwrap();
+    let args = |force: bool| {
+        let mut a = vec!["train".to_string(), "--student".into(), student.display().to_string()];
+        a.extend([
+            "--shards".into(),
+            train_set.display().to_string(),
+            "--output".into(),
+            tmp.path().join("o").display().to_string(),
+        ]);
+        a.extend([
+            "--device".into(),
+            "cpu".into(),
+            "--steps".into(),
+            "1".into(),
+            "--batch-tokens".into(),
+            "512".into(),
+        ]);
+        if force {
+            a.push("--force-tokenizer".into());
+        }
+        a
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_distill")).args(args(false)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("manifest.json") && stderr.contains("tokenizer.json hash"), "{stderr}");
+    ok(Command::new(env!("CARGO_BIN_EXE_distill")).args(args(true)).output().unwrap());
+}
