@@ -168,3 +168,42 @@ fn shards_of_another_tokenizer_are_refused_by_name() {
     assert!(stderr.contains("manifest.json") && stderr.contains("tokenizer.json hash"), "{stderr}");
     ok(Command::new(env!("CARGO_BIN_EXE_distill")).args(args(true)).output().unwrap());
 }
+
+#[test]
+fn hidden_state_distillation_learns_through_the_projection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = repo().join("tests/data/sample.jsonl");
+    let set = tmp.path().join("hidden-shards");
+    ok(distill(&[
+        "precompute",
+        "--teacher",
+        model_dir("llama").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        set.to_str().unwrap(),
+        "--top-k",
+        "16",
+        "--hidden-layers",
+        "2",
+        "--devices",
+        "cpu",
+        "--no-progress",
+    ]));
+    let out = tmp.path().join("run");
+    ok(train(&set, &out, &["--steps", "20", "--save-every", "10", "--hidden-map", "2:2", "--hidden-weight", "0.1"]));
+    let logs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (first, last) = (logs[0]["hidden"].as_f64().unwrap(), logs[19]["hidden"].as_f64().unwrap());
+    eprintln!("hidden-state MSE per token: {first:.3} -> {last:.3}");
+    assert!(last < 0.7 * first, "hidden loss did not fall: {first} -> {last}");
+    assert!(out.join("checkpoint-0000020/projections.safetensors").exists());
+    // A teacher layer the shards do not hold is refused by name.
+    let res = train(&set, &tmp.path().join("bad"), &["--steps", "1", "--hidden-map", "1:2"]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1));
+    assert!(stderr.contains("--hidden-map 1:2") && stderr.contains("[2]"), "{stderr}");
+}

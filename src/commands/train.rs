@@ -2,11 +2,11 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-use distill::losses::{Divergence, KdLoss, TopKMode};
+use distill::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use distill::runtime::parse_device;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
-use distill::train::trainer::{train, TrainConfig};
+use distill::train::trainer::{train, HiddenSettings, TrainConfig};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Loss {
@@ -76,6 +76,15 @@ pub struct TrainArgs {
     /// Positions per chunk of the head and loss.
     #[arg(long, default_value_t = 2048)]
     head_chunk: i64,
+    /// Hidden-state distillation pairs TEACHER:STUDENT (hidden-state numbers), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    hidden_map: Vec<distill::train::hidden::HiddenMap>,
+    /// Weight of the hidden-state loss.
+    #[arg(long, default_value_t = 1.0)]
+    hidden_weight: f64,
+    /// Use cosine distance instead of MSE for hidden states.
+    #[arg(long)]
+    hidden_cosine: bool,
     /// Stop this run at this step (with a checkpoint); --resume continues the schedule.
     #[arg(long)]
     stop_at: Option<u64>,
@@ -132,11 +141,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         force_tokenizer: args.force_tokenizer,
         head_chunk: args.head_chunk,
         stop_at: args.stop_at,
+        hidden: (!args.hidden_map.is_empty()).then(|| HiddenSettings {
+            maps: args.hidden_map.clone(),
+            weight: args.hidden_weight,
+            loss: if args.hidden_cosine { HiddenLoss::Cosine } else { HiddenLoss::Mse },
+        }),
     };
     let logs = train(&cfg, |l| {
         eprintln!(
-            "step {:>6}  loss {:.4}  kd {:.4}  ce {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-            l.step, l.loss, l.kd, l.ce, l.lr, l.grad_norm, l.tokens_per_s
+            "step {:>6}  loss {:.4}  kd {:.4}  ce {:.4}  hidden {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            l.step, l.loss, l.kd, l.ce, l.hidden, l.lr, l.grad_norm, l.tokens_per_s
         )
     })?;
     if let Some(last) = logs.last() {

@@ -12,11 +12,12 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::data::{RowStream, StreamOptions, StreamPosition};
+use super::hidden::{HiddenDistill, HiddenMap};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::batch::{PaddedBatch, RowTokens};
-use crate::losses::chunked::{backward_with_grad, chunked_head_loss};
-use crate::losses::{cross_entropy, KdLoss, TeacherTargets};
+use crate::losses::chunked::chunked_head_loss;
+use crate::losses::{cross_entropy, HiddenLoss, KdLoss, TeacherTargets};
 use crate::model::CausalLm;
 use crate::precompute::plan::hash_file;
 use crate::shards::reader::{ShardSet, TargetRow};
@@ -45,9 +46,18 @@ pub struct TrainConfig {
     pub force_tokenizer: bool,
     /// Positions per chunk of the head + loss.
     pub head_chunk: i64,
+    /// Hidden-state distillation (teacher layer -> student layer), if any.
+    pub hidden: Option<HiddenSettings>,
     /// End this invocation at this step (with a checkpoint), keeping the schedule of
     /// `steps`: for jobs with a wall-time limit, continued with `resume`.
     pub stop_at: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HiddenSettings {
+    pub maps: Vec<HiddenMap>,
+    pub weight: f64,
+    pub loss: HiddenLoss,
 }
 
 /// What a checkpoint needs besides weights and optimiser moments.
@@ -66,6 +76,8 @@ pub struct StepLog {
     pub loss: f64,
     pub kd: f64,
     pub ce: f64,
+    /// Mean hidden-state loss per trained token (0 without hidden-state distillation).
+    pub hidden: f64,
     pub grad_norm: f64,
     pub tokens: usize,
     pub targets: usize,
@@ -86,7 +98,17 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
     let resume_from = if cfg.resume { latest_checkpoint(&cfg.output)? } else { None };
     let model_dir = resume_from.clone().unwrap_or_else(|| cfg.student.clone());
     let model = CausalLm::load(&model_dir, cfg.device, Kind::Float)?;
+    let mut hidden = match &cfg.hidden {
+        Some(h) => Some(hidden_distill(h, &set, &model, cfg.device)?),
+        None => None,
+    };
+    if let (Some(h), Some(dir)) = (hidden.as_mut(), &resume_from) {
+        h.load(dir)?;
+    }
     let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    if let Some(h) = &hidden {
+        named.extend(h.vs.variables());
+    }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let mut opt = AdamW::new(named, cfg.adamw);
@@ -113,12 +135,13 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
             (0..cfg.grad_accum.max(1)).map(|_| stream.take_batch(cfg.batch_tokens)).collect::<Result<_>>()?;
         let targets: usize = micro.iter().flatten().map(|r| r.tail_logmass.len()).sum();
         let tokens: usize = micro.iter().flatten().map(|r| r.input_ids.len()).sum();
-        let (mut kd_sum, mut ce_sum, mut loss_sum) = (0f64, 0f64, 0f64);
+        let (mut kd_sum, mut ce_sum, mut hidden_sum, mut loss_sum) = (0f64, 0f64, 0f64, 0f64);
         for rows in &micro {
-            let (loss, kd, ce) = micro_step(&model, rows, cfg, 1.0 / targets.max(1) as f64)?;
-            loss_sum += loss;
-            kd_sum += kd;
-            ce_sum += ce;
+            let parts = micro_step(&model, hidden.as_ref(), rows, cfg, 1.0 / targets.max(1) as f64)?;
+            loss_sum += parts.loss;
+            kd_sum += parts.kd;
+            ce_sum += parts.ce;
+            hidden_sum += parts.hidden;
         }
         if !loss_sum.is_finite() {
             let ids: Vec<u64> = micro.iter().flatten().map(|r| r.row_index).collect();
@@ -137,6 +160,7 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
             loss: loss_sum,
             kd: kd_sum / n,
             ce: ce_sum / n,
+            hidden: hidden_sum / n,
             grad_norm,
             tokens,
             targets,
@@ -149,23 +173,61 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
         if done % cfg.save_every.max(1) == 0 || done == end {
             let state =
                 TrainerState { step: done, optimizer_steps: opt.steps, position: stream.position(), seed: cfg.seed };
-            save_checkpoint(cfg, &model, &opt, &state)?;
+            save_checkpoint(cfg, &model, hidden.as_ref(), &opt, &state)?;
         }
     }
     Ok(logs)
 }
 
-/// Forward, chunked head + loss, backward for one micro-batch. Returns the scaled loss
-/// and the unscaled KD and CE sums.
-fn micro_step(model: &CausalLm, rows: &[TargetRow], cfg: &TrainConfig, scale: f64) -> Result<(f64, f64, f64)> {
+/// Checks the map against the shards and the student, and makes the projections.
+fn hidden_distill(h: &HiddenSettings, set: &ShardSet, model: &CausalLm, device: Device) -> Result<HiddenDistill> {
+    let captured = &set.manifest.settings.capture.hidden_layers;
+    for m in &h.maps {
+        if !captured.contains(&m.teacher_layer) {
+            bail!(
+                "--hidden-map {}:{}: the shards hold teacher hidden states {captured:?} only",
+                m.teacher_layer,
+                m.student_layer
+            );
+        }
+        if m.student_layer > model.config.num_layers {
+            bail!(
+                "--hidden-map {}:{}: the student has {} layers",
+                m.teacher_layer,
+                m.student_layer,
+                model.config.num_layers
+            );
+        }
+    }
+    let widths = (set.manifest.settings.teacher.hidden_size, model.config.hidden_size);
+    Ok(HiddenDistill::new(h.maps.clone(), h.weight, h.loss, widths, device))
+}
+
+/// The loss of one micro-batch: the scaled total and the unscaled sums of its parts.
+struct LossParts {
+    loss: f64,
+    kd: f64,
+    ce: f64,
+    hidden: f64,
+}
+
+/// Forward, chunked head + loss, hidden-state loss, and one backward for a micro-batch.
+fn micro_step(
+    model: &CausalLm,
+    hidden_distill: Option<&HiddenDistill>,
+    rows: &[TargetRow],
+    cfg: &TrainConfig,
+    scale: f64,
+) -> Result<LossParts> {
     let tokens: Vec<RowTokens> = rows
         .iter()
         .map(|r| RowTokens { ids: &r.input_ids, loss_mask: &r.loss_mask, doc_lengths: &r.doc_lengths })
         .collect();
     let batch = PaddedBatch::new(&tokens, cfg.device);
-    let hidden = model.transformer.forward_hidden(&batch.input(), &[])?.last;
-    let width = hidden.size()[2];
-    let h = hidden.reshape([-1, width]).index_select(0, &batch.predicting);
+    let capture = hidden_distill.map(|h| h.student_layers()).unwrap_or_default();
+    let out = model.transformer.forward_hidden(&batch.input(), &capture)?;
+    let width = out.last.size()[2];
+    let h = out.last.reshape([-1, width]).index_select(0, &batch.predicting);
     let teacher = teacher_targets(rows, cfg.device);
     let (mut kd_sum, mut ce_sum) = (0f64, 0f64);
     let alpha = cfg.alpha;
@@ -185,8 +247,18 @@ fn micro_step(model: &CausalLm, rows: &[TargetRow], cfg: &TrainConfig, scale: f6
         kd_sum += kd.sum(Kind::Double).double_value(&[]);
         Ok(kd * (1.0 - alpha) + ce * alpha)
     })?;
-    backward_with_grad(&h, &dh);
-    Ok((loss, kd_sum, ce_sum))
+    // One backward through the body: the head's gradient (from the chunks) plus the
+    // hidden-state term.
+    let mut surrogate = (&h * dh.detach()).sum(Kind::Float);
+    let (mut hidden_loss, mut hidden_raw) = (0f64, 0f64);
+    if let Some(hd) = hidden_distill {
+        let (term, raw) = hd.term(&out.captured, &batch.predicting, rows, scale)?;
+        hidden_loss = term.double_value(&[]);
+        hidden_raw = raw;
+        surrogate = surrogate.g_add(&term); // out of place: autograd
+    }
+    surrogate.backward();
+    Ok(LossParts { loss: loss + hidden_loss, kd: kd_sum, ce: ce_sum, hidden: hidden_raw })
 }
 
 /// The rows' teacher targets as tensors, in the batch's predicting order (row-major,
@@ -255,13 +327,22 @@ fn checkpoint_name(step: u64) -> String {
 
 /// Writes a checkpoint under a temporary name and renames it, so a failed write (disk
 /// full) leaves the previous checkpoints intact; then removes all but the last K.
-fn save_checkpoint(cfg: &TrainConfig, model: &CausalLm, opt: &AdamW, state: &TrainerState) -> Result<()> {
+fn save_checkpoint(
+    cfg: &TrainConfig,
+    model: &CausalLm,
+    hidden: Option<&HiddenDistill>,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
     let final_dir = cfg.output.join(checkpoint_name(state.step));
     let tmp = cfg.output.join(format!(".{}.tmp", checkpoint_name(state.step)));
     let _ = std::fs::remove_dir_all(&tmp);
     let write = || -> Result<()> {
         model.save(&tmp, crate::model::save::DEFAULT_MAX_SHARD_BYTES)?;
         copy_tokenizer_files(&cfg.student, &tmp)?;
+        if let Some(h) = hidden {
+            h.save(&tmp)?;
+        }
         let moments = opt.state();
         Tensor::write_safetensors(&moments, tmp.join(OPTIMIZER_FILE))?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(state)?)?;

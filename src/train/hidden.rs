@@ -1,0 +1,129 @@
+//! Hidden-state distillation: teacher layer -> student layer pairs, each through a
+//! learned linear projection from the student's width to the teacher's (identity when
+//! the widths agree, else normal(0, 1/sqrt(width)) — the xavier scale), trained with the
+//! student and saved in checkpoints as `projections.safetensors`.
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::losses::{hidden_loss, HiddenLoss};
+use crate::shards::reader::TargetRow;
+
+pub const PROJECTIONS_FILE: &str = "projections.safetensors";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HiddenMap {
+    pub teacher_layer: usize,
+    pub student_layer: usize,
+}
+
+impl std::str::FromStr for HiddenMap {
+    type Err = anyhow::Error;
+    /// `T:S`, e.g. `14:6` maps teacher hidden state 14 to student hidden state 6.
+    fn from_str(s: &str) -> Result<Self> {
+        let (t, st) = s.split_once(':').with_context(|| format!("hidden map {s:?} is not TEACHER:STUDENT"))?;
+        Ok(HiddenMap { teacher_layer: t.trim().parse()?, student_layer: st.trim().parse()? })
+    }
+}
+
+pub struct HiddenDistill {
+    pub maps: Vec<HiddenMap>,
+    pub weight: f64,
+    pub loss: HiddenLoss,
+    pub vs: nn::VarStore,
+    projections: Vec<Tensor>,
+}
+
+fn projection_name(m: &HiddenMap) -> String {
+    format!("projection_{}_{}", m.teacher_layer, m.student_layer)
+}
+
+impl HiddenDistill {
+    pub fn new(
+        maps: Vec<HiddenMap>,
+        weight: f64,
+        loss: HiddenLoss,
+        (teacher_width, student_width): (usize, usize),
+        device: Device,
+    ) -> Self {
+        let vs = nn::VarStore::new(device);
+        let (t, s) = (teacher_width as i64, student_width as i64);
+        let projections = maps
+            .iter()
+            .map(|m| {
+                let init = if t == s {
+                    Tensor::eye(t, (Kind::Float, device))
+                } else {
+                    Tensor::randn([t, s], (Kind::Float, device)) / (s as f64).sqrt()
+                };
+                vs.root().add(&projection_name(m), init, true)
+            })
+            .collect();
+        HiddenDistill { maps, weight, loss, vs, projections }
+    }
+
+    pub fn student_layers(&self) -> Vec<usize> {
+        self.maps.iter().map(|m| m.student_layer).collect()
+    }
+
+    /// The weighted, scaled loss term for one micro-batch (to add before backward) and
+    /// the unscaled sum of per-position losses (for the log). `captured[i]` is the
+    /// student's hidden state `maps[i].student_layer`, `[batch, seq, width]`.
+    pub fn term(
+        &self,
+        captured: &[Tensor],
+        predicting: &Tensor,
+        rows: &[TargetRow],
+        scale: f64,
+    ) -> Result<(Tensor, f64)> {
+        let mut total = Tensor::zeros([], (Kind::Float, predicting.device()));
+        let mut raw = 0f64;
+        for ((m, proj), states) in self.maps.iter().zip(&self.projections).zip(captured) {
+            let width = states.size()[2];
+            let student =
+                states.reshape([-1, width]).index_select(0, predicting).to_kind(Kind::Float).matmul(&proj.tr());
+            let teacher = teacher_hidden(rows, m.teacher_layer)?.to_device(predicting.device());
+            let per = hidden_loss(self.loss, &student, &teacher);
+            raw += per.sum(Kind::Double).double_value(&[]);
+            // Out of place on purpose: `+=` on a tch Tensor is an in-place op under autograd.
+            total = total.g_add(&(per.sum(Kind::Float) * (scale * self.weight)));
+        }
+        Ok((total, raw))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        Tensor::write_safetensors(&named, dir.join(PROJECTIONS_FILE))?;
+        Ok(())
+    }
+
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join(PROJECTIONS_FILE);
+        let saved = Tensor::read_safetensors(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in self.vs.variables() {
+            let Some((_, t)) = saved.iter().find(|(n, _)| *n == name) else {
+                bail!("{}: no tensor {name}", path.display());
+            };
+            var.copy_(t);
+        }
+        Ok(())
+    }
+}
+
+/// The teacher's hidden state `layer` of the rows' trained positions, `[P, width]`, in
+/// float32 (stored value times stored RMS).
+fn teacher_hidden(rows: &[TargetRow], layer: usize) -> Result<Tensor> {
+    let mut values = vec![];
+    let mut rms = vec![];
+    for r in rows {
+        let Some((_, v, s)) = r.hidden.iter().find(|(l, _, _)| *l == layer) else {
+            bail!("row {} has no hidden state {layer}: the shards hold other layers", r.row_index);
+        };
+        values.extend(v.iter().map(|x| x.to_f32()));
+        rms.extend_from_slice(s);
+    }
+    let n = rms.len() as i64;
+    let width = if n > 0 { values.len() as i64 / n } else { 1 };
+    Ok(Tensor::from_slice(&values).view([n, width]) * Tensor::from_slice(&rms).view([n, 1]))
+}
