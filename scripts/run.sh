@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a built-in default: set up, make a tiny teacher in Hugging Face
-# layout, report the runtime, score the shipped sample text, and precompute the
-# teacher's targets for it into shards (pipeline/tiny.toml).
+# layout, report the runtime, score the shipped sample text, precompute the teacher's
+# targets for it into shards (pipeline/tiny.toml), and train a tiny student on them.
 # Usage: scripts/run.sh [extra precompute flags, e.g. --devices cuda:0]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,3 +24,8 @@ print(f"\npyarrow reads {len(files)} shard(s); first rows of {files[0]}:")
 for r in t.slice(0, 3).to_pylist():
     print(" ", r)
 PY
+echo
+echo "# distill train --student .cache/tiny-models/llama --shards .cache/shards/tiny --steps 20"
+rm -rf .cache/runs/tiny-kd
+$distill train --student .cache/tiny-models/llama --shards .cache/shards/tiny --output .cache/runs/tiny-kd \
+  --device cpu --steps 20 --batch-tokens 1024 --lr 3e-3 --save-every 20 --hidden-map 2:2 --hidden-weight 0.1

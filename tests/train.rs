@@ -20,21 +20,16 @@ fn ok(out: Output) -> String {
 
 /// Teacher shards (tiny llama, k = 16) of a data file.
 fn shards(data: &str, out: &Path) -> PathBuf {
+    shards_with(data, out, &[])
+}
+
+fn shards_with(data: &str, out: &Path, extra: &[&str]) -> PathBuf {
     let input = repo().join("tests/data").join(data);
-    ok(distill(&[
-        "precompute",
-        "--teacher",
-        model_dir("llama").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--top-k",
-        "16",
-        "--devices",
-        "cpu",
-        "--no-progress",
-    ]));
+    let teacher = model_dir("llama");
+    let mut args = vec!["precompute", "--teacher", teacher.to_str().unwrap(), "--input", input.to_str().unwrap()];
+    args.extend(["--output", out.to_str().unwrap(), "--top-k", "16", "--devices", "cpu", "--no-progress"]);
+    args.extend(extra);
+    ok(distill(&args));
     out.to_path_buf()
 }
 
@@ -172,24 +167,7 @@ fn shards_of_another_tokenizer_are_refused_by_name() {
 #[test]
 fn hidden_state_distillation_learns_through_the_projection() {
     let tmp = tempfile::tempdir().unwrap();
-    let input = repo().join("tests/data/sample.jsonl");
-    let set = tmp.path().join("hidden-shards");
-    ok(distill(&[
-        "precompute",
-        "--teacher",
-        model_dir("llama").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        set.to_str().unwrap(),
-        "--top-k",
-        "16",
-        "--hidden-layers",
-        "2",
-        "--devices",
-        "cpu",
-        "--no-progress",
-    ]));
+    let set = shards_with("sample.jsonl", &tmp.path().join("hidden-shards"), &["--hidden-layers", "2"]);
     let out = tmp.path().join("run");
     ok(train(&set, &out, &["--steps", "20", "--save-every", "10", "--hidden-map", "2:2", "--hidden-weight", "0.1"]));
     let logs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
