@@ -19,7 +19,8 @@ pub fn chunked_head_loss(
     mut loss_fn: impl FnMut(&Tensor, Range<i64>) -> Result<Tensor>,
 ) -> Result<(f64, Tensor)> {
     let positions = hidden.size()[0];
-    let mut total = 0f64;
+    // Summed on the device and read once: a host read per chunk would stall the GPU.
+    let mut total = Tensor::zeros([], (Kind::Double, hidden.device()));
     let mut grads = Vec::new();
     let mut start = 0;
     while start < positions {
@@ -27,13 +28,13 @@ pub fn chunked_head_loss(
         let part = hidden.narrow(0, start, n).detach().set_requires_grad(true);
         let logits = part.matmul(&head.tr());
         let loss = loss_fn(&logits, start..start + n)?.sum(Kind::Float) * scale;
-        total += loss.double_value(&[]);
+        total = total.g_add(&loss.detach().to_kind(Kind::Double));
         loss.backward();
         grads.push(part.grad());
         start += n;
     }
     let grad = if grads.is_empty() { hidden.zeros_like() } else { Tensor::cat(&grads, 0) };
-    Ok((total, grad))
+    Ok((total.double_value(&[]), grad))
 }
 
 /// Backpropagates `grad` (the gradient of the loss with respect to `t`) through the graph

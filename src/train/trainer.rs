@@ -229,12 +229,13 @@ fn micro_step(
     let width = out.last.size()[2];
     let h = out.last.reshape([-1, width]).index_select(0, &batch.predicting);
     let teacher = teacher_targets(rows, cfg.device);
-    let (mut kd_sum, mut ce_sum) = (0f64, 0f64);
+    // Per-part sums stay on the device until the micro-batch ends (no per-chunk sync).
+    let (mut kd_parts, mut ce_parts): (Vec<Tensor>, Vec<Tensor>) = (vec![], vec![]);
     let alpha = cfg.alpha;
     let (loss, dh) = chunked_head_loss(&h, model.transformer.lm_head_weight(), cfg.head_chunk, scale, |logits, r| {
         let n = r.end - r.start;
         let ce = cross_entropy(logits, &batch.next_tokens.narrow(0, r.start, n));
-        ce_sum += ce.sum(Kind::Double).double_value(&[]);
+        ce_parts.push(ce.detach().sum(Kind::Double));
         if alpha >= 1.0 {
             return Ok(ce);
         }
@@ -244,11 +245,19 @@ fn micro_step(
             tail_logmass: teacher.tail_logmass.narrow(0, r.start, n),
         };
         let kd = cfg.kd.per_position(logits, &part)?;
-        kd_sum += kd.sum(Kind::Double).double_value(&[]);
+        kd_parts.push(kd.detach().sum(Kind::Double));
         Ok(kd * (1.0 - alpha) + ce * alpha)
     })?;
     // One backward through the body: the head's gradient (from the chunks) plus the
     // hidden-state term.
+    let host_sum = |parts: &[Tensor]| {
+        if parts.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(parts, 0).sum(Kind::Double).double_value(&[])
+        }
+    };
+    let (kd_sum, ce_sum) = (host_sum(&kd_parts), host_sum(&ce_parts));
     let mut surrogate = (&h * dh.detach()).sum(Kind::Float);
     let (mut hidden_loss, mut hidden_raw) = (0f64, 0f64);
     if let Some(hd) = hidden_distill {
