@@ -185,3 +185,21 @@ fn hidden_state_distillation_learns_through_the_projection() {
     assert_eq!(res.status.code(), Some(1));
     assert!(stderr.contains("--hidden-map 1:2") && stderr.contains("[2]"), "{stderr}");
 }
+
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let out = tmp.path().join("run");
+    ok(train(&train_set, &out, &["--steps", "2", "--save-every", "1"]));
+    let before = std::fs::read(out.join("checkpoint-0000002/model.safetensors")).unwrap();
+    // A file where the next checkpoint's temporary directory must go makes its write fail,
+    // as a full disk would, after the step has run.
+    std::fs::write(out.join(".checkpoint-0000003.tmp"), "in the way").unwrap();
+    let res = train(&train_set, &out, &["--steps", "3", "--save-every", "1", "--resume"]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("checkpoint-0000003") && stderr.contains("intact"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("checkpoint-0000002/model.safetensors")).unwrap(), before);
+    assert!(!out.join("checkpoint-0000003").exists());
+}

@@ -1,162 +1,277 @@
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 use std::path::PathBuf;
 
 use distill::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use distill::runtime::parse_device;
+use distill::train::hidden::HiddenMap;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
 use distill::train::trainer::{train, HiddenSettings, TrainConfig};
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 enum Loss {
     ForwardKl,
     ReverseKl,
     Jsd,
 }
 
-#[derive(Args)]
-pub struct TrainArgs {
-    /// Student model directory (Hugging Face layout; same tokenizer as the teacher).
-    #[arg(long)]
-    student: PathBuf,
-    /// Shard set written by `distill precompute`.
-    #[arg(long)]
-    shards: PathBuf,
-    /// Output directory: checkpoints, metrics.jsonl.
-    #[arg(long)]
-    output: PathBuf,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long, default_value_t = 100)]
-    steps: u64,
-    /// Padded tokens per micro-batch.
-    #[arg(long, default_value_t = 8192)]
-    batch_tokens: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    warmup_steps: u64,
-    #[arg(long, value_enum, default_value = "cosine")]
-    decay: DecayArg,
-    #[arg(long, default_value_t = 0.1)]
-    min_lr_ratio: f64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    clip_norm: f64,
-    /// Weight of the hard-label cross-entropy (1 = plain SFT, no teacher targets).
-    #[arg(long, default_value_t = 0.0)]
-    alpha: f64,
-    #[arg(long, value_enum, default_value = "forward-kl")]
-    loss: Loss,
-    /// JSD beta (with --loss jsd).
-    #[arg(long, default_value_t = 0.5)]
-    beta: f64,
-    /// Compare top-k renormalised distributions instead of the (k+1) buckets.
-    #[arg(long)]
-    renormalized_topk: bool,
-    /// Distillation temperature (needs --renormalized-topk when not 1).
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 100)]
-    save_every: u64,
-    #[arg(long, default_value_t = 2)]
-    keep_last: usize,
-    /// Continue from the newest checkpoint in --output.
-    #[arg(long)]
-    resume: bool,
-    /// Train even if the shards were made with another tokenizer.
-    #[arg(long)]
-    force_tokenizer: bool,
-    /// Positions per chunk of the head and loss.
-    #[arg(long, default_value_t = 2048)]
-    head_chunk: i64,
-    /// Hidden-state distillation pairs TEACHER:STUDENT (hidden-state numbers), comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    hidden_map: Vec<distill::train::hidden::HiddenMap>,
-    /// Weight of the hidden-state loss.
-    #[arg(long, default_value_t = 1.0)]
-    hidden_weight: f64,
-    /// Use cosine distance instead of MSE for hidden states.
-    #[arg(long)]
-    hidden_cosine: bool,
-    /// Stop this run at this step (with a checkpoint); --resume continues the schedule.
-    #[arg(long)]
-    stop_at: Option<u64>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum DecayArg {
     Cosine,
     Linear,
     Constant,
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    if !(0.0..=1.0).contains(&args.alpha) {
-        bail!("--alpha must lie in [0, 1]");
+/// Every option can come from a TOML file (`--config`, keys named as the flags with `_`
+/// for `-`); flags given on the command line override it.
+#[derive(Args, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML pipeline file with any of the options below.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Student model directory (Hugging Face layout; same tokenizer as the teacher).
+    #[arg(long)]
+    student: Option<PathBuf>,
+    /// Shard set written by `distill precompute`.
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// Optimiser steps [default: 100].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Padded tokens per micro-batch [default: 8192].
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    /// Micro-batches per step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 1e-4].
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// [default: cosine]
+    #[arg(long, value_enum)]
+    decay: Option<DecayArg>,
+    /// Decay floor as a share of the peak rate [default: 0.1].
+    #[arg(long)]
+    min_lr_ratio: Option<f64>,
+    /// [default: 0.01]
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clip [default: 1.0].
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// Weight of the hard-label cross-entropy (1 = plain SFT, no teacher targets) [default: 0].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// [default: forward-kl]
+    #[arg(long, value_enum)]
+    loss: Option<Loss>,
+    /// JSD beta (with --loss jsd) [default: 0.5].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Compare top-k renormalised distributions instead of the (k+1) buckets.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    renormalized_topk: Option<bool>,
+    /// Distillation temperature (needs --renormalized-topk when not 1) [default: 1].
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// [default: 100]
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Checkpoints kept [default: 2].
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    resume: Option<bool>,
+    /// Train even if the shards were made with another tokenizer.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    force_tokenizer: Option<bool>,
+    /// Positions per chunk of the head and loss [default: 2048].
+    #[arg(long)]
+    head_chunk: Option<i64>,
+    /// Stop this run at this step (with a checkpoint); --resume continues the schedule.
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Hidden-state distillation pairs TEACHER:STUDENT (hidden-state numbers), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    hidden_map: Option<Vec<String>>,
+    /// Weight of the hidden-state loss [default: 1].
+    #[arg(long)]
+    hidden_weight: Option<f64>,
+    /// Use cosine distance instead of MSE for hidden states.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    hidden_cosine: Option<bool>,
+}
+
+impl TrainArgs {
+    /// Command-line values over file values.
+    fn over(self, file: TrainArgs) -> TrainArgs {
+        macro_rules! pick {
+            ($($f:ident),*) => { TrainArgs { config: self.config, $($f: self.$f.or(file.$f)),* } };
+        }
+        pick!(
+            student,
+            shards,
+            output,
+            device,
+            steps,
+            batch_tokens,
+            grad_accum,
+            lr,
+            warmup_steps,
+            decay,
+            min_lr_ratio,
+            weight_decay,
+            clip_norm,
+            alpha,
+            loss,
+            beta,
+            renormalized_topk,
+            temperature,
+            seed,
+            save_every,
+            keep_last,
+            resume,
+            force_tokenizer,
+            head_chunk,
+            stop_at,
+            hidden_map,
+            hidden_weight,
+            hidden_cosine
+        )
     }
-    let divergence = match args.loss {
+}
+
+pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
+    let a = match args.config.clone() {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let file: TrainArgs =
+                toml::from_str(&text).with_context(|| format!("{}: invalid pipeline file", path.display()))?;
+            args.over(file)
+        }
+        None => args,
+    };
+    let (Some(student), Some(shards), Some(output)) = (a.student, a.shards, a.output) else {
+        bail!("--student, --shards and --output are required (or in the --config file)");
+    };
+    let alpha = a.alpha.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&alpha) {
+        bail!("--alpha must lie in [0, 1], not {alpha}");
+    }
+    let divergence = match a.loss.unwrap_or(Loss::ForwardKl) {
         Loss::ForwardKl => Divergence::ForwardKl,
         Loss::ReverseKl => Divergence::ReverseKl,
-        Loss::Jsd => Divergence::Jsd { beta: args.beta },
+        Loss::Jsd => Divergence::Jsd { beta: a.beta.unwrap_or(0.5) },
     };
-    let decay = match args.decay {
+    let decay = match a.decay.unwrap_or(DecayArg::Cosine) {
         DecayArg::Cosine => Decay::Cosine,
         DecayArg::Linear => Decay::Linear,
         DecayArg::Constant => Decay::Constant,
     };
-    let cfg = TrainConfig {
-        student: args.student,
-        shards: args.shards,
-        output: args.output.clone(),
-        device: parse_device(&args.device)?,
-        steps: args.steps,
-        batch_tokens: args.batch_tokens,
-        grad_accum: args.grad_accum,
+    let steps = a.steps.unwrap_or(100);
+    let maps: Vec<HiddenMap> = a.hidden_map.unwrap_or_default().iter().map(|m| m.parse()).collect::<Result<_>>()?;
+    Ok(TrainConfig {
+        student,
+        shards,
+        output,
+        device: parse_device(a.device.as_deref().unwrap_or("auto"))?,
+        steps,
+        batch_tokens: a.batch_tokens.unwrap_or(8192),
+        grad_accum: a.grad_accum.unwrap_or(1),
         schedule: LrSchedule {
-            peak_lr: args.lr,
-            warmup_steps: args.warmup_steps,
-            total_steps: args.steps,
+            peak_lr: a.lr.unwrap_or(1e-4),
+            warmup_steps: a.warmup_steps.unwrap_or(0),
+            total_steps: steps,
             decay,
-            min_lr_ratio: args.min_lr_ratio,
+            min_lr_ratio: a.min_lr_ratio.unwrap_or(0.1),
         },
-        adamw: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
-        clip_norm: args.clip_norm,
-        alpha: args.alpha,
+        adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(0.01), ..AdamWConfig::default() },
+        clip_norm: a.clip_norm.unwrap_or(1.0),
+        alpha,
         kd: KdLoss {
             divergence,
-            mode: if args.renormalized_topk { TopKMode::Renormalized } else { TopKMode::Bucket },
-            temperature: args.temperature,
+            mode: if a.renormalized_topk.unwrap_or(false) { TopKMode::Renormalized } else { TopKMode::Bucket },
+            temperature: a.temperature.unwrap_or(1.0),
         },
-        seed: args.seed,
-        save_every: args.save_every,
-        keep_last: args.keep_last,
-        resume: args.resume,
-        force_tokenizer: args.force_tokenizer,
-        head_chunk: args.head_chunk,
-        stop_at: args.stop_at,
-        hidden: (!args.hidden_map.is_empty()).then(|| HiddenSettings {
-            maps: args.hidden_map.clone(),
-            weight: args.hidden_weight,
-            loss: if args.hidden_cosine { HiddenLoss::Cosine } else { HiddenLoss::Mse },
+        seed: a.seed.unwrap_or(0),
+        save_every: a.save_every.unwrap_or(100),
+        keep_last: a.keep_last.unwrap_or(2),
+        resume: a.resume.unwrap_or(false),
+        force_tokenizer: a.force_tokenizer.unwrap_or(false),
+        head_chunk: a.head_chunk.unwrap_or(2048),
+        stop_at: a.stop_at,
+        hidden: (!maps.is_empty()).then(|| HiddenSettings {
+            maps,
+            weight: a.hidden_weight.unwrap_or(1.0),
+            loss: if a.hidden_cosine.unwrap_or(false) { HiddenLoss::Cosine } else { HiddenLoss::Mse },
         }),
-    };
+    })
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = config_from(args)?;
+    // A bar on a terminal; one line per step otherwise (logs of batch jobs).
+    let bar = indicatif::ProgressBar::new(cfg.steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len}  {msg}  ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     let logs = train(&cfg, |l| {
-        eprintln!(
-            "step {:>6}  loss {:.4}  kd {:.4}  ce {:.4}  hidden {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-            l.step, l.loss, l.kd, l.ce, l.hidden, l.lr, l.grad_norm, l.tokens_per_s
-        )
+        let line = format!(
+            "loss {:.4}  kd {:.4}  ce {:.4}  hidden {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            l.loss, l.kd, l.ce, l.hidden, l.lr, l.grad_norm, l.tokens_per_s
+        );
+        if bar.is_hidden() {
+            eprintln!("step {:>6}  {line}", l.step);
+        } else {
+            bar.set_position(l.step);
+            bar.set_message(line);
+        }
     })?;
-    if let Some(last) = logs.last() {
-        println!("trained to step {} in {}; metrics in metrics.jsonl", last.step, args.output.display());
-    } else {
-        println!("nothing to do: {} is already at step {}", args.output.display(), cfg.steps);
+    bar.finish_and_clear();
+    match logs.last() {
+        Some(last) => println!("trained to step {} in {}; metrics in metrics.jsonl", last.step, cfg.output.display()),
+        None => println!("nothing to do: {} is already at step {}", cfg.output.display(), cfg.steps),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_train_pipeline_file_parses_into_a_config() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("train-") && name.ends_with(".toml") {
+                let args = TrainArgs { config: Some(path.clone()), ..TrainArgs::default() };
+                let cfg = config_from(args);
+                assert!(cfg.is_ok(), "{}: {:#}", path.display(), cfg.err().unwrap());
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
 }
