@@ -23,6 +23,8 @@ enum Command {
     MergeShards(commands::merge::MergeArgs),
     /// Train a student against precomputed shards (KD, or plain SFT with --alpha 1).
     Train(Box<commands::train::TrainArgs>),
+    /// Measure how fast the shard reader decodes a shard set.
+    BenchReader(commands::bench_reader::BenchReaderArgs),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
         Command::Precompute(args) => commands::precompute::run_command(*args),
         Command::MergeShards(args) => commands::merge::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::BenchReader(args) => commands::bench_reader::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
