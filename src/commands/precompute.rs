@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -127,12 +127,7 @@ impl PrecomputeArgs {
 
 pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
     let args = match args.config.clone() {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let file: PrecomputeArgs =
-                toml::from_str(&text).with_context(|| format!("{}: invalid pipeline file", path.display()))?;
-            args.over(file)
-        }
+        Some(path) => args.over(super::read_pipeline_file(&path)?),
         None => args,
     };
     let Some(teacher) = args.teacher else { bail!("--teacher is required (or `teacher` in the --config file)") };

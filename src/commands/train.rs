@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -160,12 +160,7 @@ impl TrainArgs {
 
 pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
     let a = match args.config.clone() {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let file: TrainArgs =
-                toml::from_str(&text).with_context(|| format!("{}: invalid pipeline file", path.display()))?;
-            args.over(file)
-        }
+        Some(path) => args.over(super::read_pipeline_file(&path)?),
         None => args,
     };
     let (Some(student), Some(shards), Some(output)) = (a.student, a.shards, a.output) else {
