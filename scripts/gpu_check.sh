@@ -11,7 +11,7 @@ if [[ "${1:-}" == "run" ]]; then
   torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
   export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   "$stage/distill" env
-  DISTILL_FIXTURES="$stage/tiny-models" "$stage/gpu-tests" --ignored --nocapture --test-threads 1
+  DISTILL_REPO="$PWD" DISTILL_BIN="$stage/distill" DISTILL_FIXTURES="$stage/tiny-models" "$stage/gpu-tests" --ignored --nocapture --test-threads 1
   exit 0
 fi
 scripts/setup.sh --release

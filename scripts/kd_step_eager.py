@@ -50,9 +50,11 @@ def step(model, opt, batch, device):
     top_ids = torch.tensor([p for r in batch for p in r["topk_ids"]], device=device)
     logp_k = torch.tensor([p for r in batch for p in r["topk_logprobs"]], device=device, dtype=torch.float32)
     tail = torch.tensor([x for r in batch for x in r["tail_logmass"]], device=device)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
-    h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(pred, device=device)]
-    z = model.lm_head(h).float()
+    # bf16 autocast on CUDA, as `distill train --precision auto` does; float32 on CPU.
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(pred, device=device)]
+        z = model.lm_head(h).float()
     lse = z.logsumexp(-1, keepdim=True)
     q_k = z.gather(-1, top_ids) - lse
     q_rest = z.scatter(-1, top_ids, -1e4).logsumexp(-1, keepdim=True) - lse
@@ -79,6 +81,9 @@ def main():
         tokens = step(model, opt, batch, device)
         rates.append(tokens / (time.perf_counter() - t0))
     print(f"tokens_per_s={statistics.median(rates[2:] or rates):.1f}")
+    if device.startswith("cuda"):
+        # Reserved, not allocated: comparable with the driver's "in use" that distill logs.
+        print(f"peak_memory_bytes={torch.cuda.max_memory_reserved()}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ pub struct PaddedBatch {
 
 impl PaddedBatch {
     pub fn new(rows: &[RowTokens], device: Device) -> Self {
+        Self::host(rows).to_device(device, false)
+    }
+
+    /// The batch as CPU tensors (built off the training thread, then moved).
+    pub fn host(rows: &[RowTokens]) -> Self {
         let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
         let b = rows.len();
         let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);
@@ -64,15 +69,37 @@ impl PaddedBatch {
             counts.push(count);
         }
         let shape = [b as i64, width as i64];
-        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape);
         PaddedBatch {
             ids: tensor(&ids),
             mask: tensor(&mask),
             positions: tensor(&pos),
             segments: packed.then(|| tensor(&seg)),
-            predicting: Tensor::from_slice(&predicting).to_device(device),
-            next_tokens: Tensor::from_slice(&next).to_device(device),
+            predicting: Tensor::from_slice(&predicting),
+            next_tokens: Tensor::from_slice(&next),
             targets_per_row: counts,
+        }
+    }
+
+    /// Every tensor on `device`; `non_blocking` copies need pinned host memory to overlap.
+    pub fn to_device(&self, device: Device, non_blocking: bool) -> Self {
+        self.map(|t| move_tensor(t, device, non_blocking))
+    }
+
+    /// Page-locks the host tensors so that copies to `device` (CUDA) run asynchronously.
+    pub fn pin(&self, device: Device) -> Self {
+        self.map(|t| t.pin_memory(device))
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        PaddedBatch {
+            ids: f(&self.ids),
+            mask: f(&self.mask),
+            positions: f(&self.positions),
+            segments: self.segments.as_ref().map(&f),
+            predicting: f(&self.predicting),
+            next_tokens: f(&self.next_tokens),
+            targets_per_row: self.targets_per_row.clone(),
         }
     }
 
@@ -83,5 +110,16 @@ impl PaddedBatch {
             position_ids: Some(&self.positions),
             segment_ids: self.segments.as_ref(),
         }
+    }
+}
+
+/// `t` on `device`: a no-op when it is there already, an asynchronous copy when
+/// `non_blocking` (from pinned memory to CUDA; PyTorch keeps the host buffer alive until
+/// the copy has run).
+pub fn move_tensor(t: &Tensor, device: Device, non_blocking: bool) -> Tensor {
+    if t.device() == device {
+        t.shallow_clone()
+    } else {
+        t.to_device_(device, t.kind(), non_blocking, false)
     }
 }

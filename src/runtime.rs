@@ -120,3 +120,17 @@ fn cuda(n: usize) -> Result<Device> {
     }
     Ok(Device::Cuda(n))
 }
+
+/// Bytes in use on the GPU of this thread's current CUDA context (total minus free, from
+/// the driver): libtorch's caching allocator keeps what it reserved, so sampled after a
+/// step this is the step's peak reservation plus the context itself. `None` without CUDA.
+pub fn cuda_memory_in_use() -> Option<u64> {
+    // SAFETY: the documented driver API signature; libcuda stays loaded by libtorch.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so.1").ok()?;
+        type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+        let get = lib.get::<MemGetInfo>(b"cuMemGetInfo_v2\0").ok()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        (get(&mut free, &mut total) == 0).then_some(total.saturating_sub(free) as u64)
+    }
+}

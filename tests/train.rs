@@ -5,8 +5,10 @@ use common::*;
 use distill::model::CausalLm;
 use distill::shards::reader::ShardSet;
 use distill::train::eval::evaluate;
+use distill::train::feed::FeedOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use tch::{Device, Kind};
 
 fn distill(args: &[&str]) -> Output {
@@ -46,7 +48,8 @@ fn train(shards: &Path, out: &Path, extra: &[&str]) -> Output {
 
 fn eval_kl(model: &Path, shards: &Path) -> f64 {
     let m = CausalLm::load(model, Device::Cpu, Kind::Float).unwrap();
-    evaluate(&m, &ShardSet::open(shards, false).unwrap(), Device::Cpu).unwrap().kl
+    let set = Arc::new(ShardSet::open(shards, false).unwrap());
+    evaluate(&m, set, Device::Cpu, FeedOptions { batch_tokens: 2048, pack_to: None }).unwrap().kl
 }
 
 #[test]
@@ -62,6 +65,52 @@ fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
     assert!(after < 0.8 * before, "held-out KL did not fall: {before} -> {after}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 30);
+    assert!(out.join("loss.png").exists(), "the loss plot is written next to the checkpoints");
+}
+
+#[test]
+fn packing_rows_gives_the_losses_of_padding_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = Arc::new(ShardSet::open(&shards("sample.jsonl", &tmp.path().join("s")), false).unwrap());
+    let model = CausalLm::load(&model_dir("qwen3"), Device::Cpu, Kind::Float).unwrap();
+    let seq = set.manifest.settings.data.max_len;
+    let run = |pack_to| evaluate(&model, set.clone(), Device::Cpu, FeedOptions { batch_tokens: 4 * seq, pack_to });
+    let (padded, packed) = (run(None).unwrap(), run(Some(seq)).unwrap());
+    eprintln!("padded {padded:?}\npacked {packed:?}");
+    assert_eq!(padded.targets, packed.targets);
+    assert!((padded.kl - packed.kl).abs() < 1e-5 * padded.kl, "KL {} vs {}", padded.kl, packed.kl);
+    assert!((padded.ce - packed.ce).abs() < 1e-5 * padded.ce, "CE {} vs {}", padded.ce, packed.ce);
+    assert_eq!(padded.top1_agreement, packed.top1_agreement);
+    assert!(packed.slots < padded.slots, "packing must save padding: {} vs {}", packed.slots, padded.slots);
+}
+
+#[test]
+fn bf16_autocast_training_learns_like_float32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let steps = ["--steps", "8", "--save-every", "8", "--pack"];
+    let losses = |precision: &str| -> Vec<f64> {
+        let out = tmp.path().join(precision);
+        let mut args = steps.to_vec();
+        args.extend(["--precision", precision]);
+        ok(train(&train_set, &out, &args));
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (f32_losses, bf16_losses) = (losses("f32"), losses("bf16"));
+    eprintln!("f32  {f32_losses:?}\nbf16 {bf16_losses:?}");
+    // bf16 keeps 8 mantissa bits: per-step losses agree to a few percent, and both fall.
+    for (a, b) in f32_losses.iter().zip(&bf16_losses) {
+        assert!((a - b).abs() < 0.05 * a, "f32 {a} vs bf16 {b}");
+    }
+    assert!(f32_losses != bf16_losses, "identical losses: autocast did not take effect");
+    assert!(bf16_losses[7] < 0.9 * bf16_losses[0]);
+    // Weights stay float32 (master copy) in the checkpoint.
+    let ckpt = read_tensors(&tmp.path().join("bf16/checkpoint-0000008/model.safetensors"));
+    assert!(ckpt.values().all(|t| t.kind() == Kind::Float));
 }
 
 #[test]
@@ -69,7 +118,21 @@ fn resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let train_set = shards("sample.jsonl", &tmp.path().join("train"));
     let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
-    let common = ["--save-every", "3", "--grad-accum", "2", "--loss", "jsd", "--alpha", "0.2", "--warmup-steps", "2"];
+    // Packed batches and recomputed activations, so their positions and gradients are covered.
+    let common = [
+        "--save-every",
+        "3",
+        "--grad-accum",
+        "2",
+        "--loss",
+        "jsd",
+        "--alpha",
+        "0.2",
+        "--warmup-steps",
+        "2",
+        "--pack",
+        "--recompute",
+    ];
     let mut all = common.to_vec();
     all.extend(["--steps", "6"]);
     ok(train(&train_set, &straight, &all));

@@ -193,16 +193,12 @@ pub fn run_command(args: PrecomputeArgs) -> Result<()> {
 
 fn print_summary(cfg: &PrecomputeConfig, s: &Summary) {
     let secs = s.wall.as_secs_f64();
-    let new_tokens = s.tokens as f64; // for a resumed run this includes earlier shards
     println!("precompute finished: {}", cfg.output.display());
     println!("  rows           {}", s.rows);
     println!("  tokens         {} ({} trained positions)", s.tokens, s.targets);
     println!("  shards         {} ({} resumed)", s.shards, s.resumed_shards);
     println!("  bytes          {} ({:.1} bytes/token)", s.bytes, s.bytes_per_token());
-    println!(
-        "  time           {secs:.1}s, {:.0} tokens/s this run",
-        if s.resumed_shards == 0 { new_tokens / secs.max(1e-9) } else { f64::NAN }
-    );
+    println!("  time           {secs:.1}s, {:.0} tokens/s this run", s.tokens_this_run as f64 / secs.max(1e-9));
     println!("  teacher busy   {:.0}% of wall time on {} device(s)", 100.0 * s.busy_share(), s.devices);
     if s.invalid_rows > 0 {
         println!("  skipped        {} invalid rows (listed in manifest.json)", s.invalid_rows);

@@ -8,7 +8,7 @@ use distill::runtime::parse_device;
 use distill::train::hidden::HiddenMap;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
-use distill::train::trainer::{train, HiddenSettings, TrainConfig};
+use distill::train::trainer::{train, HiddenSettings, Precision, TrainConfig};
 
 #[derive(Clone, Copy, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -24,6 +24,14 @@ enum DecayArg {
     Cosine,
     Linear,
     Constant,
+}
+
+#[derive(Clone, Copy, ValueEnum, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum PrecisionArg {
+    Auto,
+    F32,
+    Bf16,
 }
 
 /// Every option can come from a TOML file (`--config`, keys named as the flags with `_`
@@ -53,6 +61,19 @@ pub struct TrainArgs {
     /// Padded tokens per micro-batch [default: 8192].
     #[arg(long)]
     batch_tokens: Option<usize>,
+    /// Pack several shard rows into each batch row (less padding; attention stays
+    /// within each document).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pack: Option<bool>,
+    /// Tokens per packed batch row [default: the shards' max_len].
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Recompute each layer's activations during backward (less memory, one more forward).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    recompute: Option<bool>,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, or bf16 autocast with float32 weights [default: auto].
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
     /// Micro-batches per step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
@@ -132,6 +153,10 @@ impl TrainArgs {
             device,
             steps,
             batch_tokens,
+            pack,
+            seq_len,
+            recompute,
+            precision,
             grad_accum,
             lr,
             warmup_steps,
@@ -182,13 +207,23 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
     };
     let steps = a.steps.unwrap_or(100);
     let maps: Vec<HiddenMap> = a.hidden_map.unwrap_or_default().iter().map(|m| m.parse()).collect::<Result<_>>()?;
+    let device = parse_device(a.device.as_deref().unwrap_or("auto"))?;
+    let precision = match a.precision.unwrap_or(PrecisionArg::Auto) {
+        PrecisionArg::Auto if device.is_cuda() => Precision::Bf16Autocast,
+        PrecisionArg::Auto | PrecisionArg::F32 => Precision::Float32,
+        PrecisionArg::Bf16 => Precision::Bf16Autocast,
+    };
     Ok(TrainConfig {
         student,
         shards,
         output,
-        device: parse_device(a.device.as_deref().unwrap_or("auto"))?,
+        device,
         steps,
         batch_tokens: a.batch_tokens.unwrap_or(8192),
+        pack: a.pack.unwrap_or(false),
+        seq_len: a.seq_len,
+        recompute: a.recompute.unwrap_or(false),
+        precision,
         grad_accum: a.grad_accum.unwrap_or(1),
         schedule: LrSchedule {
             peak_lr: a.lr.unwrap_or(1e-4),

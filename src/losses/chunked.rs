@@ -26,7 +26,8 @@ pub fn chunked_head_loss(
     while start < positions {
         let n = chunk.max(1).min(positions - start);
         let part = hidden.narrow(0, start, n).detach().set_requires_grad(true);
-        let logits = part.matmul(&head.tr());
+        // `linear`, not `matmul(head.tr())`: autocast caches its cast of a leaf weight, not of a view.
+        let logits = part.linear(head, None::<Tensor>);
         let loss = loss_fn(&logits, start..start + n)?.sum(Kind::Float) * scale;
         total = total.g_add(&loss.detach().to_kind(Kind::Double));
         loss.backward();

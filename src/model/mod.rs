@@ -3,6 +3,7 @@
 //! `CausalLm::load(dir, ..)` reads `config.json` and safetensors weights;
 //! `forward` returns logits and the requested hidden states; `save` writes the
 //! same layout back (see `save.rs`).
+pub mod backward;
 pub mod config;
 pub mod rope;
 pub mod save;

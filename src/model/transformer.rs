@@ -258,24 +258,9 @@ impl Transformer {
     /// real tokens before each position, so padding does not shift positions;
     /// `segment_ids` (packed rows) stop attention from crossing document boundaries.
     pub fn forward_hidden(&self, input: &ForwardInput, capture: &[usize]) -> Result<Hidden> {
-        let ForwardInput { input_ids, attention_mask, position_ids, segment_ids } = *input;
-        let n = self.layers.len();
-        if let Some(&bad) = capture.iter().find(|&&i| i > n) {
-            bail!("hidden state {bad} requested but the model has {n} layers (valid: 0..={n})");
-        }
-        let (b, s) = input_ids.size2()?;
-        let device = input_ids.device();
-        let mask = attention_mask.map(|m| m.to_kind(Kind::Int64));
-        let positions = match (position_ids, &mask) {
-            (Some(p), _) => p.shallow_clone(),
-            (None, Some(m)) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0),
-            (None, None) => Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0).expand([b, s], false),
-        };
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
-        let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
-        // Per device: rotary tables and masks, moved once for a model split by layers.
-        let mut contexts = vec![(device, cos, sin, masks)];
+        let n = self.check_capture(capture)?;
+        let mut x = self.embed(input.input_ids);
+        let mut ctx = self.layer_context(input, x.kind())?;
         let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
         let mut keep = |index: usize, t: &Tensor| {
             for (slot, &want) in captured.iter_mut().zip(capture) {
@@ -285,24 +270,62 @@ impl Transformer {
             }
         };
         keep(0, &x);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let dev = self.layer_devices[i];
-            if x.device() != dev {
-                x = x.to_device(dev);
-            }
-            if contexts.iter().all(|c| c.0 != dev) {
-                let (_, cos, sin, masks) = &contexts[0];
-                contexts.push((dev, cos.to_device(dev), sin.to_device(dev), masks.to_device(dev)));
-            }
-            let (_, cos, sin, masks) = contexts.iter().find(|c| c.0 == dev).expect("context made above");
-            x = layer.forward(&x, cos, sin, masks.for_layer(layer.sliding_window));
+        for i in 0..n {
+            x = self.layer_forward(i, &x, &mut ctx);
             if i + 1 < n {
                 keep(i + 1, &x);
             }
         }
-        let last = self.norm.forward(&x.to_device(self.output_device()));
+        let last = self.final_norm(&x);
         keep(n, &last);
         Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
+    }
+
+    /// The number of layers, after checking that every hidden state in `capture` exists.
+    pub(super) fn check_capture(&self, capture: &[usize]) -> Result<usize> {
+        let n = self.layers.len();
+        if let Some(&bad) = capture.iter().find(|&&i| i > n) {
+            bail!("hidden state {bad} requested but the model has {n} layers (valid: 0..={n})");
+        }
+        Ok(n)
+    }
+
+    pub(super) fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// What every layer of one forward pass shares: positions -> rotary tables, and masks.
+    pub(super) fn layer_context(&self, input: &ForwardInput, kind: Kind) -> Result<LayerContext> {
+        let ForwardInput { input_ids, attention_mask, position_ids, segment_ids } = *input;
+        let (b, s) = input_ids.size2()?;
+        let device = input_ids.device();
+        let mask = attention_mask.map(|m| m.to_kind(Kind::Int64));
+        let positions = match (position_ids, &mask) {
+            (Some(p), _) => p.shallow_clone(),
+            (None, Some(m)) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0),
+            (None, None) => Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0).expand([b, s], false),
+        };
+        let (cos, sin) = self.rotary.cos_sin(&positions, kind);
+        let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
+        Ok(LayerContext { per_device: vec![(device, cos, sin, masks)] })
+    }
+
+    /// Layer `i` on `x`, moving `x` (and, once, the context) to the layer's device.
+    pub(super) fn layer_forward(&self, i: usize, x: &Tensor, ctx: &mut LayerContext) -> Tensor {
+        let (layer, dev) = (&self.layers[i], self.layer_devices[i]);
+        let x = if x.device() != dev { x.to_device(dev) } else { x.shallow_clone() };
+        if ctx.per_device.iter().all(|c| c.0 != dev) {
+            let (_, cos, sin, masks) = &ctx.per_device[0];
+            let moved = (dev, cos.to_device(dev), sin.to_device(dev), masks.to_device(dev));
+            ctx.per_device.push(moved);
+        }
+        let (_, cos, sin, masks) = ctx.per_device.iter().find(|c| c.0 == dev).expect("context made above");
+        layer.forward(&x, cos, sin, masks.for_layer(layer.sliding_window))
+    }
+
+    /// The final norm, on the head's device: hidden state `num_layers`.
+    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(&x.to_device(self.output_device()))
     }
 
     /// Logits for final hidden states `[.., hidden]` -> `[.., vocab]`, in the model's dtype.
@@ -313,6 +336,12 @@ impl Transformer {
     pub fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head
     }
+}
+
+/// Rotary tables and masks of one forward pass, per device (moved once for a model
+/// split by layers).
+pub(super) struct LayerContext {
+    per_device: Vec<(Device, Tensor, Tensor, LayerMasks)>,
 }
 
 /// The attention masks a forward pass needs: one for full attention and one per

@@ -55,6 +55,8 @@ pub struct Summary {
     pub targets: usize,
     pub shards: usize,
     pub resumed_shards: usize,
+    /// Tokens written by this run (not by the run it resumed).
+    pub tokens_this_run: usize,
     pub bytes: u64,
     pub wall: Duration,
     pub teacher_busy: Duration,
@@ -122,6 +124,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         targets: manifest.shards.iter().map(|s| s.targets).sum(),
         shards: manifest.shards.len(),
         resumed_shards: done,
+        tokens_this_run: manifest.total_tokens() - resumed_tokens,
         bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
         wall: stats.wall,
         teacher_busy: stats.teacher_busy,

@@ -17,7 +17,7 @@ use super::manifest::Manifest;
 use super::schema::{hidden_column, hidden_rms_column, IdType};
 
 /// One decoded row: the teacher's input and its targets (see schemas/shards.md).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TargetRow {
     pub row_index: u64,
     pub sample_ids: Vec<String>,

@@ -1,11 +1,13 @@
 //! Held-out evaluation of a student against teacher shards: mean forward KL on the
-//! (k+1) buckets and mean cross-entropy per trained token, in shard order, no gradients.
+//! (k+1) buckets, mean cross-entropy per trained token, and how often the student's
+//! most likely token is the teacher's; batched, the head in chunks, no gradients.
 use anyhow::Result;
-use tch::{Device, Kind};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
 
-use super::trainer::teacher_targets;
-use crate::batch::{PaddedBatch, RowTokens};
-use crate::losses::{cross_entropy, Divergence, KdLoss, TopKMode};
+use super::data::{RowStream, StreamOptions, StreamPosition};
+use super::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
+use crate::losses::{cross_entropy, Divergence, KdLoss, TeacherTargets, TopKMode};
 use crate::model::CausalLm;
 use crate::shards::reader::ShardSet;
 
@@ -13,31 +15,57 @@ use crate::shards::reader::ShardSet;
 pub struct EvalResult {
     pub kl: f64,
     pub ce: f64,
+    /// Share of trained positions where the student's argmax is the teacher's top-1.
+    pub top1_agreement: f64,
     pub targets: usize,
+    /// Token slots of the batches, padding included.
+    pub slots: usize,
 }
 
-pub fn evaluate(model: &CausalLm, set: &ShardSet, device: Device) -> Result<EvalResult> {
+/// Positions per chunk of the head: bounds the `[positions, vocab]` logits in memory.
+const HEAD_CHUNK: i64 = 2048;
+
+/// Every row of `set` once, batched by `batching` (padded or packed: the results agree).
+pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: FeedOptions) -> Result<EvalResult> {
     let _guard = tch::no_grad_guard();
     let kd = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 };
-    let (mut kl, mut ce, mut n) = (0f64, 0f64, 0usize);
-    for &rg in set.row_groups() {
-        for row in set.decode(rg)? {
-            let rows = [row];
-            let tokens = [RowTokens {
-                ids: &rows[0].input_ids,
-                loss_mask: &rows[0].loss_mask,
-                doc_lengths: &rows[0].doc_lengths,
-            }];
-            let batch = PaddedBatch::new(&tokens, device);
-            let hidden = model.transformer.forward_hidden(&batch.input(), &[])?.last;
-            let width = hidden.size()[2];
-            let h = hidden.reshape([-1, width]).index_select(0, &batch.predicting);
-            let logits = model.transformer.logits(&h);
-            kl += kd.per_position(&logits, &teacher_targets(&rows, device))?.sum(Kind::Double).double_value(&[]);
-            ce += cross_entropy(&logits, &batch.next_tokens).sum(Kind::Double).double_value(&[]);
-            n += rows[0].tail_logmass.len();
+    let stream = RowStream::new(
+        set,
+        StreamOptions { seed: 0, window: 8, prefetch: 2, epochs: Some(1) },
+        StreamPosition::default(),
+    );
+    let feed = Feed::new(stream, batching);
+    let loader = BatchLoader::new(feed, BatchContent { teacher: true, hidden_layers: vec![] }, device, 2);
+    let sum = |t: Tensor| t.sum(Kind::Double);
+    let zero = || Tensor::zeros([], (Kind::Double, device));
+    let (mut kl, mut ce, mut agree, mut n) = (zero(), zero(), zero(), 0usize);
+    let mut slots = 0;
+    while let Some(mb) = loader.next()? {
+        let mb = mb.to_device(device, device.is_cuda());
+        let hidden = model.transformer.forward_hidden(&mb.batch.input(), &[])?.last;
+        let width = hidden.size()[2];
+        let h = hidden.reshape([-1, width]).index_select(0, &mb.batch.predicting);
+        let teacher = mb.teacher.as_ref().expect("requested above");
+        let mut start = 0;
+        while start < mb.targets as i64 {
+            let len = HEAD_CHUNK.min(mb.targets as i64 - start);
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            let logits = model.transformer.logits(&part(&h));
+            let targets = TeacherTargets {
+                ids: part(&teacher.ids),
+                logprobs: part(&teacher.logprobs),
+                tail_logmass: part(&teacher.tail_logmass),
+            };
+            kl += sum(kd.per_position(&logits, &targets)?);
+            ce += sum(cross_entropy(&logits, &part(&mb.batch.next_tokens)));
+            let top1 = targets.ids.select(1, 0);
+            agree += sum(logits.argmax(-1, false).eq_tensor(&top1).to_kind(Kind::Double));
+            start += len;
         }
+        n += mb.targets;
+        slots += mb.batch.ids.numel();
     }
     let d = n.max(1) as f64;
-    Ok(EvalResult { kl: kl / d, ce: ce / d, targets: n })
+    let read = |t: &Tensor| t.double_value(&[]) / d;
+    Ok(EvalResult { kl: read(&kl), ce: read(&ce), top1_agreement: read(&agree), targets: n, slots })
 }

@@ -7,7 +7,6 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::losses::{hidden_loss, HiddenLoss};
-use crate::shards::reader::TargetRow;
 
 pub const PROJECTIONS_FILE: &str = "projections.safetensors";
 
@@ -66,29 +65,31 @@ impl HiddenDistill {
         self.maps.iter().map(|m| m.student_layer).collect()
     }
 
-    /// The weighted, scaled loss term for one micro-batch (to add before backward) and
-    /// the unscaled sum of per-position losses (for the log). `captured[i]` is the
-    /// student's hidden state `maps[i].student_layer`, `[batch, seq, width]`.
-    pub fn term(
+    pub fn teacher_layers(&self) -> Vec<usize> {
+        self.maps.iter().map(|m| m.teacher_layer).collect()
+    }
+
+    /// Map `slot`'s weighted, scaled loss term for one micro-batch (to backpropagate)
+    /// and the unscaled sum of its per-position losses (detached, left on the device
+    /// for the log). `states` is the student's hidden state `maps[slot].student_layer`
+    /// `[batch, seq, width]`; `teacher` the teacher's `[targets, teacher width]`.
+    pub fn slot_loss(
         &self,
-        captured: &[Tensor],
+        slot: usize,
+        states: &Tensor,
         predicting: &Tensor,
-        rows: &[TargetRow],
+        teacher: &Tensor,
         scale: f64,
-    ) -> Result<(Tensor, f64)> {
-        let mut total = Tensor::zeros([], (Kind::Float, predicting.device()));
-        let mut raw = 0f64;
-        for ((m, proj), states) in self.maps.iter().zip(&self.projections).zip(captured) {
-            let width = states.size()[2];
-            let student =
-                states.reshape([-1, width]).index_select(0, predicting).to_kind(Kind::Float).matmul(&proj.tr());
-            let teacher = teacher_hidden(rows, m.teacher_layer)?.to_device(predicting.device());
-            let per = hidden_loss(self.loss, &student, &teacher);
-            raw += per.sum(Kind::Double).double_value(&[]);
-            // Out of place on purpose: `+=` on a tch Tensor is an in-place op under autograd.
-            total = total.g_add(&(per.sum(Kind::Float) * (scale * self.weight)));
-        }
-        Ok((total, raw))
+    ) -> (Tensor, Tensor) {
+        let width = states.size()[2];
+        let student = states
+            .reshape([-1, width])
+            .index_select(0, predicting)
+            .to_kind(Kind::Float)
+            .linear(&self.projections[slot], None::<Tensor>);
+        let per = hidden_loss(self.loss, &student, teacher);
+        let raw = per.detach().sum(Kind::Double);
+        (per.sum(Kind::Float) * (scale * self.weight), raw)
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -109,21 +110,4 @@ impl HiddenDistill {
         }
         Ok(())
     }
-}
-
-/// The teacher's hidden state `layer` of the rows' trained positions, `[P, width]`, in
-/// float32 (stored value times stored RMS).
-fn teacher_hidden(rows: &[TargetRow], layer: usize) -> Result<Tensor> {
-    let mut values = vec![];
-    let mut rms = vec![];
-    for r in rows {
-        let Some((_, v, s)) = r.hidden.iter().find(|(l, _, _)| *l == layer) else {
-            bail!("row {} has no hidden state {layer}: the shards hold other layers", r.row_index);
-        };
-        values.extend(v.iter().map(|x| x.to_f32()));
-        rms.extend_from_slice(s);
-    }
-    let n = rms.len() as i64;
-    let width = if n > 0 { values.len() as i64 / n } else { 1 };
-    Ok(Tensor::from_slice(&values).view([n, width]) * Tensor::from_slice(&rms).view([n, 1]))
 }

@@ -1,8 +1,11 @@
-//! Stage two: training the student against the shards. This module grows with the
-//! training loop; so far it holds the row stream, the optimiser and the schedule.
+//! Stage two: training the student against the shards:
+//! rows -> batches -> student -> losses -> optimiser -> checkpoints.
+pub mod autocast;
 pub mod data;
 pub mod eval;
+pub mod feed;
 pub mod hidden;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;

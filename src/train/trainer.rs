@@ -11,16 +11,18 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+use super::autocast::AutocastGuard;
 use super::data::{RowStream, StreamOptions, StreamPosition};
+use super::feed::{BatchContent, BatchLoader, Feed, FeedOptions, MicroBatch};
 use super::hidden::{HiddenDistill, HiddenMap};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
-use crate::batch::{PaddedBatch, RowTokens};
 use crate::losses::chunked::chunked_head_loss;
 use crate::losses::{cross_entropy, HiddenLoss, KdLoss, TeacherTargets};
+use crate::model::backward::StepLosses;
 use crate::model::CausalLm;
 use crate::precompute::plan::hash_file;
-use crate::shards::reader::{ShardSet, TargetRow};
+use crate::shards::reader::ShardSet;
 use crate::tokenizer::copy_tokenizer_files;
 
 #[derive(Debug, Clone)]
@@ -32,6 +34,13 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Padded tokens per micro-batch.
     pub batch_tokens: usize,
+    /// Pack several shard rows into each batch row (see `FeedOptions`), of `seq_len`
+    /// tokens (default: the longest row the shards allow).
+    pub pack: bool,
+    pub seq_len: Option<usize>,
+    /// Keep only each layer's input and recompute the layer during backward.
+    pub recompute: bool,
+    pub precision: Precision,
     pub grad_accum: usize,
     pub schedule: LrSchedule,
     pub adamw: AdamWConfig,
@@ -51,6 +60,14 @@ pub struct TrainConfig {
     /// End this invocation at this step (with a checkpoint), keeping the schedule of
     /// `steps`: for jobs with a wall-time limit, continued with `resume`.
     pub stop_at: Option<u64>,
+}
+
+/// Arithmetic of the forward and backward passes; weights and optimiser state are float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Float32,
+    /// bfloat16 autocast (see `autocast.rs`).
+    Bf16Autocast,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +98,11 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens: usize,
     pub targets: usize,
+    /// Share of padding in the step's batches.
+    pub padding: f64,
+    /// GPU memory in use after the step (CUDA only; see `runtime::cuda_memory_in_use`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
     pub tokens_per_s: f64,
 }
 
@@ -120,36 +142,48 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
         let moments: Vec<(String, Tensor)> = moments.into_iter().map(|(n, t)| (n, t.to_device(cfg.device))).collect();
         opt.load_state(state.optimizer_steps, &moments).with_context(|| format!("{}", dir.display()))?;
     }
-    let mut stream = Feed::new(RowStream::new(
+    let stream = RowStream::new(
         set.clone(),
         StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None },
         state.position,
-    ));
+    );
+    let content = BatchContent {
+        teacher: cfg.alpha < 1.0,
+        hidden_layers: hidden.as_ref().map(|h| h.teacher_layers()).unwrap_or_default(),
+    };
+    let pack_to = cfg.pack.then(|| cfg.seq_len.unwrap_or(set.manifest.settings.data.max_len));
+    let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
+    let loader = BatchLoader::new(feed, content, cfg.device, 2 * cfg.grad_accum.max(1));
     let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(cfg.output.join("metrics.jsonl"))?;
     let mut logs = vec![];
+    let mut position = state.position;
     let end = cfg.stop_at.map_or(cfg.steps, |s| s.min(cfg.steps));
     for step in state.step..end {
         let started = Instant::now();
         opt.zero_grad();
-        let micro: Vec<Vec<TargetRow>> =
-            (0..cfg.grad_accum.max(1)).map(|_| stream.take_batch(cfg.batch_tokens)).collect::<Result<_>>()?;
-        let targets: usize = micro.iter().flatten().map(|r| r.tail_logmass.len()).sum();
-        let tokens: usize = micro.iter().flatten().map(|r| r.input_ids.len()).sum();
-        let (mut kd_sum, mut ce_sum, mut hidden_sum, mut loss_sum) = (0f64, 0f64, 0f64, 0f64);
-        for rows in &micro {
-            let parts = micro_step(&model, hidden.as_ref(), rows, cfg, 1.0 / targets.max(1) as f64)?;
-            loss_sum += parts.loss;
-            kd_sum += parts.kd;
-            ce_sum += parts.ce;
-            hidden_sum += parts.hidden;
+        let mut micro = vec![];
+        for _ in 0..cfg.grad_accum.max(1) {
+            let Some(mb) = loader.next()? else { bail!("the shard stream ended") };
+            micro.push(mb);
         }
+        let targets: usize = micro.iter().map(|m| m.targets).sum();
+        let tokens: usize = micro.iter().map(|m| m.tokens).sum();
+        let padded: usize = micro.iter().map(|m| m.batch.ids.numel()).sum();
+        let mut sums = LossSums::default();
+        for mb in &micro {
+            let mb = mb.to_device(cfg.device, cfg.device.is_cuda());
+            let _autocast = (cfg.precision == Precision::Bf16Autocast).then(|| AutocastGuard::bf16(cfg.device));
+            micro_step(&model, hidden.as_ref(), &mb, cfg, 1.0 / targets.max(1) as f64, &mut sums)?;
+        }
+        let (loss_sum, kd_sum, ce_sum, hidden_sum) = sums.read();
         if !loss_sum.is_finite() {
-            let ids: Vec<u64> = micro.iter().flatten().map(|r| r.row_index).collect();
+            let ids: Vec<u64> = micro.iter().flat_map(|m| m.row_indices.iter().copied()).collect();
             bail!(
                 "step {}: the loss is {loss_sum} (rows {ids:?}); stopping, the last good checkpoint is kept",
                 step + 1
             );
         }
+        position = micro.last().map_or(position, |m| m.position);
         let grad_norm = clip_grad_norm(&params, cfg.clip_norm);
         let lr = cfg.schedule.lr(step);
         opt.step(lr);
@@ -164,6 +198,8 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
             grad_norm,
             tokens,
             targets,
+            padding: 1.0 - tokens as f64 / padded.max(1) as f64,
+            gpu_memory_bytes: cfg.device.is_cuda().then(crate::runtime::cuda_memory_in_use).flatten(),
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
         };
         writeln!(log_file, "{}", serde_json::to_string(&log)?)?;
@@ -171,9 +207,13 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
         logs.push(log);
         let done = step + 1;
         if done % cfg.save_every.max(1) == 0 || done == end {
-            let state =
-                TrainerState { step: done, optimizer_steps: opt.steps, position: stream.position(), seed: cfg.seed };
+            let state = TrainerState { step: done, optimizer_steps: opt.steps, position, seed: cfg.seed };
             save_checkpoint(cfg, &model, hidden.as_ref(), &opt, &state)?;
+            log_file.flush()?;
+            // The plot is a by-product: failing to draw it does not stop training.
+            if let Err(e) = plot_losses(&cfg.output) {
+                eprintln!("warning: no loss plot: {e:#}");
+            }
         }
     }
     Ok(logs)
@@ -203,131 +243,101 @@ fn hidden_distill(h: &HiddenSettings, set: &ShardSet, model: &CausalLm, device: 
     Ok(HiddenDistill::new(h.maps.clone(), h.weight, h.loss, widths, device))
 }
 
-/// The loss of one micro-batch: the scaled total and the unscaled sums of its parts.
-struct LossParts {
-    loss: f64,
-    kd: f64,
-    ce: f64,
-    hidden: f64,
+/// Loss sums over a step's micro-batches, kept on the device and read once per step
+/// (a host read per chunk or micro-batch would stall the GPU).
+#[derive(Default)]
+struct LossSums {
+    loss: Vec<Tensor>,
+    kd: Vec<Tensor>,
+    ce: Vec<Tensor>,
+    hidden: Vec<Tensor>,
 }
 
-/// Forward, chunked head + loss, hidden-state loss, and one backward for a micro-batch.
+impl LossSums {
+    /// (scaled total, KD sum, CE sum, hidden sum).
+    fn read(&self) -> (f64, f64, f64, f64) {
+        let total = |parts: &[Tensor]| {
+            if parts.is_empty() {
+                0.0
+            } else {
+                let on_one: Vec<Tensor> = parts.iter().map(|t| t.to_device(parts[0].device())).collect();
+                Tensor::stack(&on_one, 0).sum(Kind::Double).double_value(&[])
+            }
+        };
+        (total(&self.loss), total(&self.kd), total(&self.ce), total(&self.hidden))
+    }
+}
+
+/// The step's losses on the body's outputs (see `StepLosses`): the chunked head with
+/// KD and CE on the final hidden states, hidden-state terms on the captured ones.
+struct MicroLosses<'a> {
+    model: &'a CausalLm,
+    hidden: Option<&'a HiddenDistill>,
+    mb: &'a MicroBatch,
+    cfg: &'a TrainConfig,
+    scale: f64,
+    sums: &'a mut LossSums,
+}
+
+impl StepLosses for MicroLosses<'_> {
+    fn on_last(&mut self, last: &Tensor) -> Result<Tensor> {
+        let (cfg, mb) = (self.cfg, self.mb);
+        let width = last.size()[2];
+        let h = last.reshape([-1, width]).index_select(0, &mb.batch.predicting);
+        let (kd_parts, ce_parts) = (&mut self.sums.kd, &mut self.sums.ce);
+        let alpha = cfg.alpha;
+        let head = self.model.transformer.lm_head_weight();
+        let (loss, dh) = chunked_head_loss(&h, head, cfg.head_chunk, self.scale, |logits, r| {
+            let n = r.end - r.start;
+            let ce = cross_entropy(logits, &mb.batch.next_tokens.narrow(0, r.start, n));
+            ce_parts.push(ce.detach().sum(Kind::Double));
+            let Some(teacher) = mb.teacher.as_ref().filter(|_| alpha < 1.0) else {
+                return Ok(ce);
+            };
+            let part = TeacherTargets {
+                ids: teacher.ids.narrow(0, r.start, n),
+                logprobs: teacher.logprobs.narrow(0, r.start, n),
+                tail_logmass: teacher.tail_logmass.narrow(0, r.start, n),
+            };
+            let kd = cfg.kd.per_position(logits, &part)?;
+            kd_parts.push(kd.detach().sum(Kind::Double));
+            Ok(kd * (1.0 - alpha) + ce * alpha)
+        })?;
+        self.sums.loss.push(Tensor::from(loss));
+        // The body's gradient enters through the surrogate sum(h * dL/dh).
+        Ok((&h * dh.detach()).sum(Kind::Float))
+    }
+
+    fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
+        let hd = self.hidden.expect("captures are requested for hidden-state distillation only");
+        let (term, raw) =
+            hd.slot_loss(slot, state, &self.mb.batch.predicting, &self.mb.teacher_hidden[slot], self.scale);
+        self.sums.loss.push(term.detach().to_kind(Kind::Double));
+        self.sums.hidden.push(raw);
+        Ok(term)
+    }
+}
+
+/// Forward, chunked head + losses, hidden-state terms and backward for one micro-batch.
 fn micro_step(
     model: &CausalLm,
-    hidden_distill: Option<&HiddenDistill>,
-    rows: &[TargetRow],
+    hidden: Option<&HiddenDistill>,
+    mb: &MicroBatch,
     cfg: &TrainConfig,
     scale: f64,
-) -> Result<LossParts> {
-    let tokens: Vec<RowTokens> = rows
-        .iter()
-        .map(|r| RowTokens { ids: &r.input_ids, loss_mask: &r.loss_mask, doc_lengths: &r.doc_lengths })
-        .collect();
-    let batch = PaddedBatch::new(&tokens, cfg.device);
-    let capture = hidden_distill.map(|h| h.student_layers()).unwrap_or_default();
-    let out = model.transformer.forward_hidden(&batch.input(), &capture)?;
-    let width = out.last.size()[2];
-    let h = out.last.reshape([-1, width]).index_select(0, &batch.predicting);
-    let teacher = teacher_targets(rows, cfg.device);
-    // Per-part sums stay on the device until the micro-batch ends (no per-chunk sync).
-    let (mut kd_parts, mut ce_parts): (Vec<Tensor>, Vec<Tensor>) = (vec![], vec![]);
-    let alpha = cfg.alpha;
-    let (loss, dh) = chunked_head_loss(&h, model.transformer.lm_head_weight(), cfg.head_chunk, scale, |logits, r| {
-        let n = r.end - r.start;
-        let ce = cross_entropy(logits, &batch.next_tokens.narrow(0, r.start, n));
-        ce_parts.push(ce.detach().sum(Kind::Double));
-        if alpha >= 1.0 {
-            return Ok(ce);
-        }
-        let part = TeacherTargets {
-            ids: teacher.ids.narrow(0, r.start, n),
-            logprobs: teacher.logprobs.narrow(0, r.start, n),
-            tail_logmass: teacher.tail_logmass.narrow(0, r.start, n),
-        };
-        let kd = cfg.kd.per_position(logits, &part)?;
-        kd_parts.push(kd.detach().sum(Kind::Double));
-        Ok(kd * (1.0 - alpha) + ce * alpha)
-    })?;
-    // One backward through the body: the head's gradient (from the chunks) plus the
-    // hidden-state term.
-    let host_sum = |parts: &[Tensor]| {
-        if parts.is_empty() {
-            0.0
-        } else {
-            Tensor::stack(parts, 0).sum(Kind::Double).double_value(&[])
-        }
-    };
-    let (kd_sum, ce_sum) = (host_sum(&kd_parts), host_sum(&ce_parts));
-    let mut surrogate = (&h * dh.detach()).sum(Kind::Float);
-    let (mut hidden_loss, mut hidden_raw) = (0f64, 0f64);
-    if let Some(hd) = hidden_distill {
-        let (term, raw) = hd.term(&out.captured, &batch.predicting, rows, scale)?;
-        hidden_loss = term.double_value(&[]);
-        hidden_raw = raw;
-        surrogate = surrogate.g_add(&term); // out of place: autograd
-    }
-    surrogate.backward();
-    Ok(LossParts { loss: loss + hidden_loss, kd: kd_sum, ce: ce_sum, hidden: hidden_raw })
+    sums: &mut LossSums,
+) -> Result<()> {
+    let capture = hidden.map(|h| h.student_layers()).unwrap_or_default();
+    let mut losses = MicroLosses { model, hidden, mb, cfg, scale, sums };
+    model.transformer.forward_backward(&mb.batch.input(), &capture, cfg.recompute, &mut losses)
 }
 
-/// The rows' teacher targets as tensors, in the batch's predicting order (row-major,
-/// increasing position), which is the order the shards store them in.
-pub fn teacher_targets(rows: &[TargetRow], device: Device) -> TeacherTargets {
-    let k = if rows.is_empty() || rows[0].tail_logmass.is_empty() {
-        1
-    } else {
-        rows[0].topk_ids.len() / rows[0].tail_logmass.len()
-    };
-    let ids: Vec<i64> = rows.iter().flat_map(|r| r.topk_ids.iter().map(|&i| i as i64)).collect();
-    let lps: Vec<f32> = rows.iter().flat_map(|r| r.topk_logprobs.iter().map(|x| x.to_f32())).collect();
-    let tails: Vec<f32> = rows.iter().flat_map(|r| r.tail_logmass.iter().copied()).collect();
-    TeacherTargets {
-        ids: Tensor::from_slice(&ids).view([-1, k as i64]).to_device(device),
-        logprobs: Tensor::from_slice(&lps).view([-1, k as i64]).to_device(device),
-        tail_logmass: Tensor::from_slice(&tails).to_device(device),
-    }
-}
+pub const PLOT_FILE: &str = "loss.png";
 
-/// Rows from the stream in batches of at most `batch_tokens` padded tokens; a row that
-/// does not fit waits for the next batch, and `position` accounts for it.
-struct Feed {
-    stream: RowStream,
-    pending: Option<(TargetRow, StreamPosition)>,
-}
-
-impl Feed {
-    fn new(stream: RowStream) -> Self {
-        Feed { stream, pending: None }
-    }
-
-    /// Position of the next row not yet in a batch.
-    fn position(&self) -> StreamPosition {
-        self.pending.as_ref().map(|p| p.1).unwrap_or_else(|| self.stream.position())
-    }
-
-    fn take_batch(&mut self, batch_tokens: usize) -> Result<Vec<TargetRow>> {
-        let mut rows: Vec<TargetRow> = vec![];
-        let mut width = 0;
-        loop {
-            let (row, at) = match self.pending.take() {
-                Some(p) => p,
-                None => {
-                    let at = self.stream.position();
-                    match self.stream.next() {
-                        Some(row) => (row?, at),
-                        None => bail!("the shard stream ended"),
-                    }
-                }
-            };
-            let w = width.max(row.input_ids.len());
-            if !rows.is_empty() && w * (rows.len() + 1) > batch_tokens {
-                self.pending = Some((row, at));
-                return Ok(rows);
-            }
-            width = w;
-            rows.push(row);
-        }
-    }
+fn plot_losses(output: &Path) -> Result<()> {
+    let series = super::plot::series_from_metrics(&output.join("metrics.jsonl"))?;
+    let title = format!("distill train: {}", output.file_name().unwrap_or_default().to_string_lossy());
+    super::plot::write_loss_plot(&series, &title, &output.join(PLOT_FILE))
 }
 
 fn checkpoint_name(step: u64) -> String {

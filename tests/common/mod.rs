@@ -9,8 +9,10 @@ use tch::{Kind, Tensor};
 
 pub const MODELS: &[&str] = &["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral"];
 
+/// The source tree: where cargo built the tests, or $DISTILL_REPO when they run
+/// elsewhere (scripts/gpu_check.sh on a GPU machine).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("DISTILL_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The venv's Python (scripts/setup.sh makes it), or $DISTILL_PYTHON.

@@ -1,0 +1,157 @@
+//! A training step's forward and backward through the body, optionally with activation
+//! recomputation per layer: only each layer's input is kept during the forward pass
+//! (no graph), and during backward each layer is run again with its graph, from the
+//! last to the first, and backpropagated at once. Activation memory drops from every
+//! layer's intermediates to one `[batch, seq, hidden]` tensor per layer plus one
+//! layer's graph, for one extra forward pass. tch has no custom autograd functions, so
+//! the chain rule across layers is applied here: a layer's output gradient enters its
+//! recomputed graph as the surrogate `sum(output * gradient)`.
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::transformer::{ForwardInput, Transformer};
+
+/// Loss terms a step attaches to the body's outputs; each returns a scalar to backpropagate.
+pub trait StepLosses {
+    /// The loss on the final (normed) hidden states `[batch, seq, hidden]`.
+    fn on_last(&mut self, last: &Tensor) -> Result<Tensor>;
+    /// The loss on captured hidden state `capture[slot]` (transformers' numbering).
+    fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor>;
+}
+
+impl Transformer {
+    /// Forward, losses and backward: parameter gradients accumulate in `.grad()`.
+    pub fn forward_backward(
+        &self,
+        input: &ForwardInput,
+        capture: &[usize],
+        recompute: bool,
+        losses: &mut dyn StepLosses,
+    ) -> Result<()> {
+        if !recompute {
+            let out = self.forward_hidden(input, capture)?;
+            let mut total = losses.on_last(&out.last)?;
+            for (slot, state) in out.captured.iter().enumerate() {
+                total = total.g_add(&losses.on_captured(slot, state)?.to_device(total.device()));
+            }
+            total.backward();
+            return Ok(());
+        }
+        let n = self.check_capture(capture)?;
+        let slots_at = |index: usize| capture.iter().enumerate().filter(move |(_, &c)| c == index).map(|(s, _)| s);
+        // Forward without a graph, keeping each layer's input.
+        let (mut inputs, mut ctx) = tch::no_grad(|| -> Result<_> {
+            let x = self.embed(input.input_ids);
+            let mut ctx = self.layer_context(input, x.kind())?;
+            let mut inputs = vec![x];
+            for i in 0..n {
+                let next = self.layer_forward(i, &inputs[i], &mut ctx);
+                inputs.push(next);
+            }
+            Ok((inputs, ctx))
+        })?;
+        // The head and every loss on the final hidden state.
+        let top = inputs.pop().expect("n + 1 inputs").detach().set_requires_grad(true);
+        let last = self.final_norm(&top);
+        let mut total = losses.on_last(&last)?;
+        for slot in slots_at(n) {
+            total = total.g_add(&losses.on_captured(slot, &last)?);
+        }
+        total.backward();
+        let mut grad = grad_or_zeros(&top);
+        // Each layer again, last to first, with its graph.
+        for i in (0..n).rev() {
+            let x = inputs.pop().expect("one input per layer").detach().set_requires_grad(true);
+            let out = self.layer_forward(i, &x, &mut ctx);
+            let mut total = (&out * grad.to_device(out.device())).sum(Kind::Float);
+            if i + 1 < n {
+                for slot in slots_at(i + 1) {
+                    total = total.g_add(&losses.on_captured(slot, &out)?.to_device(total.device()));
+                }
+            }
+            total.backward();
+            grad = grad_or_zeros(&x);
+        }
+        // The embeddings: their lookup has the embedding matrix's gradient.
+        let x = self.embed(input.input_ids);
+        let mut total = (&x * grad.to_device(x.device())).sum(Kind::Float);
+        for slot in slots_at(0) {
+            total = total.g_add(&losses.on_captured(slot, &x)?.to_device(total.device()));
+        }
+        if total.requires_grad() {
+            total.backward();
+        }
+        Ok(())
+    }
+}
+
+/// The gradient of a leaf (zeros when nothing downstream used it).
+fn grad_or_zeros(leaf: &Tensor) -> Tensor {
+    let g = leaf.grad();
+    if g.defined() {
+        g
+    } else {
+        leaf.zeros_like()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CausalLm, ModelConfig};
+    use tch::Device;
+
+    /// Squares of the final states plus fixed random projections of the captured ones.
+    struct Probe {
+        weights: Vec<Tensor>,
+    }
+
+    impl StepLosses for Probe {
+        fn on_last(&mut self, last: &Tensor) -> Result<Tensor> {
+            Ok(last.square().mean(Kind::Float))
+        }
+        fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
+            Ok((state * &self.weights[slot]).sum(Kind::Float))
+        }
+    }
+
+    #[test]
+    fn recomputation_gives_the_gradients_of_one_graph() {
+        let config = ModelConfig::from_value(serde_json::json!({
+            "model_type": "qwen3", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "tie_word_embeddings": true,
+        }))
+        .unwrap();
+        tch::manual_seed(3);
+        let model = CausalLm::random(config, Device::Cpu, Kind::Float).unwrap();
+        let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([2, 7]);
+        let input = ForwardInput::new(&ids, Some(&mask));
+        // Hidden states 0 (embeddings), 2 (a middle layer) and 3 (final) twice.
+        let capture = [0usize, 2, 3, 2];
+        let weights = (0..capture.len()).map(|_| Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu))).collect();
+        let mut probe = Probe { weights };
+        let grads = |recompute: bool, probe: &mut Probe| -> Vec<Tensor> {
+            let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, v) in &vars {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            model.transformer.forward_backward(&input, &capture, recompute, probe).unwrap();
+            vars.iter().map(|(_, v)| v.grad().copy()).collect()
+        };
+        let plain = grads(false, &mut probe);
+        let recomputed = grads(true, &mut probe);
+        assert_eq!(plain.len(), recomputed.len());
+        for (a, b) in plain.iter().zip(&recomputed) {
+            let scale = a.abs().max().double_value(&[]);
+            assert!(scale > 0.0, "every parameter gets a gradient");
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * scale, "max |difference| {diff:e} vs max |gradient| {scale:e}");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Rows from the stream -> micro-batches of host tensors, built on a thread ahead of the
+//! trainer (padding or packing, teacher targets, teacher hidden states; page-locked for
+//! CUDA so the copy to the device is asynchronous). Each micro-batch carries the stream
+//! position after it, which is what a checkpoint stores.
+use anyhow::{bail, Result};
+use crossbeam_channel::{bounded, Receiver};
+use tch::{Device, Tensor};
+
+use super::data::{RowStream, StreamPosition};
+use crate::batch::{move_tensor, PaddedBatch, RowTokens};
+use crate::losses::TeacherTargets;
+use crate::shards::reader::TargetRow;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeedOptions {
+    /// Padded tokens per micro-batch (rows x width).
+    pub batch_tokens: usize,
+    /// Pack several shard rows into each batch row of this many tokens (block-diagonal
+    /// attention, positions restarting per document), instead of one row per batch row.
+    pub pack_to: Option<usize>,
+}
+
+/// Rows from the stream grouped into batches; a row that does not fit waits for the next
+/// batch, and `position` accounts for it.
+pub struct Feed {
+    stream: RowStream,
+    pending: Option<(TargetRow, StreamPosition)>,
+    opts: FeedOptions,
+}
+
+impl Feed {
+    pub fn new(stream: RowStream, opts: FeedOptions) -> Self {
+        Feed { stream, pending: None, opts }
+    }
+
+    /// Position of the next row not yet in a batch.
+    pub fn position(&self) -> StreamPosition {
+        self.pending.as_ref().map(|p| p.1).unwrap_or_else(|| self.stream.position())
+    }
+
+    fn next_row(&mut self) -> Result<Option<(TargetRow, StreamPosition)>> {
+        if let Some(p) = self.pending.take() {
+            return Ok(Some(p));
+        }
+        let at = self.stream.position();
+        Ok(match self.stream.next() {
+            Some(row) => Some((row?, at)),
+            None => None,
+        })
+    }
+
+    /// The next batch: each inner vector is one batch row (several shard rows when
+    /// packing). `None` when the stream has ended.
+    pub fn take_batch(&mut self) -> Result<Option<Vec<Vec<TargetRow>>>> {
+        let mut bins: Vec<(usize, Vec<TargetRow>)> = vec![];
+        let mut width = 0;
+        while let Some((row, at)) = self.next_row()? {
+            let len = row.input_ids.len();
+            let fits = match self.opts.pack_to {
+                // First fit into an open batch row, else a new one while there is room.
+                Some(seq) => match bins.iter().position(|(used, _)| used + len <= seq) {
+                    Some(b) => Some(b),
+                    None if bins.is_empty() || (bins.len() + 1) * seq.max(width) <= self.opts.batch_tokens => {
+                        bins.push((0, vec![]));
+                        Some(bins.len() - 1)
+                    }
+                    None => None,
+                },
+                None if bins.is_empty() || width.max(len) * (bins.len() + 1) <= self.opts.batch_tokens => {
+                    bins.push((0, vec![]));
+                    Some(bins.len() - 1)
+                }
+                None => None,
+            };
+            let Some(b) = fits else {
+                self.pending = Some((row, at));
+                break;
+            };
+            bins[b].0 += len;
+            width = width.max(bins[b].0);
+            bins[b].1.push(row);
+        }
+        Ok((!bins.is_empty()).then(|| bins.into_iter().map(|b| b.1).collect()))
+    }
+}
+
+/// One micro-batch as tensors (host tensors until `to_device`).
+pub struct MicroBatch {
+    pub batch: PaddedBatch,
+    /// Teacher top-k targets of the trained positions, in `batch.predicting` order.
+    pub teacher: Option<TeacherTargets>,
+    /// Teacher hidden states `[targets, width]` float32, one per requested layer.
+    pub teacher_hidden: Vec<Tensor>,
+    /// Shard row numbers in the batch (for error messages).
+    pub row_indices: Vec<u64>,
+    /// Real (unpadded) tokens, and trained tokens.
+    pub tokens: usize,
+    pub targets: usize,
+    /// Stream position after this batch.
+    pub position: StreamPosition,
+}
+
+/// What a micro-batch needs besides tokens.
+#[derive(Debug, Clone)]
+pub struct BatchContent {
+    pub teacher: bool,
+    pub hidden_layers: Vec<usize>,
+}
+
+impl MicroBatch {
+    pub fn build(rows: Vec<Vec<TargetRow>>, content: &BatchContent, position: StreamPosition) -> Result<Self> {
+        let row_indices = rows.iter().flatten().map(|r| r.row_index).collect();
+        let merged: Vec<TargetRow> = rows.into_iter().map(concat_rows).collect();
+        let tokens: Vec<RowTokens> = merged
+            .iter()
+            .map(|r| RowTokens { ids: &r.input_ids, loss_mask: &r.loss_mask, doc_lengths: &r.doc_lengths })
+            .collect();
+        let batch = PaddedBatch::host(&tokens);
+        let targets: usize = merged.iter().map(|r| r.tail_logmass.len()).sum();
+        let predicting = batch.predicting.size()[0] as usize;
+        if predicting != targets {
+            bail!("rows {row_indices:?}: {targets} stored targets but {predicting} masked tokens");
+        }
+        Ok(MicroBatch {
+            teacher: content.teacher.then(|| teacher_targets(&merged)),
+            teacher_hidden: content.hidden_layers.iter().map(|&l| teacher_hidden(&merged, l)).collect::<Result<_>>()?,
+            row_indices,
+            tokens: merged.iter().map(|r| r.input_ids.len()).sum(),
+            targets,
+            batch,
+            position,
+        })
+    }
+
+    /// All tensors on `device`; from page-locked memory when pinned, without blocking.
+    pub fn to_device(&self, device: Device, non_blocking: bool) -> MicroBatch {
+        let to = |t: &Tensor| move_tensor(t, device, non_blocking);
+        MicroBatch {
+            batch: self.batch.to_device(device, non_blocking),
+            teacher: self.teacher.as_ref().map(|t| TeacherTargets {
+                ids: to(&t.ids),
+                logprobs: to(&t.logprobs),
+                tail_logmass: to(&t.tail_logmass),
+            }),
+            teacher_hidden: self.teacher_hidden.iter().map(to).collect(),
+            row_indices: self.row_indices.clone(),
+            tokens: self.tokens,
+            targets: self.targets,
+            position: self.position,
+        }
+    }
+
+    fn pin(self, device: Device) -> MicroBatch {
+        let pin = |t: &Tensor| t.pin_memory(device);
+        MicroBatch {
+            batch: self.batch.pin(device),
+            teacher: self.teacher.as_ref().map(|t| TeacherTargets {
+                ids: pin(&t.ids),
+                logprobs: pin(&t.logprobs),
+                tail_logmass: pin(&t.tail_logmass),
+            }),
+            teacher_hidden: self.teacher_hidden.iter().map(pin).collect(),
+            ..self
+        }
+    }
+}
+
+/// Shard rows laid end to end as one row: documents stay separate (their lengths are
+/// kept), and no token predicts across a row boundary.
+fn concat_rows(mut rows: Vec<TargetRow>) -> TargetRow {
+    if rows.len() == 1 {
+        return rows.pop().expect("one row");
+    }
+    let mut out = TargetRow { row_index: rows[0].row_index, ..TargetRow::default() };
+    for r in rows {
+        let start = out.input_ids.len();
+        out.sample_ids.extend(r.sample_ids);
+        out.doc_lengths.extend(r.doc_lengths);
+        out.input_ids.extend(r.input_ids);
+        out.loss_mask.extend(r.loss_mask);
+        if let Some(first) = out.loss_mask.get_mut(start) {
+            *first = false;
+        }
+        out.topk_ids.extend(r.topk_ids);
+        out.topk_logprobs.extend(r.topk_logprobs);
+        out.tail_logmass.extend(r.tail_logmass);
+        out.target_logprob.extend(r.target_logprob);
+        for (layer, values, rms) in r.hidden {
+            match out.hidden.iter_mut().find(|h| h.0 == layer) {
+                Some(h) => {
+                    h.1.extend(values);
+                    h.2.extend(rms);
+                }
+                None => out.hidden.push((layer, values, rms)),
+            }
+        }
+    }
+    out
+}
+
+/// The rows' teacher targets as host tensors, in the batch's predicting order (row-major,
+/// increasing position), which is the order the shards store them in.
+pub fn teacher_targets(rows: &[TargetRow]) -> TeacherTargets {
+    let k = if rows.is_empty() || rows[0].tail_logmass.is_empty() {
+        1
+    } else {
+        rows[0].topk_ids.len() / rows[0].tail_logmass.len()
+    };
+    let ids: Vec<i64> = rows.iter().flat_map(|r| r.topk_ids.iter().map(|&i| i as i64)).collect();
+    let lps: Vec<f32> = rows.iter().flat_map(|r| r.topk_logprobs.iter().map(|x| x.to_f32())).collect();
+    let tails: Vec<f32> = rows.iter().flat_map(|r| r.tail_logmass.iter().copied()).collect();
+    TeacherTargets {
+        ids: Tensor::from_slice(&ids).view([-1, k as i64]),
+        logprobs: Tensor::from_slice(&lps).view([-1, k as i64]),
+        tail_logmass: Tensor::from_slice(&tails),
+    }
+}
+
+/// The teacher's hidden state `layer` of the rows' trained positions, `[targets, width]`,
+/// in float32 (stored value times stored RMS).
+fn teacher_hidden(rows: &[TargetRow], layer: usize) -> Result<Tensor> {
+    let mut values = vec![];
+    let mut rms = vec![];
+    for r in rows {
+        let Some((_, v, s)) = r.hidden.iter().find(|(l, _, _)| *l == layer) else {
+            bail!("row {} has no hidden state {layer}: the shards hold other layers", r.row_index);
+        };
+        values.extend(v.iter().map(|x| x.to_f32()));
+        rms.extend_from_slice(s);
+    }
+    let n = rms.len() as i64;
+    let width = if n > 0 { values.len() as i64 / n } else { 1 };
+    Ok(Tensor::from_slice(&values).view([n, width]) * Tensor::from_slice(&rms).view([n, 1]))
+}
+
+/// Micro-batches built on a thread, at most `prefetch` ahead, page-locked for CUDA.
+pub struct BatchLoader {
+    rx: Receiver<Result<Option<MicroBatch>>>,
+}
+
+impl BatchLoader {
+    pub fn new(mut feed: Feed, content: BatchContent, device: Device, prefetch: usize) -> Self {
+        let (tx, rx) = bounded(prefetch.max(1));
+        std::thread::spawn(move || loop {
+            let next = feed.take_batch().and_then(|rows| match rows {
+                None => Ok(None),
+                Some(rows) => {
+                    let mb = MicroBatch::build(rows, &content, feed.position())?;
+                    Ok(Some(if device.is_cuda() { mb.pin(device) } else { mb }))
+                }
+            });
+            let stop = !matches!(next, Ok(Some(_)));
+            if tx.send(next).is_err() || stop {
+                return;
+            }
+        });
+        BatchLoader { rx }
+    }
+
+    /// The next micro-batch (host tensors); `None` when the stream has ended.
+    pub fn next(&self) -> Result<Option<MicroBatch>> {
+        match self.rx.recv() {
+            Ok(next) => next,
+            Err(_) => bail!("the batch loader stopped"),
+        }
+    }
+}
