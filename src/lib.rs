@@ -13,5 +13,6 @@ pub mod precompute;
 pub mod runtime;
 pub mod score;
 pub mod shards;
+pub mod student;
 pub mod tokenizer;
 pub mod train;

@@ -19,10 +19,16 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Run the teacher once over a dataset; write top-k targets and hidden states to shards.
     Precompute(Box<commands::precompute::PrecomputeArgs>),
+    /// Show a shard set: manifest, per-shard and per-column sizes, sample rows as text.
+    Inspect(commands::inspect::InspectArgs),
     /// Merge the shard sets of a sliced precompute into one.
     MergeShards(commands::merge::MergeArgs),
     /// Train a student against precomputed shards (KD, or plain SFT with --alpha 1).
     Train(Box<commands::train::TrainArgs>),
+    /// Held-out cross-entropy, perplexity, KL to the teacher and top-1 agreement of models.
+    Eval(commands::eval::EvalArgs),
+    /// Make a student model from a teacher.
+    Student(commands::student::StudentArgs),
     /// Measure how fast the shard reader decodes a shard set.
     BenchReader(commands::bench_reader::BenchReaderArgs),
 }
@@ -33,8 +39,11 @@ fn main() {
         Command::Env(args) => commands::env::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Precompute(args) => commands::precompute::run_command(*args),
+        Command::Inspect(args) => commands::inspect::run(args),
         Command::MergeShards(args) => commands::merge::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Student(args) => commands::student::run(args),
         Command::BenchReader(args) => commands::bench_reader::run(args),
     };
     if let Err(e) = result {

@@ -2,12 +2,16 @@
 //! log-likelihood and perplexity. Examples are batched by length (little padding) and
 //! the head is applied in chunks of positions so full `[batch, seq, vocab]` float32
 //! logits never exist at once.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{CausalLm, ForwardInput};
-use crate::tokenizer::MaskedTokens;
+use crate::chat::ChatTemplate;
+use crate::dataset::read::{read_records, resolve_inputs};
+use crate::dataset::FieldNames;
+use crate::model::{config_path_of, CausalLm, ForwardInput, ModelConfig};
+use crate::tokenizer::{MaskedTokens, TextTokenizer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoreRow {
@@ -36,6 +40,37 @@ impl Default for ScoreOptions {
 }
 
 /// Sum of negative log-likelihood and count of targets for each sequence, in input order.
+/// Scored tokens and their summed negative log-likelihood, of one example.
+pub type TokenNll = (usize, f64);
+
+/// The tokenizer of `model_dir`, refused (naming both files) when it has ids beyond the
+/// model's vocabulary. Cheap: call it before loading the weights.
+pub fn check_tokenizer_fits(model_dir: &Path) -> Result<TextTokenizer> {
+    let tokenizer = TextTokenizer::from_dir(model_dir)?;
+    tokenizer.check_fits(&ModelConfig::from_dir(model_dir)?, &config_path_of(model_dir))?;
+    Ok(tokenizer)
+}
+
+/// Scores the examples of `inputs` (files, directories, globs) with the tokenizer and chat
+/// template of `model_dir`: each example's id and (scored tokens, summed NLL).
+pub fn score_inputs(
+    model_dir: &Path,
+    model: &CausalLm,
+    inputs: &[String],
+    fields: &FieldNames,
+    opts: &ScoreOptions,
+) -> Result<(Vec<String>, Vec<TokenNll>)> {
+    let tokenizer = check_tokenizer_fits(model_dir)?;
+    let template = ChatTemplate::load(model_dir)?;
+    let (records, _) = read_records(&resolve_inputs(inputs)?, fields, false)?;
+    let seqs = records
+        .iter()
+        .map(|r| r.example.tokenize(&tokenizer, template.as_ref()).with_context(|| r.location.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let sums = score_sequences(model, &seqs, opts)?;
+    Ok((records.into_iter().map(|r| r.id).collect(), sums))
+}
+
 pub fn score_sequences(model: &CausalLm, seqs: &[MaskedTokens], opts: &ScoreOptions) -> Result<Vec<(usize, f64)>> {
     let _guard = tch::no_grad_guard();
     let lens: Vec<usize> =

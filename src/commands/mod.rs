@@ -1,9 +1,12 @@
 //! One file per subcommand: argument parsing and output; the work lives in the library.
 pub mod bench_reader;
 pub mod env;
+pub mod eval;
+pub mod inspect;
 pub mod merge;
 pub mod precompute;
 pub mod score;
+pub mod student;
 pub mod train;
 
 /// Reads a TOML pipeline file (`--config`) into a subcommand's arguments; unknown keys

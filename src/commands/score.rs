@@ -1,14 +1,11 @@
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-use distill::chat::ChatTemplate;
-use distill::dataset::read::{read_records, resolve_inputs};
 use distill::dataset::FieldNames;
-use distill::model::{config_path_of, parse_kind, CausalLm, ModelConfig};
+use distill::model::{parse_kind, CausalLm};
 use distill::runtime::parse_device;
-use distill::score::{rows, score_sequences, ScoreOptions};
-use distill::tokenizer::TextTokenizer;
+use distill::score::{check_tokenizer_fits, rows, score_inputs, ScoreOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
@@ -47,23 +44,13 @@ pub struct ScoreArgs {
 pub fn run(args: ScoreArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = parse_kind(&args.dtype)?;
-    // Cheap checks first: a tokenizer that does not fit the model fails before loading.
-    let config = ModelConfig::from_dir(&args.model)?;
-    let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    tokenizer.check_fits(&config, &config_path_of(&args.model))?;
-    let template = ChatTemplate::load(&args.model)?;
+    check_tokenizer_fits(&args.model)?; // before the (slow) load
     let model = CausalLm::load(&args.model, device, kind)?;
     let fields = FieldNames { text: args.text_field.clone(), ..FieldNames::default() };
-    let (records, _) = read_records(&resolve_inputs(&args.input)?, &fields, false)?;
-    let seqs = records
-        .iter()
-        .map(|r| r.example.tokenize(&tokenizer, template.as_ref()).with_context(|| r.location.clone()))
-        .collect::<Result<Vec<_>>>()?;
     let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, max_len: args.max_len, ..ScoreOptions::default() };
     let started = std::time::Instant::now();
-    let sums = score_sequences(&model, &seqs, &opts)?;
+    let (ids, sums) = score_inputs(&args.model, &model, &args.input, &fields, &opts)?;
     let elapsed = started.elapsed().as_secs_f64();
-    let ids: Vec<String> = records.into_iter().map(|r| r.id).collect();
     let (per, total) = rows(&ids, &sums);
     match args.format {
         Format::Jsonl => {

@@ -120,6 +120,24 @@ impl ShardSet {
         Ok(())
     }
 
+    /// Compressed bytes of each top-level column over all shards, in schema order.
+    pub fn column_bytes(&self) -> Result<Vec<(String, u64)>> {
+        let mut out: Vec<(String, u64)> = vec![];
+        for bytes in &self.files {
+            let meta = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
+            for rg in meta.metadata().row_groups() {
+                for c in rg.columns() {
+                    let name = c.column_path().parts()[0].clone();
+                    match out.iter_mut().find(|(n, _)| *n == name) {
+                        Some(entry) => entry.1 += c.compressed_size() as u64,
+                        None => out.push((name, c.compressed_size() as u64)),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn row_groups(&self) -> &[RowGroupRef] {
         &self.row_groups
     }

@@ -9,7 +9,7 @@ use arrow::array::{
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{Field, Schema};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
-use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use std::fs::File;
@@ -26,7 +26,7 @@ use crate::dataset::sequence::Sequence;
 pub struct ParquetOptions {
     pub zstd_level: i32,
     pub row_group_rows: usize,
-    /// BYTE_STREAM_SPLIT for the numeric per-token and per-target columns: the bytes of
+    /// BYTE_STREAM_SPLIT for the int and float32 per-token and per-target columns: the bytes of
     /// each value are stored in separate streams, so the always-zero high bytes of ids
     /// and the similar exponents of floats compress away under zstd.
     pub byte_stream_split: bool,
@@ -81,7 +81,13 @@ impl ShardWriter {
             for col in parquet_schema.columns() {
                 let root = col.path().parts()[0].as_str();
                 let numeric = !matches!(root, "sample_ids" | "loss_mask" | "row_index" | "num_tokens" | "num_targets");
-                if numeric {
+                // Not on float16 (FIXED_LEN_BYTE_ARRAY) columns: DuckDB 2.0 cannot read
+                // BYTE_STREAM_SPLIT there, and any Arrow tool must read the shards.
+                let readable = matches!(
+                    col.physical_type(),
+                    PhysicalType::FLOAT | PhysicalType::DOUBLE | PhysicalType::INT32 | PhysicalType::INT64
+                );
+                if numeric && readable {
                     props = props.set_column_encoding(col.path().clone(), Encoding::BYTE_STREAM_SPLIT);
                 }
             }

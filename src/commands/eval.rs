@@ -1,0 +1,132 @@
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use distill::dataset::FieldNames;
+use distill::model::{parse_kind, CausalLm};
+use distill::runtime::parse_device;
+use distill::score::{check_tokenizer_fits, score_inputs, ScoreOptions};
+use distill::shards::reader::ShardSet;
+use distill::train::eval::evaluate;
+use distill::train::feed::FeedOptions;
+
+/// Held-out evaluation of one or more models (students, checkpoints, the teacher):
+/// cross-entropy and perplexity on text, and on teacher shards also KL to the teacher
+/// and top-1 agreement with it.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directories, each optionally named: NAME=DIR.
+    #[arg(long = "model", required = true, num_args = 1..)]
+    models: Vec<String>,
+    /// Held-out text: JSONL or Parquet files, directories or globs.
+    #[arg(long, num_args = 1..)]
+    text: Vec<String>,
+    /// Held-out teacher shards (from `distill precompute`).
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Padded tokens per forward pass.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ModelEval {
+    name: String,
+    path: PathBuf,
+    text: Option<TextEval>,
+    shards: Option<ShardEval>,
+}
+
+#[derive(Debug, Serialize)]
+struct TextEval {
+    tokens: usize,
+    cross_entropy: f64,
+    perplexity: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ShardEval {
+    targets: usize,
+    cross_entropy: f64,
+    perplexity: f64,
+    kl_to_teacher: f64,
+    top1_agreement: f64,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    if args.text.is_empty() && args.shards.is_none() {
+        bail!("give held-out --text files, --shards, or both");
+    }
+    let device = parse_device(&args.device)?;
+    let kind = parse_kind(&args.dtype)?;
+    let set = args.shards.as_ref().map(|d| ShardSet::open(d, false).map(Arc::new)).transpose()?;
+    let mut results = vec![];
+    for spec in &args.models {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+            None => (spec.clone(), PathBuf::from(spec)),
+        };
+        check_tokenizer_fits(&path)?; // before the (slow) load
+        let model = CausalLm::load(&path, device, kind)?;
+        let text = if args.text.is_empty() {
+            None
+        } else {
+            let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, ..ScoreOptions::default() };
+            let (_, sums) = score_inputs(&path, &model, &args.text, &FieldNames::default(), &opts)?;
+            let tokens: usize = sums.iter().map(|s| s.0).sum();
+            let ce = sums.iter().map(|s| s.1).sum::<f64>() / tokens.max(1) as f64;
+            Some(TextEval { tokens, cross_entropy: ce, perplexity: ce.exp() })
+        };
+        let shards = match &set {
+            None => None,
+            Some(set) => {
+                let batching = FeedOptions { batch_tokens: args.batch_tokens, pack_to: None };
+                let r = evaluate(&model, set.clone(), device, batching)?;
+                Some(ShardEval {
+                    targets: r.targets,
+                    cross_entropy: r.ce,
+                    perplexity: r.ce.exp(),
+                    kl_to_teacher: r.kl,
+                    top1_agreement: r.top1_agreement,
+                })
+            }
+        };
+        results.push(ModelEval { name, path, text, shards });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
+    println!(
+        "{:<width$}  {:>9} {:>8} {:>9}  {:>9} {:>8} {:>9} {:>8} {:>7}",
+        "model", "text tok", "text CE", "text PPL", "shard tok", "CE", "PPL", "KL", "top-1"
+    );
+    let num = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    for r in &results {
+        let (t, s) = (r.text.as_ref(), r.shards.as_ref());
+        println!(
+            "{:<width$}  {:>9} {:>8} {:>9}  {:>9} {:>8} {:>9} {:>8} {:>7}",
+            r.name,
+            t.map_or("-".into(), |t| t.tokens.to_string()),
+            num(t.map(|t| t.cross_entropy), 4),
+            num(t.map(|t| t.perplexity), 2),
+            s.map_or("-".into(), |s| s.targets.to_string()),
+            num(s.map(|s| s.cross_entropy), 4),
+            num(s.map(|s| s.perplexity), 2),
+            num(s.map(|s| s.kl_to_teacher), 4),
+            num(s.map(|s| 100.0 * s.top1_agreement), 1),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+use anyhow::Result;
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+use distill::precompute::plan::hash_file;
+use distill::shards::inspect::{inspect, InspectOptions, ShardReport};
+use distill::shards::manifest::Manifest;
+use distill::tokenizer::TextTokenizer;
+
+/// The manifest at a glance, per-shard counts, bytes per token per column, and sample
+/// rows decoded to text with the teacher's top-k as tokens and probabilities.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Shard set directory (written by `distill precompute`).
+    shards: PathBuf,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Sample rows to show.
+    #[arg(long, default_value_t = 2)]
+    rows: usize,
+    /// Trained positions to show per sample row.
+    #[arg(long, default_value_t = 8)]
+    targets: usize,
+    /// Teacher candidates to show per position.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Directory with the tokenizer.json the shards were made with [default: the teacher's].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let manifest = Manifest::load(&args.shards)?;
+    let tokenizer = find_tokenizer(&manifest, args.tokenizer.as_deref());
+    let opts = InspectOptions { sample_rows: args.rows, sample_targets: args.targets, show_top: args.top };
+    let report = inspect(&args.shards, tokenizer.as_ref(), &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&args.shards, &report, tokenizer.is_some());
+    }
+    Ok(())
+}
+
+/// The tokenizer that made the shards (its hash must match the manifest's), if found.
+fn find_tokenizer(m: &Manifest, given: Option<&Path>) -> Option<TextTokenizer> {
+    let dir = given.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&m.settings.teacher.path));
+    let path = dir.join("tokenizer.json");
+    match hash_file(&path) {
+        Ok(h) if h == m.settings.tokenizer.hash => TextTokenizer::from_dir(&dir).ok(),
+        Ok(h) => {
+            eprintln!(
+                "warning: {} hashes {h}, the shards' tokenizer {}: ids only",
+                path.display(),
+                m.settings.tokenizer.hash
+            );
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
+    let m = &r.manifest;
+    let s = &m.settings;
+    let state = if m.complete {
+        "complete".to_string()
+    } else {
+        format!("INCOMPLETE: {} of {} shards", m.shards.len(), m.planned_shards)
+    };
+    println!("shard set   {} ({state}; format {} v{})", dir.display(), m.format, m.format_version);
+    println!(
+        "teacher     {} {} layers, hidden {}, vocab {} ({}), {}",
+        s.teacher.architecture,
+        s.teacher.num_layers,
+        s.teacher.hidden_size,
+        s.tokenizer.vocab_size,
+        s.teacher.dtype,
+        s.teacher.path
+    );
+    println!(
+        "capture     top-k {} ({:?} ids, {} log-probs), tail: {}, hidden states {:?}",
+        s.capture.top_k, s.capture.id_type, s.capture.logprob_dtype, s.capture.tail, s.capture.hidden_layers
+    );
+    println!(
+        "data        {} source file(s), max_len {}, packing {}, data hash {}",
+        s.data.sources.len(),
+        s.data.max_len,
+        s.data.packing,
+        s.data.hash
+    );
+    println!(
+        "totals      {} rows, {} tokens, {} trained positions, {} bytes ({:.1} bytes/token)",
+        r.rows,
+        r.tokens,
+        r.targets,
+        r.bytes,
+        r.bytes as f64 / r.tokens.max(1) as f64
+    );
+    if m.skipped.invalid_rows + m.skipped.truncated_examples > 0 {
+        println!(
+            "skipped     {} invalid rows, {} examples truncated",
+            m.skipped.invalid_rows, m.skipped.truncated_examples
+        );
+    }
+    println!("\n{:<28} {:>8} {:>10} {:>10} {:>12}", "shard", "rows", "tokens", "targets", "bytes");
+    for e in &m.shards {
+        println!("{:<28} {:>8} {:>10} {:>10} {:>12}", e.file, e.rows, e.tokens, e.targets, e.bytes);
+    }
+    println!("\n{:<28} {:>12} {:>12}", "column", "bytes", "bytes/token");
+    for c in &r.columns {
+        println!("{:<28} {:>12} {:>12.2}", c.column, c.bytes, c.bytes_per_token);
+    }
+    if !have_tokenizer {
+        println!("\n(no tokenizer: pass --tokenizer DIR to see text)");
+    }
+    for row in &r.samples {
+        println!("\nrow {} (samples {})", row.row_index, row.sample_ids.join(", "));
+        if let Some(text) = &row.text {
+            let short: String = text.chars().take(300).collect();
+            println!("  text: {short:?}{}", if text.chars().count() > 300 { " ..." } else { "" });
+        }
+        println!("  {:>5}  {:<16} {:>8}  {:<56} {:>6}", "pos", "next token", "p", "teacher top", "tail");
+        for t in &row.targets {
+            let show = |id: u32, text: &Option<String>| text.as_ref().map_or(format!("#{id}"), |s| format!("{s:?}"));
+            let top: Vec<String> = t.top.iter().map(|(id, s, p)| format!("{} {p:.2}", show(*id, s))).collect();
+            println!(
+                "  {:>5}  {:<16} {:>8.3}  {:<56} {:>6.3}",
+                t.position,
+                show(t.token_id, &t.token),
+                t.probability,
+                top.join(" | "),
+                t.tail
+            );
+        }
+    }
+}

@@ -1,0 +1,70 @@
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+use distill::student::{init_student, StudentSpec};
+
+#[derive(Args)]
+pub struct StudentArgs {
+    #[command(subcommand)]
+    action: StudentAction,
+}
+
+#[derive(Subcommand)]
+enum StudentAction {
+    /// Make a student from a teacher: a subset of its layers (weights copied) and/or a
+    /// narrower shape (fresh weights), with the teacher's tokenizer and chat template.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Teacher model directory (Hugging Face layout).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Output directory for the student.
+    #[arg(long)]
+    output: PathBuf,
+    /// Teacher layers to keep, comma-separated (e.g. 0,2,4).
+    #[arg(long, value_delimiter = ',', conflicts_with = "num_layers")]
+    layers: Option<Vec<usize>>,
+    /// Keep this many teacher layers, evenly spread, first and last included.
+    #[arg(long)]
+    num_layers: Option<usize>,
+    /// Narrower width: fresh weights for every tensor.
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    #[arg(long)]
+    num_heads: Option<usize>,
+    #[arg(long)]
+    num_kv_heads: Option<usize>,
+    /// Seed of fresh weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: StudentArgs) -> Result<()> {
+    let StudentAction::Init(a) = args.action;
+    let spec = StudentSpec {
+        layers: a.layers,
+        num_layers: a.num_layers,
+        hidden_size: a.hidden_size,
+        intermediate_size: a.intermediate_size,
+        num_heads: a.num_heads,
+        num_kv_heads: a.num_kv_heads,
+        seed: a.seed,
+    };
+    let s = init_student(&a.teacher, &a.output, &spec)?;
+    println!("student written to {}", a.output.display());
+    println!("  teacher layers kept  {:?}", s.layers);
+    println!("  weights              {}", if s.copied { "copied from the teacher" } else { "fresh (new shape)" });
+    println!(
+        "  parameters           {:.1}M ({:.0}% of the teacher's {:.1}M)",
+        s.parameters as f64 / 1e6,
+        100.0 * s.parameters as f64 / s.teacher_parameters as f64,
+        s.teacher_parameters as f64 / 1e6
+    );
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Making a student from a teacher, as DistilBERT and Minitron do: the teacher's
+//! tokenizer and chat template, a subset of its layers (weights copied, so the student
+//! starts close to the teacher) and, optionally, a narrower shape with fresh weights.
+//! Written in Hugging Face layout.
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use tch::{Device, Kind};
+
+use crate::model::{CausalLm, ModelConfig};
+use crate::tokenizer::copy_tokenizer_files;
+
+#[derive(Debug, Clone, Default)]
+pub struct StudentSpec {
+    /// Teacher layers to keep, in order; `None` with `num_layers` spreads them evenly.
+    pub layers: Option<Vec<usize>>,
+    pub num_layers: Option<usize>,
+    /// A narrower shape (fresh weights for every tensor).
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub num_kv_heads: Option<usize>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StudentSummary {
+    pub layers: Vec<usize>,
+    /// True when the teacher's weights were copied (same width), false for fresh weights.
+    pub copied: bool,
+    pub parameters: i64,
+    pub teacher_parameters: i64,
+}
+
+/// `n` of `total` layers, evenly spread, first and last included.
+pub fn spread_layers(total: usize, n: usize) -> Vec<usize> {
+    match n {
+        0 => vec![],
+        1 => vec![total - 1],
+        _ => (0..n).map(|i| ((i * (total - 1)) as f64 / (n - 1) as f64).round() as usize).collect(),
+    }
+}
+
+pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Result<StudentSummary> {
+    let teacher_cfg = ModelConfig::from_dir(teacher_dir)?;
+    let total = teacher_cfg.num_layers;
+    let layers = match (&spec.layers, spec.num_layers) {
+        (Some(l), _) => l.clone(),
+        (None, Some(n)) => spread_layers(total, n),
+        (None, None) => (0..total).collect(),
+    };
+    if layers.is_empty() {
+        bail!("the student needs at least one layer");
+    }
+    if let Some(&bad) = layers.iter().find(|&&l| l >= total) {
+        bail!("--layers: the teacher has layers 0..{} only, not {bad}", total - 1);
+    }
+    if spec.num_layers.is_some_and(|n| n > total) {
+        bail!("--num-layers: the teacher has {total} layers");
+    }
+    let raw = student_config(&teacher_cfg, &layers, spec)?;
+    let cfg = ModelConfig::from_value(Value::Object(raw)).context("the student's config")?;
+    let copied = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        == (
+            teacher_cfg.hidden_size,
+            teacher_cfg.intermediate_size,
+            teacher_cfg.num_heads,
+            teacher_cfg.num_kv_heads,
+            teacher_cfg.head_dim,
+        );
+    tch::manual_seed(spec.seed as i64);
+    let student = CausalLm::random(cfg, Device::Cpu, Kind::Float)?;
+    let teacher = CausalLm::load(teacher_dir, Device::Cpu, Kind::Float)?;
+    if copied {
+        let from = teacher.vs.variables();
+        tch::no_grad(|| -> Result<()> {
+            for (name, mut var) in student.vs.variables() {
+                let source = teacher_name(&name, &layers);
+                let t = from.get(&source).with_context(|| format!("the teacher has no tensor {source}"))?;
+                var.copy_(t);
+            }
+            Ok(())
+        })?;
+    }
+    student.save(out, crate::model::save::DEFAULT_MAX_SHARD_BYTES)?;
+    copy_tokenizer_files(teacher_dir, out)?;
+    let generation = teacher_dir.join("generation_config.json");
+    if generation.exists() {
+        std::fs::copy(&generation, out.join("generation_config.json"))?;
+    }
+    let count = |m: &CausalLm| m.vs.variables().values().map(|t| t.numel() as i64).sum();
+    Ok(StudentSummary { layers, copied, parameters: count(&student), teacher_parameters: count(&teacher) })
+}
+
+/// `model.layers.{j}.…` of the student is `model.layers.{layers[j]}.…` of the teacher.
+fn teacher_name(name: &str, layers: &[usize]) -> String {
+    let Some(rest) = name.strip_prefix("model.layers.") else { return name.to_string() };
+    let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    match index.parse::<usize>() {
+        Ok(j) => format!("model.layers.{}.{tail}", layers[j]),
+        Err(_) => name.to_string(),
+    }
+}
+
+/// The teacher's config.json with the student's depth and shape; per-layer lists
+/// (`layer_types`) keep the entries of the kept layers.
+fn student_config(
+    teacher: &ModelConfig,
+    layers: &[usize],
+    spec: &StudentSpec,
+) -> Result<serde_json::Map<String, Value>> {
+    let mut raw = teacher.raw.clone();
+    raw.insert("num_hidden_layers".into(), layers.len().into());
+    if let Some(Value::Array(types)) = raw.get("layer_types").cloned() {
+        raw.insert("layer_types".into(), Value::Array(layers.iter().map(|&l| types[l].clone()).collect()));
+    }
+    let narrower = spec.hidden_size.is_some() || spec.num_heads.is_some();
+    for (key, value) in [
+        ("hidden_size", spec.hidden_size),
+        ("intermediate_size", spec.intermediate_size),
+        ("num_attention_heads", spec.num_heads),
+        ("num_key_value_heads", spec.num_kv_heads),
+    ] {
+        if let Some(v) = value {
+            raw.insert(key.into(), v.into());
+        }
+    }
+    if narrower {
+        let hidden = spec.hidden_size.unwrap_or(teacher.hidden_size);
+        let heads = spec.num_heads.unwrap_or(teacher.num_heads);
+        if !hidden.is_multiple_of(heads) {
+            bail!("--hidden-size {hidden} is not a multiple of the {heads} attention heads");
+        }
+        raw.insert("head_dim".into(), (hidden / heads).into());
+    }
+    for key in ["torch_dtype", "dtype"] {
+        if raw.contains_key(key) {
+            raw.insert(key.into(), "float32".into());
+        }
+    }
+    raw.remove("_name_or_path");
+    raw.remove("_model_name_or_path");
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_are_spread_with_first_and_last() {
+        assert_eq!(spread_layers(30, 10), [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]);
+        assert_eq!(spread_layers(4, 2), [0, 3]);
+        assert_eq!(spread_layers(4, 4), [0, 1, 2, 3]);
+        assert_eq!(spread_layers(5, 1), [4]);
+    }
+
+    #[test]
+    fn student_layer_names_map_to_the_kept_teacher_layers() {
+        assert_eq!(teacher_name("model.layers.1.mlp.up_proj.weight", &[0, 5]), "model.layers.5.mlp.up_proj.weight");
+        assert_eq!(teacher_name("model.embed_tokens.weight", &[0, 5]), "model.embed_tokens.weight");
+    }
+}

@@ -1,0 +1,172 @@
+//! `student init`, `inspect` and `eval` end to end on tiny models, and the shards read by
+//! Arrow tools that know nothing of distill (pyarrow, duckdb).
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind};
+
+fn distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "distill failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn shards(out: &Path) -> PathBuf {
+    let (teacher, input) = (model_dir("llama"), repo().join("tests/data/sample.jsonl"));
+    let mut args = vec!["precompute", "--teacher", teacher.to_str().unwrap(), "--input", input.to_str().unwrap()];
+    args.extend(["--output", out.to_str().unwrap(), "--top-k", "8", "--devices", "cpu", "--no-progress"]);
+    ok(distill(&args));
+    out.to_path_buf()
+}
+
+#[test]
+fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = model_dir("qwen2");
+    let student = tmp.path().join("student");
+    let out = ok(distill(&[
+        "student",
+        "init",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--output",
+        student.to_str().unwrap(),
+        "--layers",
+        "0,2",
+    ]));
+    assert!(out.contains("[0, 2]") && out.contains("copied"), "{out}");
+    let t = distill::model::CausalLm::load(&teacher, Device::Cpu, Kind::Float).unwrap();
+    let s = distill::model::CausalLm::load(&student, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(s.config.num_layers, 2);
+    let (tv, sv) = (t.vs.variables(), s.vs.variables());
+    for (name, source) in [
+        ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight"),
+        ("model.layers.1.self_attn.q_proj.bias", "model.layers.2.self_attn.q_proj.bias"),
+        ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        ("model.norm.weight", "model.norm.weight"),
+    ] {
+        assert!(sv[name].equal(&tv[source]), "{name} is not the teacher's {source}");
+    }
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(student.join(file)).unwrap(), std::fs::read(teacher.join(file)).unwrap());
+    }
+    // transformers loads the student and computes the logits we do.
+    let reference = read_tensors(&teacher.join("reference.safetensors"));
+    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
+    let ours = tch::no_grad(|| s.forward(ids, Some(mask), &[])).unwrap().logits;
+    let (inputs, hf) = (tmp.path().join("inputs.safetensors"), tmp.path().join("hf.safetensors"));
+    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
+    run_script(&["logits", student.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
+    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
+    assert!(e < 1e-4, "transformers' logits of the student differ by {e:.3e}");
+    // A narrower student has fresh weights of the new shape.
+    let narrow = tmp.path().join("narrow");
+    let args = ["--hidden-size", "32", "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "48"];
+    let mut all = vec!["student", "init", "--teacher", teacher.to_str().unwrap(), "--output", narrow.to_str().unwrap()];
+    all.extend(args);
+    assert!(ok(distill(&all)).contains("fresh"));
+    let n = distill::model::CausalLm::load(&narrow, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!((n.config.hidden_size, n.config.head_dim, n.config.num_layers), (32, 16, 3));
+    // A layer the teacher does not have is refused by name.
+    let bad =
+        distill(&["student", "init", "--teacher", teacher.to_str().unwrap(), "--output", "/tmp/x", "--layers", "9"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not 9"));
+}
+
+#[test]
+fn inspect_reports_the_set_and_refuses_what_is_not_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = shards(&tmp.path().join("shards"));
+    let text = ok(distill(&["inspect", set.to_str().unwrap(), "--rows", "1", "--targets", "3"]));
+    assert!(
+        text.contains("top-k 8") && text.contains("shard-00000.parquet") && text.contains("topk_logprobs"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(distill(&["inspect", set.to_str().unwrap(), "--json"]))).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(json["manifest"], manifest);
+    let tokens = json["tokens"].as_f64().unwrap();
+    let column_bytes: f64 = json["columns"].as_array().unwrap().iter().map(|c| c["bytes"].as_f64().unwrap()).sum();
+    assert!(column_bytes > 0.0 && column_bytes < json["bytes"].as_f64().unwrap(), "column bytes {column_bytes}");
+    assert!(tokens > 0.0);
+    let sample = &json["samples"][0];
+    assert!(sample["text"].as_str().unwrap().len() > 20);
+    let first = &sample["targets"][0];
+    let top_p: f64 = first["top"].as_array().unwrap().iter().map(|t| t[2].as_f64().unwrap()).sum();
+    assert!(top_p + first["tail"].as_f64().unwrap() <= 1.0 + 1e-2, "probabilities add up to more than 1");
+    for not_a_set in [tmp.path().to_path_buf(), repo().join("tests/data/sample.jsonl")] {
+        let out = distill(&["inspect", not_a_set.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr.contains("is not a distill shard set") && !stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn eval_gives_the_teacher_zero_kl_and_full_agreement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = shards(&tmp.path().join("shards"));
+    let teacher = model_dir("llama");
+    let spec = format!("teacher={}", teacher.display());
+    let student = format!("student={}", model_dir("qwen3").display());
+    let text = repo().join("tests/data/heldout.jsonl");
+    let mut args = vec!["eval", "--model", &spec, "--model", &student, "--text", text.to_str().unwrap()];
+    args.extend(["--shards", set.to_str().unwrap(), "--device", "cpu", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(distill(&args))).unwrap();
+    let (t, s) = (&json[0], &json[1]);
+    assert_eq!(t["name"], "teacher");
+    // The stored targets are the teacher's own, rounded to float16.
+    assert!(t["shards"]["kl_to_teacher"].as_f64().unwrap() < 1e-3, "{t}");
+    assert!(t["shards"]["top1_agreement"].as_f64().unwrap() > 0.99, "{t}");
+    assert!(s["shards"]["kl_to_teacher"].as_f64().unwrap() > 0.05, "{s}");
+    // Text perplexity is the exponential of the cross-entropy, matching `distill score`.
+    let ce = t["text"]["cross_entropy"].as_f64().unwrap();
+    assert!((t["text"]["perplexity"].as_f64().unwrap() - ce.exp()).abs() < 1e-9);
+    let score = ok(distill(&[
+        "score",
+        "--model",
+        teacher.to_str().unwrap(),
+        "--input",
+        text.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    let all = score.lines().find(|l| l.starts_with("ALL")).unwrap();
+    let nll: f64 = all.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((nll - ce).abs() < 1e-3, "score {nll} vs eval {ce}");
+}
+
+#[test]
+fn pyarrow_and_duckdb_read_the_shards_without_distill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = shards(&tmp.path().join("shards"));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(set.join("manifest.json")).unwrap()).unwrap();
+    let query = r#"
+import sys, duckdb, pyarrow.parquet as pq
+d = sys.argv[1]
+t = pq.read_table(d + "/shard-00000.parquet")
+con = duckdb.connect()
+rows, tokens, targets, k_ok, p_ok = con.execute(f"""
+    SELECT count(*), sum(num_tokens), sum(num_targets),
+           bool_and(len(topk_ids) = num_targets and len(topk_ids[1]) = 8),
+           max(list_max(flatten(topk_logprobs))) <= 0
+    FROM read_parquet('{d}/shard-*.parquet')""").fetchone()
+assert t.num_rows == rows, (t.num_rows, rows)
+print(rows, tokens, targets, k_ok, p_ok)
+"#;
+    let out = Command::new(python()).args(["-c", query, set.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let shard = &manifest["shards"][0];
+    let expected = format!("{} {} {} True True", shard["rows"], shard["tokens"], shard["targets"]);
+    assert_eq!(printed.trim(), expected);
+}
