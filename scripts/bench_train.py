@@ -68,7 +68,7 @@ def main():
     args = (a.device, a.steps, a.batch_tokens)
     kd, kd_mem = train_rate(a.binary, a.student, a.shards, a.work / "run-kd", *args, 0.0)
     sft, sft_mem = train_rate(a.binary, a.student, a.shards, a.work / "run-sft", *args, 1.0)
-    packed, packed_mem = train_rate(a.binary, a.student, a.shards, a.work / "run-kd-pack", *args, 0.0, ["--pack"])
+    packed, packed_mem = train_rate(a.binary, a.student, a.shards, a.work / "run-kd-pack", *args, 0.0, ["--pack", "--seq-len", "256"])
     recompute, recompute_mem = train_rate(a.binary, a.student, a.shards, a.work / "run-kd-recompute", *args, 0.0,
                                           ["--recompute"])
     out = run([a.binary, "bench-reader", "--shards", str(a.shards), "--epochs", "3"])
@@ -83,7 +83,7 @@ def main():
     print("|---|---|---|---|")
     print(f"| distill train, plain SFT (alpha 1) | {sft:.0f} | 1.00 | {gib(sft_mem)} |")
     print(f"| distill train, KD (bucket forward KL) | {kd:.0f} | {kd / sft:.2f} of SFT | {gib(kd_mem)} |")
-    print(f"| distill train, KD, --pack | {packed:.0f} | {packed / kd:.2f} of KD | {gib(packed_mem)} |")
+    print(f"| distill train, KD, --pack --seq-len 256 | {packed:.0f} | {packed / kd:.2f} of KD | {gib(packed_mem)} |")
     print(f"| distill train, KD, --recompute | {recompute:.0f} | {recompute / kd:.2f} of KD | {gib(recompute_mem)} |")
     print(f"| PyTorch eager, same KD step | {eager:.0f} | {eager / kd:.2f} of distill KD | {gib(eager_mem)} |")
     print(f"| shard reader decode (bench-reader, {a.shards.name}) | {decode:.0f} | {decode / kd:.0f}x KD consumption | |")

