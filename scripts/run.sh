@@ -48,6 +48,17 @@ for split in train heldout; do
   $distill precompute --teacher $cache/teacher --input "$data/$split.jsonl" --output "$shards/$split" \
     --top-k "$TOP_K" --max-len "$MAX_LEN" --devices "$device" --no-progress | grep -E "tokens|time"
 done
+# The shards are plain Parquet: pyarrow and DuckDB read them without distill.
+python - "$shards/train" <<'PY'
+import glob, sys, duckdb, pyarrow.parquet as pq
+d = sys.argv[1]
+rows = pq.read_table(sorted(glob.glob(f"{d}/shard-*.parquet")), columns=["num_tokens"]).num_rows
+n, tokens, top1 = duckdb.connect().execute(f"""
+    SELECT count(*), sum(num_tokens),
+           (SELECT avg(exp(p[1])) FROM (SELECT unnest(topk_logprobs) AS p FROM read_parquet('{d}/shard-*.parquet')))
+    FROM read_parquet('{d}/shard-*.parquet')""").fetchone()
+print(f"pyarrow reads {rows} rows; duckdb: {n} rows, {tokens} tokens, mean teacher top-1 probability {top1:.3f}")
+PY
 for mode in kd sft; do
   alpha=$KD_ALPHA; [[ $mode == sft ]] && alpha=1
   stamp "train $mode ($STEPS steps of $BATCH_TOKENS tokens, alpha $alpha)"
