@@ -135,8 +135,10 @@ def math_chats(n: int, seed: int):
 
     random.seed(seed)
     import numpy as np
+    import sympy.core.random
 
     np.random.seed(seed)
+    sympy.core.random.seed(seed)  # sympy's own generator (randprime and friends)
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -164,7 +166,8 @@ def held_out(doc_id: str, share: float) -> bool:
 
 
 def data(out: Path, train_docs: int, heldout_docs: int, math_share: float, cache: Path):
-    what = json.dumps([train_docs, heldout_docs, math_share, NPM_PACKAGES])
+    # The generator's version is part of the stamp: a changed generator rewrites the data.
+    what = json.dumps([train_docs, heldout_docs, math_share, NPM_PACKAGES, "math seeded v2"])
     if done(out, what):
         print(f"data: {out} is ready")
         return
@@ -199,6 +202,10 @@ def data(out: Path, train_docs: int, heldout_docs: int, math_share: float, cache
 
 
 def main():
+    # mathematics_dataset iterates over sets, whose order follows Python's per-process
+    # hash seed: fix it, or two runs write different questions.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher")

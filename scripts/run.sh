@@ -41,7 +41,9 @@ data=$cache/data-$TRAIN_DOCS-$HELDOUT_DOCS
 mkdir -p "$run"
 stamp "student: $LAYERS of the teacher's 30 layers"
 $distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS"
-shards=$cache/shards-$TRAIN_DOCS-$HELDOUT_DOCS-k$TOP_K-$MAX_LEN
+# Named by the data's content, so new data never meets shards of the old (which a
+# resuming precompute would refuse).
+shards=$cache/shards-$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)-k$TOP_K-$MAX_LEN
 for split in train heldout; do
   stamp "precompute $split (top-$TOP_K)"
   # Resumes by default: a finished set with the same settings is kept as is.
