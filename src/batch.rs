@@ -91,7 +91,8 @@ impl PaddedBatch {
         self.map(|t| t.pin_memory(device))
     }
 
-    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+    /// `f` applied to every tensor.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
         PaddedBatch {
             ids: f(&self.ids),
             mask: f(&self.mask),

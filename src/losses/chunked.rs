@@ -67,11 +67,7 @@ mod tests {
             let x = body_out.detach().set_requires_grad(true);
             let hidden = x.tanh(); // a stand-in for the body, so the hidden gradient is used
             let (total, dh) = chunked_head_loss(&hidden, &head, chunk, 1.0 / p as f64, |logits, rows| {
-                let t = TeacherTargets {
-                    ids: targets.ids.narrow(0, rows.start, rows.end - rows.start),
-                    logprobs: targets.logprobs.narrow(0, rows.start, rows.end - rows.start),
-                    tail_logmass: targets.tail_logmass.narrow(0, rows.start, rows.end - rows.start),
-                };
+                let t = targets.map(|x| x.narrow(0, rows.start, rows.end - rows.start));
                 loss.per_position(logits, &t)
             })
             .unwrap();

@@ -32,6 +32,13 @@ pub struct TeacherTargets {
     pub tail_logmass: Tensor,
 }
 
+impl TeacherTargets {
+    /// `f` applied to every tensor (a slice of positions, a device move, pinning).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> TeacherTargets {
+        TeacherTargets { ids: f(&self.ids), logprobs: f(&self.logprobs), tail_logmass: f(&self.tail_logmass) }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Divergence {
     ForwardKl,

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::{RowStream, StreamOptions, StreamPosition};
 use super::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
-use crate::losses::{cross_entropy, Divergence, KdLoss, TeacherTargets, TopKMode};
+use crate::losses::{cross_entropy, Divergence, KdLoss, TopKMode};
 use crate::model::CausalLm;
 use crate::shards::reader::ShardSet;
 
@@ -51,11 +51,7 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
             let len = HEAD_CHUNK.min(mb.targets as i64 - start);
             let part = |t: &Tensor| t.narrow(0, start, len);
             let logits = model.transformer.logits(&part(&h));
-            let targets = TeacherTargets {
-                ids: part(&teacher.ids),
-                logprobs: part(&teacher.logprobs),
-                tail_logmass: part(&teacher.tail_logmass),
-            };
+            let targets = teacher.map(part);
             kl += sum(kd.per_position(&logits, &targets)?);
             ce += sum(cross_entropy(&logits, &part(&mb.batch.next_tokens)));
             let top1 = targets.ids.select(1, 0);

@@ -134,33 +134,22 @@ impl MicroBatch {
 
     /// All tensors on `device`; from page-locked memory when pinned, without blocking.
     pub fn to_device(&self, device: Device, non_blocking: bool) -> MicroBatch {
-        let to = |t: &Tensor| move_tensor(t, device, non_blocking);
+        self.map(|t| move_tensor(t, device, non_blocking))
+    }
+
+    fn pin(&self, device: Device) -> MicroBatch {
+        self.map(|t| t.pin_memory(device))
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> MicroBatch {
         MicroBatch {
-            batch: self.batch.to_device(device, non_blocking),
-            teacher: self.teacher.as_ref().map(|t| TeacherTargets {
-                ids: to(&t.ids),
-                logprobs: to(&t.logprobs),
-                tail_logmass: to(&t.tail_logmass),
-            }),
-            teacher_hidden: self.teacher_hidden.iter().map(to).collect(),
+            batch: self.batch.map(&f),
+            teacher: self.teacher.as_ref().map(|t| t.map(&f)),
+            teacher_hidden: self.teacher_hidden.iter().map(&f).collect(),
             row_indices: self.row_indices.clone(),
             tokens: self.tokens,
             targets: self.targets,
             position: self.position,
-        }
-    }
-
-    fn pin(self, device: Device) -> MicroBatch {
-        let pin = |t: &Tensor| t.pin_memory(device);
-        MicroBatch {
-            batch: self.batch.pin(device),
-            teacher: self.teacher.as_ref().map(|t| TeacherTargets {
-                ids: pin(&t.ids),
-                logprobs: pin(&t.logprobs),
-                tail_logmass: pin(&t.tail_logmass),
-            }),
-            teacher_hidden: self.teacher_hidden.iter().map(pin).collect(),
-            ..self
         }
     }
 }

@@ -18,7 +18,7 @@ use super::hidden::{HiddenDistill, HiddenMap};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::losses::chunked::chunked_head_loss;
-use crate::losses::{cross_entropy, HiddenLoss, KdLoss, TeacherTargets};
+use crate::losses::{cross_entropy, HiddenLoss, KdLoss};
 use crate::model::backward::StepLosses;
 use crate::model::CausalLm;
 use crate::precompute::plan::hash_file;
@@ -295,11 +295,7 @@ impl StepLosses for MicroLosses<'_> {
             let Some(teacher) = mb.teacher.as_ref().filter(|_| alpha < 1.0) else {
                 return Ok(ce);
             };
-            let part = TeacherTargets {
-                ids: teacher.ids.narrow(0, r.start, n),
-                logprobs: teacher.logprobs.narrow(0, r.start, n),
-                tail_logmass: teacher.tail_logmass.narrow(0, r.start, n),
-            };
+            let part = teacher.map(|t| t.narrow(0, r.start, n));
             let kd = cfg.kd.per_position(logits, &part)?;
             kd_parts.push(kd.detach().sum(Kind::Double));
             Ok(kd * (1.0 - alpha) + ce * alpha)
