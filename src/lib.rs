@@ -2,16 +2,18 @@
 //!
 //! Data flows one way: dataset -> tokens -> teacher -> captured targets -> shards ->
 //! reader -> batches -> student -> losses -> optimizer -> checkpoint. Each module owns
-//! one step; configuration is passed down as typed structs.
+//! one step (README.md, "Layout", names the owner of each); configuration is passed
+//! down as typed structs. Imports point one way: `precompute`, `train`, `eval` ->
+//! `batch`, `shards` -> `model`, `losses`, `dataset`, `tokenizer`, `chat`, `files`.
 pub mod batch;
-pub mod capture;
 pub mod chat;
 pub mod dataset;
+pub mod eval;
+pub mod files;
 pub mod losses;
 pub mod model;
 pub mod precompute;
 pub mod runtime;
-pub mod score;
 pub mod shards;
 pub mod student;
 pub mod tokenizer;

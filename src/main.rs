@@ -38,7 +38,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),
         Command::Score(args) => commands::score::run(args),
-        Command::Precompute(args) => commands::precompute::run_command(*args),
+        Command::Precompute(args) => commands::precompute::run(*args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::MergeShards(args) => commands::merge::run(args),
         Command::Train(args) => commands::train::run(*args),

@@ -4,7 +4,6 @@ mod common;
 use common::*;
 use distill::model::CausalLm;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 /// A copy of a tiny model that a test may break.
@@ -44,17 +43,7 @@ fn load_error(dir: &Path) -> String {
 fn cli_error(dir: &Path) -> String {
     let input = dir.join("input.jsonl");
     std::fs::write(&input, "{\"text\": \"Alice was beginning to get very tired.\"}\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["score", "--device", "cpu", "--model"])
-        .arg(dir)
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "distill score should fail with exit code 1:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "distill panicked:\n{stderr}");
-    stderr
+    err(distill(&["score", "--device", "cpu", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap()]))
 }
 
 fn assert_names(msg: &str, parts: &[&str]) {

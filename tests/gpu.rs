@@ -56,44 +56,21 @@ fn model_split_over_cuda_and_cpu_matches_one_device() {
     }
 }
 
-/// The binary under test: `DISTILL_BIN` where the tests run away from their build tree
-/// (scripts/gpu_check.sh sets it), else the one cargo built.
-fn distill(args: &[&str]) -> String {
-    let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
-    let out = std::process::Command::new(bin).args(args).output().unwrap();
-    assert!(out.status.success(), "distill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
 fn training_on_cuda_in_bf16_follows_cpu_float32() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("shards");
-    let (teacher, student) = (model_dir("llama"), model_dir("qwen3"));
-    let input = repo().join("tests/data/sample.jsonl");
+    let student = model_dir("qwen3");
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    distill(&[
-        "precompute",
-        "--teacher",
-        &s(&teacher),
-        "--input",
-        &s(&input),
-        "--output",
-        &s(&shards),
-        "--top-k",
-        "16",
-        "--devices",
-        "cpu",
-        "--no-progress",
-    ]);
+    ok(precompute("llama", &sample(), &shards, &["--top-k", "16", "--devices", "cpu"]));
     let run = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
         let out = tmp.path().join(name);
         let paths = [s(&student), s(&shards), s(&out)];
         let mut args = vec!["train", "--student", &paths[0], "--shards", &paths[1], "--output", &paths[2]];
         args.extend(["--steps", "8", "--batch-tokens", "512", "--lr", "3e-3", "--pack"]);
         args.extend(extra);
-        distill(&args);
+        ok(distill(&args));
         let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };

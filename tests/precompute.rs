@@ -1,47 +1,11 @@
 //! `distill precompute` end to end on tiny models: shards read back with pyarrow and
 //! checked against transformers (scripts/check_shards.py), resume after a crash,
-//! slicing + merge, the schema definition, pipeline files, and bad input.
+//! slicing + merge, the schema definition, pipeline files, and bad input. The reader
+//! and the row stream over these shards are tested in tests/shards.rs.
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn distill(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_distill"));
-    cmd.args(args).arg("--no-progress");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn precompute(model: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
-    let dir = model_dir(model);
-    let mut args = vec!["precompute", "--teacher", dir.to_str().unwrap()];
-    if !extra.contains(&"--devices") {
-        args.extend(["--devices", "cpu"]);
-    }
-    args.extend(["--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
-    args.extend(extra);
-    distill(&args, &[])
-}
-
-fn ok(out: Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "distill failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn err(out: Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "distill should fail cleanly:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn sample() -> PathBuf {
-    repo().join("tests/data/sample.jsonl")
-}
+use std::process::Command;
 
 /// Runs scripts/check_shards.py (pyarrow + transformers, no project code).
 fn check_shards(shards: &Path, model: &str, input: &Path) {
@@ -57,10 +21,6 @@ fn check_shards(shards: &Path, model: &str, input: &Path) {
         "shards differ from transformers:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn manifest(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -108,12 +68,9 @@ fn a_crashed_run_resumes_to_the_same_shards() {
     let args = ["--top-k", "8", "--hidden-layers", "2", "--shard-tokens", "400", "--batch-tokens", "256"];
     ok(precompute("mistral", &sample(), &straight, &args));
 
-    let dir = model_dir("mistral");
-    let input = sample();
-    let mut full = vec!["precompute", "--devices", "cpu", "--teacher", dir.to_str().unwrap()];
-    full.extend(["--input", input.to_str().unwrap(), "--output", crashed.to_str().unwrap()]);
-    full.extend(args);
-    let out = distill(&full, &[("DISTILL_CRASH_AFTER_SHARDS", "2")]);
+    let mut crashing = args.to_vec();
+    crashing.extend(["--crash-after-shards", "2"]);
+    let out = precompute("mistral", &sample(), &crashed, &crashing);
     assert!(!out.status.success(), "the injected crash did not happen");
     let m = manifest(&crashed);
     assert_eq!(m["shards"].as_array().unwrap().len(), 2, "only complete shards are listed");
@@ -121,7 +78,7 @@ fn a_crashed_run_resumes_to_the_same_shards() {
     assert!(crashed.join("shard-00002.parquet.tmp").exists(), "the crash left a partial shard");
     assert!(!crashed.join("shard-00002.parquet").exists());
 
-    let stdout = ok(distill(&full, &[]));
+    let stdout = ok(precompute("mistral", &sample(), &crashed, &args));
     assert!(stdout.contains("(2 resumed)"), "{stdout}");
     assert!(!crashed.join("shard-00002.parquet.tmp").exists());
     assert_same_shards(&straight, &crashed);
@@ -145,8 +102,7 @@ fn slices_merge_into_the_whole() {
     for s in slices.iter().rev() {
         args.push(s.to_str().unwrap());
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_distill")).args(&args).output().unwrap();
-    ok(out);
+    ok(distill(&args));
     let (mw, mm) = (manifest(&whole), manifest(&merged));
     let tokens = |m: &serde_json::Value| {
         m["shards"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).sum::<u64>()
@@ -155,12 +111,10 @@ fn slices_merge_into_the_whole() {
     assert_eq!(mm["slices"].as_array().unwrap().len(), 3);
     check_shards(&merged, "llama", &sample());
     // A missing slice is refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["merge-shards", "--output", tmp.path().join("m2").to_str().unwrap()])
-        .args([&slices[0], &slices[2]])
-        .output()
-        .unwrap();
-    assert!(err(out).contains("exactly once"));
+    let m2 = tmp.path().join("m2");
+    let args =
+        ["merge-shards", "--output", m2.to_str().unwrap(), slices[0].to_str().unwrap(), slices[2].to_str().unwrap()];
+    assert!(err(distill(&args)).contains("exactly once"));
 }
 
 #[test]
@@ -226,12 +180,12 @@ fn pipeline_file_options_and_flag_overrides() {
         ),
     )
     .unwrap();
-    ok(distill(&["precompute", "--config", cfg.to_str().unwrap(), "--top-k", "6"], &[]));
+    ok(distill(&["precompute", "--no-progress", "--config", cfg.to_str().unwrap(), "--top-k", "6"]));
     let m = manifest(&out);
     assert_eq!(m["settings"]["capture"]["top_k"], 6, "the flag overrides the file");
     assert_eq!(m["settings"]["capture"]["hidden_layers"], serde_json::json!([1]));
     std::fs::write(&cfg, "teacher = \"x\"\ntopk = 3\n").unwrap();
-    let e = err(distill(&["precompute", "--config", cfg.to_str().unwrap()], &[]));
+    let e = err(distill(&["precompute", "--no-progress", "--config", cfg.to_str().unwrap()]));
     assert!(e.contains("p.toml") && e.contains("topk"), "{e}");
 }
 
@@ -322,12 +276,6 @@ fn two_teacher_replicas_write_the_same_shards_as_one() {
     assert_same_shards(&one, &two);
 }
 
-/// Runs a short Python snippet in the venv; panics with its output on failure.
-fn python_ok(code: &str, args: &[&Path]) {
-    let out = Command::new(python()).arg("-c").arg(code).args(args).output().unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn parquet_input_gives_the_same_shards_as_jsonl() {
     let tmp = tempfile::tempdir().unwrap();
@@ -361,106 +309,4 @@ fn train_on_all_tokens_marks_prompts_too() {
          assert all(r['num_targets'] == r['num_tokens'] - 1 for r in t)",
         &[&out.join("shard-00000.parquet")],
     );
-}
-
-#[test]
-fn shard_reader_decodes_what_pyarrow_reads_and_refuses_bad_sets() {
-    use distill::shards::reader::ShardSet;
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("shards");
-    ok(precompute("llama", &sample(), &out, &["--top-k", "8", "--hidden-layers", "2", "--row-group-rows", "4"]));
-    let set = ShardSet::open(&out, false).unwrap();
-    assert!(set.row_groups().len() >= 3, "13 rows in row groups of 4");
-    let rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
-    assert_eq!(rows.len(), 13);
-    for r in &rows {
-        let targets = r.loss_mask.iter().filter(|&&m| m).count();
-        assert_eq!(r.tail_logmass.len(), targets);
-        assert_eq!(r.topk_ids.len(), 8 * targets);
-        assert_eq!(r.hidden[0].1.len(), 64 * targets);
-    }
-    // The same values as pyarrow reads, for one row.
-    let dump = tmp.path().join("row.json");
-    python_ok(
-        "import sys, json, pyarrow.parquet as pq\n\
-         r = pq.read_table(sys.argv[1]).to_pylist()[2]\n\
-         json.dump({k: r[k] for k in ['row_index', 'topk_ids', 'topk_logprobs', 'tail_logmass', 'hidden_2']}, open(sys.argv[2], 'w'))",
-        &[&out.join("shard-00000.parquet"), &dump],
-    );
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dump).unwrap()).unwrap();
-    let row = rows.iter().find(|r| r.row_index == want["row_index"].as_u64().unwrap()).unwrap();
-    let flat_f = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|x| x.as_array().unwrap().iter().map(|y| y.as_f64().unwrap() as f32))
-            .collect()
-    };
-    let ids: Vec<u32> = want["topk_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|x| x.as_array().unwrap().iter().map(|y| y.as_u64().unwrap() as u32))
-        .collect();
-    assert_eq!(row.topk_ids, ids);
-    assert_eq!(row.topk_logprobs.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), flat_f(&want["topk_logprobs"]));
-    assert_eq!(row.hidden[0].1.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), flat_f(&want["hidden_2"]));
-    let tail: Vec<f32> = want["tail_logmass"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-    assert_eq!(row.tail_logmass, tail);
-
-    // The student's tokenizer must be the teacher's.
-    let hash = set.manifest.settings.tokenizer.hash.clone();
-    set.check_student(&hash, 384, false).unwrap();
-    let e = set.check_student("xxh3:0000000000000000", 384, false).unwrap_err().to_string();
-    assert!(e.contains(&hash) && e.contains("xxh3:0000000000000000") && e.contains("manifest.json"), "{e}");
-    let e = set.check_student(&hash, 300, false).unwrap_err().to_string();
-    assert!(e.contains("384") && e.contains("300"), "{e}");
-    set.check_student("xxh3:0000000000000000", 300, true).unwrap();
-
-    // A corrupt shard is refused by name.
-    let shard = out.join("shard-00000.parquet");
-    let mut bytes = std::fs::read(&shard).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&shard, &bytes).unwrap();
-    let e = format!("{:#}", ShardSet::open(&out, false).err().unwrap());
-    assert!(e.contains("shard-00000.parquet") && e.contains("checksum"), "{e}");
-    std::fs::remove_file(&shard).unwrap();
-    let e = format!("{:#}", ShardSet::open(&out, false).err().unwrap());
-    assert!(e.contains("shard-00000.parquet") && e.contains("missing"), "{e}");
-    let e = format!("{:#}", ShardSet::open(tmp.path(), false).err().unwrap());
-    assert!(e.contains("not a distill shard set"), "{e}");
-}
-
-#[test]
-fn row_stream_covers_each_epoch_once_and_restarts_exactly() {
-    use distill::shards::reader::ShardSet;
-    use distill::train::data::{RowStream, StreamOptions, StreamPosition};
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("shards");
-    ok(precompute("llama", &sample(), &out, &["--top-k", "4", "--row-group-rows", "2", "--shard-tokens", "700"]));
-    let set = std::sync::Arc::new(ShardSet::open(&out, false).unwrap());
-    let opts = StreamOptions { seed: 11, window: 3, prefetch: 2, epochs: Some(2) };
-    let all: Vec<(u64, StreamPosition)> = {
-        let mut s = RowStream::new(set.clone(), opts, StreamPosition::default());
-        let mut v = vec![];
-        while let Some(row) = s.next() {
-            v.push((row.unwrap().row_index, s.position()));
-        }
-        v
-    };
-    assert_eq!(all.len(), 26);
-    for epoch in all.chunks(13) {
-        let mut ids: Vec<u64> = epoch.iter().map(|x| x.0).collect();
-        ids.sort();
-        assert_eq!(ids, (0..13).collect::<Vec<u64>>());
-    }
-    assert_ne!(all[..13].iter().map(|x| x.0).collect::<Vec<_>>(), all[13..].iter().map(|x| x.0).collect::<Vec<_>>());
-    // Resume after any row: the rest is the same sequence.
-    for cut in [1, 5, 12, 13, 20] {
-        let resumed: Vec<u64> =
-            RowStream::new(set.clone(), opts, all[cut - 1].1).map(|r| r.unwrap().row_index).collect();
-        let want: Vec<u64> = all[cut..].iter().map(|x| x.0).collect();
-        assert_eq!(resumed, want, "resume after row {cut}");
-    }
 }

@@ -1,10 +1,9 @@
 //! `distill score` against a float64 computation of the NLL from transformers' logits.
 mod common;
 use common::*;
+use distill::eval::text::{score_sequences, ScoreOptions};
 use distill::model::CausalLm;
-use distill::score::{score_sequences, ScoreOptions};
 use distill::tokenizer::MaskedTokens;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 /// Sequences of the reference "right" batch, without padding.
@@ -29,7 +28,7 @@ fn nll_matches_transformers_logits_in_float64() {
         .map(|s| MaskedTokens { ids: s.iter().map(|&x| x as u32).collect(), loss_mask: vec![true; s.len()] })
         .collect();
     // Small batches and chunks exercise the batching and the chunked head.
-    let opts = ScoreOptions { max_batch_tokens: 60, max_len: 0, max_logit_elements: 5 * 384 };
+    let opts = ScoreOptions { max_batch_tokens: 60, max_len: 0, head_chunk: Some(5) };
     let ours = score_sequences(&model, &inputs, &opts).unwrap();
     for (r, seq) in seqs.iter().enumerate() {
         let want: f64 = (1..seq.len()).map(|t| -logits.double_value(&[r as i64, t as i64 - 1, seq[t]])).sum();
@@ -54,16 +53,9 @@ fn cli_prints_jsonl_rows_and_a_total() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["score", "--device", "cpu", "--format", "jsonl", "--model"])
-        .arg(&dir)
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (dir, input) = (dir.to_str().unwrap(), input.to_str().unwrap());
+    let out = ok(distill(&["score", "--device", "cpu", "--format", "jsonl", "--model", dir, "--input", input]));
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["a", "in:2", "in:3", "ALL"]);
     let tokens: Vec<u64> = rows.iter().map(|r| r["tokens"].as_u64().unwrap()).collect();

@@ -3,23 +3,11 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use tch::{Device, Kind};
 
-fn distill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "distill failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn shards(out: &Path) -> PathBuf {
-    let (teacher, input) = (model_dir("llama"), repo().join("tests/data/sample.jsonl"));
-    let mut args = vec!["precompute", "--teacher", teacher.to_str().unwrap(), "--input", input.to_str().unwrap()];
-    args.extend(["--output", out.to_str().unwrap(), "--top-k", "8", "--devices", "cpu", "--no-progress"]);
-    ok(distill(&args));
+    ok(precompute("llama", &sample(), out, &["--top-k", "8"]));
     out.to_path_buf()
 }
 

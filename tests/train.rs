@@ -2,23 +2,14 @@
 //! shards, resume is exact, checkpoints load in transformers, bad input stops cleanly.
 mod common;
 use common::*;
+use distill::batch::feed::FeedOptions;
+use distill::eval::shards::evaluate;
 use distill::model::CausalLm;
 use distill::shards::reader::ShardSet;
-use distill::train::eval::evaluate;
-use distill::train::feed::FeedOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use tch::{Device, Kind};
-
-fn distill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "distill failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Teacher shards (tiny llama, k = 16) of a data file.
 fn shards(data: &str, out: &Path) -> PathBuf {
@@ -26,12 +17,9 @@ fn shards(data: &str, out: &Path) -> PathBuf {
 }
 
 fn shards_with(data: &str, out: &Path, extra: &[&str]) -> PathBuf {
-    let input = repo().join("tests/data").join(data);
-    let teacher = model_dir("llama");
-    let mut args = vec!["precompute", "--teacher", teacher.to_str().unwrap(), "--input", input.to_str().unwrap()];
-    args.extend(["--output", out.to_str().unwrap(), "--top-k", "16", "--devices", "cpu", "--no-progress"]);
+    let mut args = vec!["--top-k", "16"];
     args.extend(extra);
-    ok(distill(&args));
+    ok(precompute("llama", &repo().join("tests/data").join(data), out, &args));
     out.to_path_buf()
 }
 
@@ -220,11 +208,15 @@ fn shards_of_another_tokenizer_are_refused_by_name() {
         }
         a
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_distill")).args(args(false)).output().unwrap();
+    let run = |force: bool| {
+        let a = args(force);
+        distill(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run(false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("manifest.json") && stderr.contains("tokenizer.json hash"), "{stderr}");
-    ok(Command::new(env!("CARGO_BIN_EXE_distill")).args(args(true)).output().unwrap());
+    ok(run(true));
 }
 
 #[test]

@@ -1,11 +1,12 @@
+//! `distill bench-reader`: how fast the shard reader decodes a set, as `train` reads it.
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use distill::batch::stream::{RowStream, StreamOptions, StreamPosition};
 use distill::shards::reader::ShardSet;
-use distill::train::data::{RowStream, StreamOptions, StreamPosition};
 
 /// Streams one epoch of a shard set the way `train` reads it (shuffled, decoded on the
 /// rayon pool) and prints the decode rate, to compare with the trainer's tokens/s.
@@ -28,8 +29,8 @@ pub fn run(args: BenchReaderArgs) -> Result<()> {
     for row in RowStream::new(set, opts, StreamPosition::default()) {
         let row = row?;
         rows += 1;
-        tokens += row.input_ids.len();
-        targets += row.tail_logmass.len();
+        tokens += row.sequence.len();
+        targets += row.num_targets();
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(

@@ -1,3 +1,4 @@
+//! `distill env`: the libtorch, CUDA and GPUs this binary runs with.
 use anyhow::Result;
 use clap::Args;
 use distill::runtime::RuntimeInfo;

@@ -1,16 +1,17 @@
+//! `distill eval`: text and shard metrics of several models, as a table or JSON.
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use distill::batch::feed::FeedOptions;
 use distill::dataset::FieldNames;
+use distill::eval::shards::evaluate;
+use distill::eval::text::{check_tokenizer_fits, text_metrics, ScoreOptions, TextMetrics};
 use distill::model::{parse_kind, CausalLm};
 use distill::runtime::parse_device;
-use distill::score::{check_tokenizer_fits, score_inputs, ScoreOptions};
 use distill::shards::reader::ShardSet;
-use distill::train::eval::evaluate;
-use distill::train::feed::FeedOptions;
 
 /// Held-out evaluation of one or more models (students, checkpoints, the teacher):
 /// cross-entropy and perplexity on text, and on teacher shards also KL to the teacher
@@ -43,15 +44,8 @@ pub struct EvalArgs {
 struct ModelEval {
     name: String,
     path: PathBuf,
-    text: Option<TextEval>,
+    text: Option<TextMetrics>,
     shards: Option<ShardEval>,
-}
-
-#[derive(Debug, Serialize)]
-struct TextEval {
-    tokens: usize,
-    cross_entropy: f64,
-    perplexity: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,10 +76,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             None
         } else {
             let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, ..ScoreOptions::default() };
-            let (_, sums) = score_inputs(&path, &model, &args.text, &FieldNames::default(), &opts)?;
-            let tokens: usize = sums.iter().map(|s| s.0).sum();
-            let ce = sums.iter().map(|s| s.1).sum::<f64>() / tokens.max(1) as f64;
-            Some(TextEval { tokens, cross_entropy: ce, perplexity: ce.exp() })
+            Some(text_metrics(&path, &model, &args.text, &FieldNames::default(), &opts)?)
         };
         let shards = match &set {
             None => None,

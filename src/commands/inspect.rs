@@ -1,8 +1,9 @@
+//! `distill inspect`: a shard set's manifest, sizes and sample rows, as text or JSON.
 use anyhow::Result;
 use clap::Args;
 use std::path::{Path, PathBuf};
 
-use distill::precompute::plan::hash_file;
+use distill::files::checksum_file;
 use distill::shards::inspect::{inspect, InspectOptions, ShardReport};
 use distill::shards::manifest::Manifest;
 use distill::tokenizer::TextTokenizer;
@@ -47,7 +48,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
 fn find_tokenizer(m: &Manifest, given: Option<&Path>) -> Option<TextTokenizer> {
     let dir = given.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&m.settings.teacher.path));
     let path = dir.join("tokenizer.json");
-    match hash_file(&path) {
+    match checksum_file(&path) {
         Ok(h) if h == m.settings.tokenizer.hash => TextTokenizer::from_dir(&dir).ok(),
         Ok(h) => {
             eprintln!(

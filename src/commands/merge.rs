@@ -1,3 +1,4 @@
+//! `distill merge-shards`: join the shard sets of a sliced precompute into one.
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;

@@ -1,18 +1,19 @@
-use anyhow::{bail, Result};
+//! `distill precompute`: flags and pipeline file -> `PrecomputeConfig`, and the summary.
+use anyhow::Result;
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use distill::dataset::FieldNames;
 use distill::model::parse_kind;
-use distill::precompute::{run, PrecomputeConfig, Summary};
+use distill::precompute::{self, PrecomputeConfig, Summary};
 use distill::runtime::parse_device;
 use distill::shards::manifest::Slice;
 use distill::shards::writer::ParquetOptions;
 
 /// Every option can come from a TOML file (`--config`, keys named as the flags with
 /// `_` for `-`); flags given on the command line override it.
-#[derive(Args, Deserialize, Default, Clone)]
+#[derive(Args, Serialize, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PrecomputeArgs {
     /// TOML pipeline file with any of the options below.
@@ -88,105 +89,64 @@ pub struct PrecomputeArgs {
     /// Hide the progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     no_progress: Option<bool>,
-}
-
-impl PrecomputeArgs {
-    /// Command-line values over file values.
-    fn over(self, file: PrecomputeArgs) -> PrecomputeArgs {
-        macro_rules! pick {
-            ($($f:ident),*) => { PrecomputeArgs { config: self.config, $($f: self.$f.or(file.$f)),* } };
-        }
-        pick!(
-            teacher,
-            input,
-            output,
-            text_field,
-            prompt_field,
-            response_field,
-            messages_field,
-            max_len,
-            pack,
-            top_k,
-            hidden_layers,
-            devices,
-            dtype,
-            batch_tokens,
-            shard_tokens,
-            zstd_level,
-            row_group_rows,
-            byte_stream_split,
-            shard_index,
-            num_shards,
-            train_on_all_tokens,
-            skip_invalid,
-            overwrite,
-            no_progress
-        )
-    }
+    /// Testing only: abort like `kill -9` part-way into the shard after N complete ones.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    crash_after_shards: Option<usize>,
 }
 
 pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
-    let args = match args.config.clone() {
-        Some(path) => args.over(super::read_pipeline_file(&path)?),
-        None => args,
-    };
-    let Some(teacher) = args.teacher else { bail!("--teacher is required (or `teacher` in the --config file)") };
-    let Some(inputs) = args.input else { bail!("--input is required (or `input` in the --config file)") };
-    let Some(output) = args.output else { bail!("--output is required (or `output` in the --config file)") };
-    let devices = match args.devices {
+    // Neither is a pipeline-file key, so neither survives the merge.
+    let (file, crash_after_shards) = (args.config.clone(), args.crash_after_shards);
+    let a = super::with_pipeline_file(args, file.as_deref())?;
+    let d = PrecomputeConfig::default();
+    let devices = match a.devices {
         Some(list) => list
             .iter()
             .map(|replica| replica.split('+').map(parse_device).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?,
-        None => vec![vec![parse_device("auto")?]],
+        None => d.devices,
     };
-    let on_cuda = devices.iter().flatten().all(|d| d.is_cuda());
-    let dtype = match args.dtype.as_deref() {
-        None | Some("auto") => {
-            if on_cuda {
-                tch::Kind::BFloat16
-            } else {
-                tch::Kind::Float
-            }
-        }
-        Some(s) => parse_kind(s)?,
-    };
-    let defaults = FieldNames::default();
-    Ok(PrecomputeConfig {
-        teacher,
-        inputs,
-        output,
+    let cfg = PrecomputeConfig {
+        teacher: a.teacher.unwrap_or_default(),
+        inputs: a.input.unwrap_or_default(),
+        output: a.output.unwrap_or_default(),
         fields: FieldNames {
-            text: args.text_field.unwrap_or(defaults.text),
-            prompt: args.prompt_field.unwrap_or(defaults.prompt),
-            response: args.response_field.unwrap_or(defaults.response),
-            messages: args.messages_field.unwrap_or(defaults.messages),
+            text: a.text_field.unwrap_or(d.fields.text),
+            prompt: a.prompt_field.unwrap_or(d.fields.prompt),
+            response: a.response_field.unwrap_or(d.fields.response),
+            messages: a.messages_field.unwrap_or(d.fields.messages),
         },
-        max_len: args.max_len.unwrap_or(2048),
-        pack: args.pack.unwrap_or(false),
-        top_k: args.top_k.unwrap_or(64),
-        hidden_layers: args.hidden_layers.unwrap_or_default(),
+        max_len: a.max_len.unwrap_or(d.max_len),
+        pack: a.pack.unwrap_or(d.pack),
+        top_k: a.top_k.unwrap_or(d.top_k),
+        hidden_layers: a.hidden_layers.unwrap_or(d.hidden_layers),
         devices,
-        dtype,
-        batch_tokens: args.batch_tokens.unwrap_or(16384),
-        shard_tokens: args.shard_tokens.unwrap_or(1_000_000),
-        parquet: ParquetOptions {
-            zstd_level: args.zstd_level.unwrap_or(3),
-            row_group_rows: args.row_group_rows.unwrap_or(64),
-            byte_stream_split: args.byte_stream_split.unwrap_or(true),
+        dtype: match a.dtype.as_deref() {
+            None | Some("auto") => None,
+            Some(s) => Some(parse_kind(s)?),
         },
-        slice: Slice { index: args.shard_index.unwrap_or(0), count: args.num_shards.unwrap_or(1) },
-        skip_invalid: args.skip_invalid.unwrap_or(false),
-        train_on_all_tokens: args.train_on_all_tokens.unwrap_or(false),
-        overwrite: args.overwrite.unwrap_or(false),
-        progress: !args.no_progress.unwrap_or(false),
-        max_logit_elements: 1 << 28,
-    })
+        batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
+        shard_tokens: a.shard_tokens.unwrap_or(d.shard_tokens),
+        parquet: ParquetOptions {
+            zstd_level: a.zstd_level.unwrap_or(d.parquet.zstd_level),
+            row_group_rows: a.row_group_rows.unwrap_or(d.parquet.row_group_rows),
+            byte_stream_split: a.byte_stream_split.unwrap_or(d.parquet.byte_stream_split),
+        },
+        slice: Slice { index: a.shard_index.unwrap_or(d.slice.index), count: a.num_shards.unwrap_or(d.slice.count) },
+        skip_invalid: a.skip_invalid.unwrap_or(d.skip_invalid),
+        train_on_all_tokens: a.train_on_all_tokens.unwrap_or(d.train_on_all_tokens),
+        overwrite: a.overwrite.unwrap_or(d.overwrite),
+        progress: !a.no_progress.unwrap_or(!d.progress),
+        crash_after_shards,
+    };
+    cfg.validate()?;
+    Ok(cfg)
 }
 
-pub fn run_command(args: PrecomputeArgs) -> Result<()> {
+pub fn run(args: PrecomputeArgs) -> Result<()> {
     let cfg = config_from(args)?;
-    let summary = run(&cfg)?;
+    let summary = precompute::run(&cfg)?;
     print_summary(&cfg, &summary);
     Ok(())
 }

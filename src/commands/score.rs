@@ -1,11 +1,12 @@
+//! `distill score`: per-example NLL and perplexity of one model, as a table or JSONL.
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
 use distill::dataset::FieldNames;
+use distill::eval::text::{check_tokenizer_fits, rows, score_inputs, ScoreOptions};
 use distill::model::{parse_kind, CausalLm};
 use distill::runtime::parse_device;
-use distill::score::{check_tokenizer_fits, rows, score_inputs, ScoreOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {

@@ -1,3 +1,4 @@
+//! `distill student init`: a student made from a teacher's layers or a narrower shape.
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;

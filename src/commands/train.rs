@@ -1,6 +1,8 @@
-use anyhow::{bail, Result};
+//! `distill train`: flags and pipeline file -> `TrainConfig`, a progress bar or one line
+//! per step, and a closing line.
+use anyhow::Result;
 use clap::{Args, ValueEnum};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use distill::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
@@ -8,9 +10,9 @@ use distill::runtime::parse_device;
 use distill::train::hidden::HiddenMap;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
-use distill::train::trainer::{train, HiddenSettings, Precision, TrainConfig};
+use distill::train::{train, HiddenSettings, Precision, TrainConfig};
 
-#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum Loss {
     ForwardKl,
@@ -18,7 +20,7 @@ enum Loss {
     Jsd,
 }
 
-#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum DecayArg {
     Cosine,
@@ -26,7 +28,7 @@ enum DecayArg {
     Constant,
 }
 
-#[derive(Clone, Copy, ValueEnum, Deserialize, PartialEq)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
 enum PrecisionArg {
     Auto,
@@ -36,7 +38,7 @@ enum PrecisionArg {
 
 /// Every option can come from a TOML file (`--config`, keys named as the flags with `_`
 /// for `-`); flags given on the command line override it.
-#[derive(Args, Deserialize, Default)]
+#[derive(Args, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
     /// TOML pipeline file with any of the options below.
@@ -123,7 +125,7 @@ pub struct TrainArgs {
     /// Train even if the shards were made with another tokenizer.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     force_tokenizer: Option<bool>,
-    /// Positions per chunk of the head and loss [default: 16M / vocabulary size].
+    /// Positions per chunk of the head and loss [default: 64 MiB of float32 logits on a CPU, 256 MiB on a GPU].
     #[arg(long)]
     head_chunk: Option<i64>,
     /// Stop this run at this step (with a checkpoint); --resume continues the schedule.
@@ -140,111 +142,60 @@ pub struct TrainArgs {
     hidden_cosine: Option<bool>,
 }
 
-impl TrainArgs {
-    /// Command-line values over file values.
-    fn over(self, file: TrainArgs) -> TrainArgs {
-        macro_rules! pick {
-            ($($f:ident),*) => { TrainArgs { config: self.config, $($f: self.$f.or(file.$f)),* } };
-        }
-        pick!(
-            student,
-            shards,
-            output,
-            device,
-            steps,
-            batch_tokens,
-            pack,
-            seq_len,
-            recompute,
-            precision,
-            grad_accum,
-            lr,
-            warmup_steps,
-            decay,
-            min_lr_ratio,
-            weight_decay,
-            clip_norm,
-            alpha,
-            loss,
-            beta,
-            renormalized_topk,
-            temperature,
-            seed,
-            save_every,
-            keep_last,
-            resume,
-            force_tokenizer,
-            head_chunk,
-            stop_at,
-            hidden_map,
-            hidden_weight,
-            hidden_cosine
-        )
-    }
-}
-
 pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
-    let a = match args.config.clone() {
-        Some(path) => args.over(super::read_pipeline_file(&path)?),
-        None => args,
+    let file = args.config.clone();
+    let a = super::with_pipeline_file(args, file.as_deref())?;
+    let d = TrainConfig::default();
+    let steps = a.steps.unwrap_or(d.steps);
+    let divergence = match a.loss {
+        None => d.kd.divergence,
+        Some(Loss::ForwardKl) => Divergence::ForwardKl,
+        Some(Loss::ReverseKl) => Divergence::ReverseKl,
+        Some(Loss::Jsd) => Divergence::Jsd { beta: a.beta.unwrap_or(0.5) },
     };
-    let (Some(student), Some(shards), Some(output)) = (a.student, a.shards, a.output) else {
-        bail!("--student, --shards and --output are required (or in the --config file)");
+    let decay = match a.decay {
+        None => d.schedule.decay,
+        Some(DecayArg::Cosine) => Decay::Cosine,
+        Some(DecayArg::Linear) => Decay::Linear,
+        Some(DecayArg::Constant) => Decay::Constant,
     };
-    let alpha = a.alpha.unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&alpha) {
-        bail!("--alpha must lie in [0, 1], not {alpha}");
-    }
-    let divergence = match a.loss.unwrap_or(Loss::ForwardKl) {
-        Loss::ForwardKl => Divergence::ForwardKl,
-        Loss::ReverseKl => Divergence::ReverseKl,
-        Loss::Jsd => Divergence::Jsd { beta: a.beta.unwrap_or(0.5) },
-    };
-    let decay = match a.decay.unwrap_or(DecayArg::Cosine) {
-        DecayArg::Cosine => Decay::Cosine,
-        DecayArg::Linear => Decay::Linear,
-        DecayArg::Constant => Decay::Constant,
-    };
-    let steps = a.steps.unwrap_or(100);
     let maps: Vec<HiddenMap> = a.hidden_map.unwrap_or_default().iter().map(|m| m.parse()).collect::<Result<_>>()?;
-    let device = parse_device(a.device.as_deref().unwrap_or("auto"))?;
-    let precision = match a.precision.unwrap_or(PrecisionArg::Auto) {
-        PrecisionArg::Auto if device.is_cuda() => Precision::Bf16Autocast,
-        PrecisionArg::Auto | PrecisionArg::F32 => Precision::Float32,
-        PrecisionArg::Bf16 => Precision::Bf16Autocast,
-    };
-    Ok(TrainConfig {
-        student,
-        shards,
-        output,
-        device,
+    let cfg = TrainConfig {
+        student: a.student.unwrap_or_default(),
+        shards: a.shards.unwrap_or_default(),
+        output: a.output.unwrap_or_default(),
+        device: a.device.as_deref().map(parse_device).transpose()?.unwrap_or(d.device),
         steps,
-        batch_tokens: a.batch_tokens.unwrap_or(8192),
-        pack: a.pack.unwrap_or(false),
+        batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
+        pack: a.pack.unwrap_or(d.pack),
         seq_len: a.seq_len,
-        recompute: a.recompute.unwrap_or(false),
-        precision,
-        grad_accum: a.grad_accum.unwrap_or(1),
+        recompute: a.recompute.unwrap_or(d.recompute),
+        precision: match a.precision {
+            None | Some(PrecisionArg::Auto) => Precision::Auto,
+            Some(PrecisionArg::F32) => Precision::Float32,
+            Some(PrecisionArg::Bf16) => Precision::Bf16Autocast,
+        },
+        grad_accum: a.grad_accum.unwrap_or(d.grad_accum),
         schedule: LrSchedule {
-            peak_lr: a.lr.unwrap_or(1e-4),
-            warmup_steps: a.warmup_steps.unwrap_or(0),
+            peak_lr: a.lr.unwrap_or(d.schedule.peak_lr),
+            warmup_steps: a.warmup_steps.unwrap_or(d.schedule.warmup_steps),
             total_steps: steps,
             decay,
-            min_lr_ratio: a.min_lr_ratio.unwrap_or(0.1),
+            min_lr_ratio: a.min_lr_ratio.unwrap_or(d.schedule.min_lr_ratio),
         },
-        adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(0.01), ..AdamWConfig::default() },
-        clip_norm: a.clip_norm.unwrap_or(1.0),
-        alpha,
+        adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(d.adamw.weight_decay), ..d.adamw },
+        clip_norm: a.clip_norm.unwrap_or(d.clip_norm),
+        alpha: a.alpha.unwrap_or(d.alpha),
         kd: KdLoss {
             divergence,
-            mode: if a.renormalized_topk.unwrap_or(false) { TopKMode::Renormalized } else { TopKMode::Bucket },
-            temperature: a.temperature.unwrap_or(1.0),
+            mode: if a.renormalized_topk.unwrap_or(false) { TopKMode::Renormalized } else { d.kd.mode },
+            temperature: a.temperature.unwrap_or(d.kd.temperature),
         },
-        seed: a.seed.unwrap_or(0),
-        save_every: a.save_every.unwrap_or(100),
-        keep_last: a.keep_last.unwrap_or(2),
-        resume: a.resume.unwrap_or(false),
-        force_tokenizer: a.force_tokenizer.unwrap_or(false),
+        seed: a.seed.unwrap_or(d.seed),
+        save_every: a.save_every.unwrap_or(d.save_every),
+        keep_last: a.keep_last.unwrap_or(d.keep_last),
+        resume: a.resume.unwrap_or(d.resume),
+        force_tokenizer: a.force_tokenizer.unwrap_or(d.force_tokenizer),
         head_chunk: a.head_chunk,
         stop_at: a.stop_at,
         hidden: (!maps.is_empty()).then(|| HiddenSettings {
@@ -252,7 +203,9 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             weight: a.hidden_weight.unwrap_or(1.0),
             loss: if a.hidden_cosine.unwrap_or(false) { HiddenLoss::Cosine } else { HiddenLoss::Mse },
         }),
-    })
+    };
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -303,5 +256,20 @@ mod tests {
             }
         }
         assert!(n >= 2);
+    }
+
+    #[test]
+    fn flags_override_the_pipeline_file_and_the_rest_comes_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        let text =
+            "student = \"s\"\nshards = \"d\"\noutput = \"o\"\nsteps = 5\nlr = 0.5\nloss = \"jsd\"\npack = true\n";
+        std::fs::write(&file, text).unwrap();
+        let args = TrainArgs { config: Some(file), steps: Some(7), device: Some("cpu".into()), ..TrainArgs::default() };
+        let cfg = config_from(args).unwrap();
+        assert_eq!((cfg.steps, cfg.schedule().total_steps), (7, 7), "the flag wins");
+        assert_eq!(cfg.schedule.peak_lr, 0.5, "the file fills what the flags leave out");
+        assert!(cfg.pack && cfg.kd.divergence == Divergence::Jsd { beta: 0.5 });
+        assert_eq!(cfg.batch_tokens, TrainConfig::default().batch_tokens, "the library's default");
     }
 }

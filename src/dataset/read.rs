@@ -163,16 +163,9 @@ pub fn hash_inputs(files: &[PathBuf]) -> Result<String> {
         hasher.update(name.as_bytes());
         let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
         hasher.update(&f.metadata()?.len().to_le_bytes());
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("cannot read {}", file.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        crate::files::update_from(&mut hasher, &mut f).with_context(|| format!("cannot read {}", file.display()))?;
     }
-    Ok(format!("xxh3:{:016x}", hasher.digest()))
+    Ok(crate::files::xxh3_string(hasher.digest()))
 }
 
 #[cfg(test)]

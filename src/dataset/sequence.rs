@@ -35,12 +35,32 @@ impl Sequence {
         self.ids.is_empty()
     }
 
-    pub fn tokens(&self) -> crate::batch::RowTokens<'_> {
-        crate::batch::RowTokens { ids: &self.ids, loss_mask: &self.loss_mask, doc_lengths: &self.doc_lengths }
-    }
-
     pub fn num_targets(&self) -> usize {
         self.loss_mask.iter().filter(|&&m| m).count()
+    }
+
+    /// Position of each token within its document (restarting at 0 per document).
+    pub fn position_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
+    }
+
+    /// Index of each token's document within the row.
+    pub fn segment_ids(&self) -> Vec<i64> {
+        self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()
+    }
+
+    /// `other` laid after this row: its documents stay separate (their lengths are
+    /// kept) and its first token is not a target, so no token predicts across the
+    /// boundary. Packing at precompute and at training time both join rows this way.
+    pub fn append(&mut self, other: Sequence) {
+        let start = self.ids.len();
+        self.sample_ids.extend(other.sample_ids);
+        self.doc_lengths.extend(other.doc_lengths);
+        self.ids.extend(other.ids);
+        self.loss_mask.extend(other.loss_mask);
+        if let Some(first) = self.loss_mask.get_mut(start) {
+            *first = false;
+        }
     }
 }
 
@@ -136,12 +156,7 @@ fn pack(docs: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
     let mut rows: Vec<Sequence> = vec![];
     for doc in docs {
         match rows.last_mut() {
-            Some(row) if row.len() + doc.len() <= max_len => {
-                row.sample_ids.extend(doc.sample_ids);
-                row.doc_lengths.extend(doc.doc_lengths);
-                row.ids.extend(doc.ids);
-                row.loss_mask.extend(doc.loss_mask);
-            }
+            Some(row) if row.len() + doc.len() <= max_len => row.append(doc),
             _ => rows.push(doc),
         }
     }
@@ -170,8 +185,8 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].sample_ids, ["a", "b"]);
         assert_eq!(rows[0].doc_lengths, [3, 4]);
-        assert_eq!(rows[0].tokens().position_ids(), [0, 1, 2, 0, 1, 2, 3]);
-        assert_eq!(rows[0].tokens().segment_ids(), [0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(rows[0].position_ids(), [0, 1, 2, 0, 1, 2, 3]);
+        assert_eq!(rows[0].segment_ids(), [0, 0, 0, 1, 1, 1, 1]);
         assert_eq!(rows[0].loss_mask, [false, true, true, false, true, true, true]);
         assert_eq!(rows[1].sample_ids, ["c", "d"]);
     }

@@ -63,9 +63,8 @@ pub struct KdLoss {
 }
 
 impl KdLoss {
-    /// Per-position divergence `[P]` between teacher targets and student logits `[P, V]`,
-    /// times T^2.
-    pub fn per_position(&self, student_logits: &Tensor, teacher: &TeacherTargets) -> Result<Tensor> {
+    /// Refuses settings no loss can be computed with.
+    pub fn check(&self) -> Result<()> {
         let t = self.temperature;
         if t <= 0.0 {
             bail!("temperature must be positive, not {t}");
@@ -75,13 +74,23 @@ impl KdLoss {
                 bail!("JSD beta must lie in [0, 1], not {beta}");
             }
         }
+        if self.mode == TopKMode::Bucket && t != 1.0 {
+            bail!(
+                "the tail bucket holds mass at temperature 1 only; use the renormalised top-k mode with a temperature"
+            );
+        }
+        Ok(())
+    }
+
+    /// Per-position divergence `[P]` between teacher targets and student logits `[P, V]`,
+    /// times T^2.
+    pub fn per_position(&self, student_logits: &Tensor, teacher: &TeacherTargets) -> Result<Tensor> {
+        self.check()?;
+        let t = self.temperature;
         let z = student_logits.to_kind(Kind::Float);
         let logp_k = teacher.logprobs.to_kind(Kind::Float);
         let (log_p, log_q) = match self.mode {
             TopKMode::Bucket => {
-                if t != 1.0 {
-                    bail!("the tail bucket holds mass at temperature 1 only; use the renormalised top-k mode with a temperature");
-                }
                 let lse = z.logsumexp([-1], true);
                 let q_k = z.gather(-1, &teacher.ids, false) - &lse;
                 // The student's tail from its own logsumexp over the non-top-k logits.

@@ -2,9 +2,10 @@
 //!
 //! `CausalLm::load(dir, ..)` reads `config.json` and safetensors weights;
 //! `forward` returns logits and the requested hidden states; `save` writes the
-//! same layout back (see `save.rs`).
+//! same layout back (see `save.rs`); `logits` applies the head in chunks of positions.
 pub mod backward;
 pub mod config;
+pub mod logits;
 pub mod rope;
 pub mod save;
 pub mod transformer;

@@ -11,6 +11,7 @@ use tch::{Device, Tensor};
 
 use super::weights::{dtype_of, INDEX_FILE, SINGLE_FILE};
 use super::{kind_name, CausalLm};
+use crate::files::write_atomic;
 
 /// transformers' default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -94,12 +95,4 @@ impl CausalLm {
         write_atomic(&dir.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
         Ok(())
     }
-}
-
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-distill");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }

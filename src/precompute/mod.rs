@@ -4,49 +4,19 @@
 //! Resuming is the default: a rerun into the same output directory with the same
 //! settings verifies the shards listed in the manifest and continues after them. A
 //! run with other settings is refused with the differing fields named.
+pub mod capture;
+pub mod config;
 pub mod pipeline;
 pub mod plan;
 
-use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use anyhow::{bail, Result};
 use std::time::Duration;
-use tch::{Device, Kind};
 
-use crate::capture::CaptureSettings;
-use crate::dataset::FieldNames;
-use crate::shards::manifest::{settings_diff, Manifest, Slice};
-use crate::shards::writer::{file_checksum, ParquetOptions};
+use crate::shards::dir::open_for_writing;
+use capture::CaptureSettings;
+pub use config::PrecomputeConfig;
 use pipeline::{jobs_for, Pass};
 use plan::{plan_batches, plan_shards, prepare};
-
-#[derive(Debug, Clone)]
-pub struct PrecomputeConfig {
-    pub teacher: PathBuf,
-    pub inputs: Vec<String>,
-    pub output: PathBuf,
-    pub fields: FieldNames,
-    pub max_len: usize,
-    pub pack: bool,
-    pub top_k: usize,
-    pub hidden_layers: Vec<usize>,
-    /// One teacher replica per entry; an entry of several devices splits that replica
-    /// by layers over them.
-    pub devices: Vec<Vec<Device>>,
-    pub dtype: Kind,
-    /// Padded tokens per teacher batch.
-    pub batch_tokens: usize,
-    pub shard_tokens: usize,
-    pub parquet: ParquetOptions,
-    pub slice: Slice,
-    pub skip_invalid: bool,
-    /// Targets for every token, not only responses / assistant turns.
-    pub train_on_all_tokens: bool,
-    /// Delete an existing shard set in `output` instead of resuming it.
-    pub overwrite: bool,
-    pub progress: bool,
-    /// Upper bound on elements of one float32 `[positions, vocab]` logits chunk.
-    pub max_logit_elements: i64,
-}
 
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -77,9 +47,10 @@ impl Summary {
 }
 
 pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
+    cfg.validate()?;
     let prepared = prepare(cfg)?;
     let dir = &cfg.output;
-    let mut manifest = open_output(cfg, &prepared.settings, prepared.skipped.clone())?;
+    let mut manifest = open_for_writing(dir, &prepared.settings, cfg.slice, prepared.skipped.clone(), cfg.overwrite)?;
     let shards = plan_shards(&prepared.rows, cfg.shard_tokens);
     manifest.planned_shards = shards.len();
     let done = manifest.shards.len();
@@ -109,7 +80,6 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
             top_k: cfg.top_k,
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: prepared.settings.tokenizer.vocab_size,
-            max_logit_elements: cfg.max_logit_elements,
         },
         settings_json: serde_json::to_string(&prepared.settings)?,
         on_progress: &on_progress,
@@ -132,85 +102,6 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         invalid_rows: manifest.skipped.invalid_rows,
         truncated_examples: manifest.skipped.truncated_examples,
     })
-}
-
-/// Creates the output directory, or checks and resumes the shard set already in it.
-fn open_output(
-    cfg: &PrecomputeConfig,
-    settings: &crate::shards::manifest::Settings,
-    skipped: crate::shards::manifest::SkipReport,
-) -> Result<Manifest> {
-    let dir = &cfg.output;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let manifest_path = Manifest::path(dir);
-    if cfg.overwrite {
-        remove_shard_set(dir)?;
-    }
-    let fresh = Manifest::new(settings.clone(), cfg.slice, 0, skipped);
-    if !manifest_path.exists() {
-        let stray: Vec<String> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".tmp"))
-            .collect();
-        if !stray.is_empty() {
-            bail!("{}: not empty and not a shard set (found {}); choose an empty --output", dir.display(), stray[0]);
-        }
-        remove_temporaries(dir)?;
-        fresh.save(dir)?;
-        return Ok(fresh);
-    }
-    let existing = Manifest::load(dir)?;
-    let diff = settings_diff(settings, &existing.settings);
-    if !diff.is_empty() || existing.slices != vec![cfg.slice] {
-        let mut lines = diff;
-        if existing.slices != vec![cfg.slice] {
-            lines.push(format!("slices: {:?} there, {:?} here", existing.slices, vec![cfg.slice]));
-        }
-        bail!(
-            "{} holds shards made with other settings:\n  {}\nuse another --output, or --overwrite to replace them",
-            manifest_path.display(),
-            lines.join("\n  ")
-        );
-    }
-    for shard in &existing.shards {
-        let path = dir.join(&shard.file);
-        let checksum =
-            file_checksum(&path).with_context(|| format!("{}: listed shard is unreadable", path.display()))?;
-        if checksum != shard.checksum {
-            bail!(
-                "{}: checksum {checksum} does not match the manifest's {}; the shard is corrupt",
-                path.display(),
-                shard.checksum
-            );
-        }
-    }
-    remove_temporaries(dir)?;
-    Ok(Manifest { skipped: fresh.skipped, ..existing })
-}
-
-/// Half-written shards of an interrupted run: never listed, safe to delete.
-fn remove_temporaries(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "tmp") {
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_shard_set(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let ours = name == crate::shards::manifest::MANIFEST_FILE
-            || (name.starts_with("shard-") && (name.ends_with(".parquet") || name.ends_with(".tmp")));
-        if ours {
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {

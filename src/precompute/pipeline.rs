@@ -9,13 +9,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tch::Device;
 
+use super::capture::{capture_batch, CaptureSettings};
 use super::PrecomputeConfig;
-use crate::capture::{capture_batch, CaptureSettings, CapturedRow};
 use crate::dataset::sequence::Sequence;
 use crate::model::CausalLm;
 use crate::shards::manifest::Manifest;
+use crate::shards::row::ShardRow;
 use crate::shards::schema::ShardLayout;
-use crate::shards::writer::{ShardRow, ShardWriter};
+use crate::shards::writer::ShardWriter;
 
 /// One batch of one shard; `seq` numbers batches across the whole run.
 pub struct Job {
@@ -27,7 +28,7 @@ pub struct Job {
 
 struct Done {
     job: Job,
-    captured: Vec<CapturedRow>,
+    rows: Vec<ShardRow>,
 }
 
 /// Time accounting for the summary.
@@ -89,7 +90,7 @@ impl Pass<'_> {
     /// Loads a teacher replica on `devices` and captures batches until the queue closes.
     fn worker(&self, devices: &[Device], jobs: Receiver<Job>, done: Sender<Result<Done>>) -> Duration {
         let mut busy = Duration::ZERO;
-        let model = match CausalLm::load_split(&self.cfg.teacher, devices, self.cfg.dtype) {
+        let model = match CausalLm::load_split(&self.cfg.teacher, devices, self.cfg.teacher_dtype()) {
             Ok(m) => m,
             Err(e) => {
                 let _ = done.send(Err(e.context(format!("loading the teacher on {devices:?}"))));
@@ -102,7 +103,7 @@ impl Pass<'_> {
             let result = capture_batch(&model, &rows, &self.capture);
             busy += t0.elapsed();
             let failed = result.is_err();
-            if done.send(result.map(|captured| Done { job, captured })).is_err() || failed {
+            if done.send(result.map(|rows| Done { job, rows })).is_err() || failed {
                 break;
             }
         }
@@ -111,9 +112,6 @@ impl Pass<'_> {
 
     /// Writes results in `seq` order; returns the number of tokens written.
     fn writer(&self, done: Receiver<Result<Done>>, dir: &Path, manifest: &mut Manifest) -> Result<usize> {
-        // Fault injection for the resume tests: abort like `kill -9` part-way into the
-        // shard after this many complete ones.
-        let crash_after: Option<usize> = std::env::var("DISTILL_CRASH_AFTER_SHARDS").ok().and_then(|v| v.parse().ok());
         let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
         // Jobs are numbered from 0 (see `jobs_for`): write them in that order whichever
         // replica finishes first.
@@ -136,20 +134,13 @@ impl Pass<'_> {
                     current = Some((d.job.shard, w));
                 }
                 let (_, w) = current.as_mut().expect("writer opened above");
-                let rows: Vec<ShardRow> = d
-                    .job
-                    .rows
-                    .iter()
-                    .zip(&d.captured)
-                    .map(|(&i, c)| ShardRow { sequence: &self.rows[i], captured: c })
-                    .collect();
-                w.write(&rows)?;
-                if crash_after == Some(manifest.shards.len()) {
-                    std::process::abort();
+                w.write(&d.rows)?;
+                if self.cfg.crash_after_shards == Some(manifest.shards.len()) {
+                    std::process::abort(); // the resume tests' stand-in for `kill -9`
                 }
-                let n: usize = rows.iter().map(|r| r.sequence.len()).sum();
+                let n: usize = d.rows.iter().map(|r| r.sequence.len()).sum();
                 tokens += n;
-                (self.on_progress)(rows.len(), n);
+                (self.on_progress)(d.rows.len(), n);
                 if d.job.last_of_shard {
                     let (_, w) = current.take().expect("writer open");
                     manifest.shards.push(w.finish()?);

@@ -1,14 +1,14 @@
 //! Before the teacher runs: read and slice the data, tokenise it, describe the run
 //! (`Settings`), and cut the rows into shards and batches. All of it is deterministic,
 //! so a resumed run plans exactly the shards of the interrupted one.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::ops::Range;
-use std::path::Path;
 
 use super::PrecomputeConfig;
 use crate::chat::ChatTemplate;
 use crate::dataset::read::{hash_inputs, read_records, resolve_inputs};
 use crate::dataset::sequence::{build_sequences, Sequence, SequenceOptions};
+use crate::files::checksum_file;
 use crate::model::{kind_name, ModelConfig};
 use crate::shards::manifest::{
     CaptureInfo, DataInfo, Settings, ShardingInfo, SkipReport, SourceFile, TeacherInfo, TokenizerInfo,
@@ -40,9 +40,6 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         bail!("--top-k {} must be between 1 and the vocabulary size {vocab}", cfg.top_k);
     }
     let (slice_index, slice_count) = (cfg.slice.index, cfg.slice.count);
-    if slice_count == 0 || slice_index >= slice_count {
-        bail!("--shard-index {slice_index} must be below --num-shards {slice_count}");
-    }
 
     let files = resolve_inputs(&cfg.inputs)?;
     let data_hash = hash_inputs(&files)?;
@@ -75,17 +72,17 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
     let settings = Settings {
         teacher: TeacherInfo {
             path: cfg.teacher.display().to_string(),
-            config_hash: hash_file(&config_path)?,
+            config_hash: checksum_file(&config_path)?,
             architecture: teacher_config.family.architecture().into(),
             num_layers: n_layers,
             hidden_size: teacher_config.hidden_size,
             model_vocab_size: teacher_config.vocab_size,
-            dtype: kind_name(cfg.dtype).into(),
+            dtype: kind_name(cfg.teacher_dtype()).into(),
         },
         tokenizer: TokenizerInfo {
-            hash: hash_file(tokenizer.path())?,
+            hash: checksum_file(tokenizer.path())?,
             vocab_size: vocab,
-            chat_template_hash: template.as_ref().map(|t| hash_file(t.origin())).transpose()?,
+            chat_template_hash: template.as_ref().map(|t| checksum_file(t.origin())).transpose()?,
         },
         capture: CaptureInfo {
             top_k: cfg.top_k,
@@ -158,11 +155,6 @@ pub fn plan_batches(rows: &[Sequence], shard: Range<usize>, batch_tokens: usize)
         }
     }
     batches
-}
-
-pub fn hash_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
 }
 
 #[cfg(test)]

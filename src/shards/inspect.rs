@@ -5,7 +5,8 @@ use serde::Serialize;
 use std::path::Path;
 
 use super::manifest::Manifest;
-use super::reader::{ShardSet, TargetRow};
+use super::reader::ShardSet;
+use super::row::ShardRow;
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Serialize)]
@@ -60,7 +61,7 @@ pub fn inspect(dir: &Path, tokenizer: Option<&TextTokenizer>, opts: &InspectOpti
     let m = &set.manifest;
     let tokens = m.total_tokens();
     let columns = set
-        .column_bytes()?
+        .column_bytes()
         .into_iter()
         .map(|(column, bytes)| ColumnBytes { column, bytes, bytes_per_token: bytes as f64 / tokens.max(1) as f64 })
         .collect();
@@ -70,7 +71,7 @@ pub fn inspect(dir: &Path, tokenizer: Option<&TextTokenizer>, opts: &InspectOpti
             break;
         }
         for row in set.decode(rg)?.into_iter().take(opts.sample_rows - samples.len()) {
-            samples.push(sample(&row, tokenizer, opts, m.settings.capture.top_k)?);
+            samples.push(sample(&row, tokenizer, opts)?);
         }
     }
     Ok(ShardReport {
@@ -84,31 +85,28 @@ pub fn inspect(dir: &Path, tokenizer: Option<&TextTokenizer>, opts: &InspectOpti
     })
 }
 
-fn sample(row: &TargetRow, tok: Option<&TextTokenizer>, opts: &InspectOptions, k: usize) -> Result<SampleRow> {
+fn sample(row: &ShardRow, tok: Option<&TextTokenizer>, opts: &InspectOptions) -> Result<SampleRow> {
     let text_of = |ids: &[u32]| -> Result<Option<String>> { tok.map(|t| t.decode(ids, false)).transpose() };
+    let (seq, topk) = (&row.sequence, &row.topk);
     let mut targets = vec![];
-    let trained = (1..row.input_ids.len()).filter(|&t| row.loss_mask[t]);
+    let trained = (1..seq.len()).filter(|&t| seq.loss_mask[t]);
     for (i, t) in trained.enumerate().take(opts.sample_targets) {
-        let id = row.input_ids[t];
-        let top = (0..k.min(opts.show_top))
-            .map(|j| {
-                let tid = row.topk_ids[i * k + j];
-                Ok((tid, text_of(&[tid])?, (row.topk_logprobs[i * k + j].to_f64()).exp()))
-            })
+        let id = seq.ids[t];
+        let top = topk
+            .ids_at(i)
+            .iter()
+            .zip(topk.logprobs_at(i))
+            .take(opts.show_top)
+            .map(|(&tid, lp)| Ok((tid, text_of(&[tid])?, lp.to_f64().exp())))
             .collect::<Result<_>>()?;
         targets.push(SampleTarget {
             position: t,
             token_id: id,
             token: text_of(&[id])?,
-            probability: f64::from(row.target_logprob[i]).exp(),
+            probability: f64::from(topk.target_logprob[i]).exp(),
             top,
-            tail: f64::from(row.tail_logmass[i]).exp(),
+            tail: f64::from(topk.tail_logmass[i]).exp(),
         });
     }
-    Ok(SampleRow {
-        row_index: row.row_index,
-        sample_ids: row.sample_ids.clone(),
-        text: text_of(&row.input_ids)?,
-        targets,
-    })
+    Ok(SampleRow { row_index: seq.row_index, sample_ids: seq.sample_ids.clone(), text: text_of(&seq.ids)?, targets })
 }

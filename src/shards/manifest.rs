@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
 use super::schema::{IdType, FORMAT_NAME, FORMAT_VERSION};
-use crate::model::save::write_atomic;
+use crate::files::{checksum_bytes, write_atomic};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -100,6 +100,36 @@ pub struct ShardEntry {
     pub checksum: String,
     /// First and one-past-last `row_index` in this shard.
     pub row_range: (u64, u64),
+}
+
+impl ShardEntry {
+    /// Maps `dir/{file}` after checking that it is the shard this entry lists: present,
+    /// of the listed size, with the listed checksum. The one check every reader of a
+    /// listed shard runs (training, resume, merge, inspect).
+    pub fn open_verified(&self, dir: &Path) -> Result<memmap2::Mmap> {
+        let path = dir.join(&self.file);
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("{}: listed shard is missing", path.display()))?;
+        let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+        if len != self.bytes {
+            bail!(
+                "{}: {len} bytes, the manifest says {}: the shard is truncated or replaced",
+                path.display(),
+                self.bytes
+            );
+        }
+        // SAFETY: read-only mapping; shards are immutable once listed.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let checksum = checksum_bytes(&map);
+        if checksum != self.checksum {
+            bail!(
+                "{}: checksum {checksum} does not match the manifest's {}; the shard is corrupt",
+                path.display(),
+                self.checksum
+            );
+        }
+        Ok(map)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

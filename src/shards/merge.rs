@@ -5,8 +5,9 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::manifest::{settings_diff, Manifest, Slice};
-use super::writer::{file_checksum, shard_file_name};
+use super::dir::create_for_merge;
+use super::manifest::{settings_diff, Manifest, ShardEntry, Slice};
+use super::writer::shard_file_name;
 
 pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
     if inputs.is_empty() {
@@ -46,10 +47,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
             covered.iter().map(|s| s.index).collect::<Vec<_>>()
         );
     }
-    if Manifest::path(output).exists() {
-        bail!("{} already holds a shard set", output.display());
-    }
-    std::fs::create_dir_all(output).with_context(|| format!("cannot create {}", output.display()))?;
+    create_for_merge(output)?;
     let mut merged = Manifest::new(first.settings.clone(), Slice { index: 0, count: 1 }, 0, Default::default());
     merged.slices = expected;
     for (dir, m) in &manifests {
@@ -58,17 +56,15 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
         merged.skipped.truncated_tokens += m.skipped.truncated_tokens;
         merged.skipped.examples.extend(m.skipped.examples.iter().cloned());
         for shard in &m.shards {
+            drop(shard.open_verified(dir)?);
             let src = dir.join(&shard.file);
-            if file_checksum(&src)? != shard.checksum {
-                bail!("{}: checksum does not match its manifest", src.display());
-            }
             let name = shard_file_name(merged.shards.len());
             let dst = output.join(&name);
             if std::fs::hard_link(&src, &dst).is_err() {
                 std::fs::copy(&src, &dst)
                     .with_context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
             }
-            merged.shards.push(super::manifest::ShardEntry { file: name, ..shard.clone() });
+            merged.shards.push(ShardEntry { file: name, ..shard.clone() });
         }
     }
     merged.planned_shards = merged.shards.len();

@@ -1,37 +1,23 @@
 //! Opening a shard set for training: the manifest and every listed shard are checked
 //! (present, complete, checksum) before use, the student's tokenizer is checked against
 //! the one the targets were made with, and row groups are decoded from memory-mapped
-//! files (no read of whole files) into typed rows.
+//! files (no read of whole files) into `ShardRow`s. Each shard's Parquet footer is parsed
+//! once, when the set is opened (arrow-rs `ArrowReaderMetadata`), not per row group.
 use anyhow::{bail, Context, Result};
 use arrow::array::{
     Array, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Int32Array, ListArray, RecordBatch, StringArray,
     UInt16Array, UInt64Array,
 };
-use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type};
+use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type, UInt64Type};
 use bytes::Bytes;
 use half::f16;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use super::schema::{hidden_column, hidden_rms_column, IdType};
-
-/// One decoded row: the teacher's input and its targets (see schemas/shards.md).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TargetRow {
-    pub row_index: u64,
-    pub sample_ids: Vec<String>,
-    pub doc_lengths: Vec<u32>,
-    pub input_ids: Vec<u32>,
-    pub loss_mask: Vec<bool>,
-    /// `targets * k`, each target's ids in descending probability.
-    pub topk_ids: Vec<u32>,
-    pub topk_logprobs: Vec<f16>,
-    pub tail_logmass: Vec<f32>,
-    pub target_logprob: Vec<f32>,
-    /// (layer, `targets * width` values divided by their RMS, `targets` RMS values).
-    pub hidden: Vec<(usize, Vec<f16>, Vec<f32>)>,
-}
+use super::row::{HiddenTargets, ShardRow, TopKTargets};
+use super::schema::{columns, hidden_column, hidden_rms_column, IdType};
+use crate::dataset::sequence::Sequence;
 
 /// A row group of one shard: the reader's unit of decoding and shuffling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +27,16 @@ pub struct RowGroupRef {
     pub rows: usize,
 }
 
+/// One listed shard: its mapped bytes and its parsed Parquet metadata.
+struct OpenShard {
+    bytes: Bytes,
+    metadata: ArrowReaderMetadata,
+}
+
 pub struct ShardSet {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    files: Vec<Bytes>,
+    shards: Vec<OpenShard>,
     row_groups: Vec<RowGroupRef>,
 }
 
@@ -61,39 +53,18 @@ impl ShardSet {
                 manifest.planned_shards
             );
         }
-        let mut files = vec![];
+        let mut shards = vec![];
         let mut row_groups = vec![];
         for (i, entry) in manifest.shards.iter().enumerate() {
-            let path = dir.join(&entry.file);
-            let file =
-                std::fs::File::open(&path).with_context(|| format!("{}: listed shard is missing", path.display()))?;
-            // SAFETY: read-only mapping; shards are immutable once listed.
-            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            if map.len() as u64 != entry.bytes {
-                bail!(
-                    "{}: {} bytes, the manifest says {}: the shard is truncated or replaced",
-                    path.display(),
-                    map.len(),
-                    entry.bytes
-                );
-            }
-            let checksum = format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
-            if checksum != entry.checksum {
-                bail!(
-                    "{}: checksum {checksum} does not match the manifest's {}; the shard is corrupt",
-                    path.display(),
-                    entry.checksum
-                );
-            }
-            let bytes = Bytes::from_owner(map);
-            let meta = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
-                .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-            for (g, rg) in meta.metadata().row_groups().iter().enumerate() {
+            let bytes = Bytes::from_owner(entry.open_verified(dir)?);
+            let metadata = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())
+                .with_context(|| format!("{}: not a readable Parquet file", dir.join(&entry.file).display()))?;
+            for (g, rg) in metadata.metadata().row_groups().iter().enumerate() {
                 row_groups.push(RowGroupRef { shard: i, row_group: g, rows: rg.num_rows() as usize });
             }
-            files.push(bytes);
+            shards.push(OpenShard { bytes, metadata });
         }
-        Ok(ShardSet { dir: dir.to_path_buf(), manifest, files, row_groups })
+        Ok(ShardSet { dir: dir.to_path_buf(), manifest, shards, row_groups })
     }
 
     /// Refuses targets made with another tokenizer or vocabulary than the student's,
@@ -121,11 +92,10 @@ impl ShardSet {
     }
 
     /// Compressed bytes of each top-level column over all shards, in schema order.
-    pub fn column_bytes(&self) -> Result<Vec<(String, u64)>> {
+    pub fn column_bytes(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = vec![];
-        for bytes in &self.files {
-            let meta = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
-            for rg in meta.metadata().row_groups() {
+        for shard in &self.shards {
+            for rg in shard.metadata.metadata().row_groups() {
                 for c in rg.columns() {
                     let name = c.column_path().parts()[0].clone();
                     match out.iter_mut().find(|(n, _)| *n == name) {
@@ -135,7 +105,7 @@ impl ShardSet {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     pub fn row_groups(&self) -> &[RowGroupRef] {
@@ -143,9 +113,10 @@ impl ShardSet {
     }
 
     /// Decodes one row group into rows.
-    pub fn decode(&self, rg: RowGroupRef) -> Result<Vec<TargetRow>> {
+    pub fn decode(&self, rg: RowGroupRef) -> Result<Vec<ShardRow>> {
         let file = &self.manifest.shards[rg.shard].file;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(self.files[rg.shard].clone())?
+        let shard = &self.shards[rg.shard];
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(shard.bytes.clone(), shard.metadata.clone())
             .with_row_groups(vec![rg.row_group])
             .with_batch_size(rg.rows.max(1))
             .build()?;
@@ -157,18 +128,20 @@ impl ShardSet {
         Ok(rows)
     }
 
-    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<TargetRow>> {
+    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<ShardRow>> {
+        use columns::*;
         let cap = &self.manifest.settings.capture;
         let col = |name: &str| batch.column_by_name(name).with_context(|| format!("column `{name}` is missing"));
         let list = |name: &str| -> Result<ListArray> {
             col(name)?.as_list_opt::<i32>().cloned().with_context(|| format!("column `{name}` is not a list"))
         };
-        let row_index = col("row_index")?.as_primitive_opt::<arrow::datatypes::UInt64Type>().cloned();
-        let row_index: UInt64Array = row_index.context("column `row_index` is not uint64")?;
-        let (samples, docs, ids, mask) =
-            (list("sample_ids")?, list("doc_lengths")?, list("input_ids")?, list("loss_mask")?);
+        let row_index: UInt64Array = col(ROW_INDEX)?
+            .as_primitive_opt::<UInt64Type>()
+            .cloned()
+            .with_context(|| format!("column `{ROW_INDEX}` is not uint64"))?;
+        let (samples, docs, ids, mask) = (list(SAMPLE_IDS)?, list(DOC_LENGTHS)?, list(INPUT_IDS)?, list(LOSS_MASK)?);
         let (topk_ids, topk_lp, tail, target) =
-            (list("topk_ids")?, list("topk_logprobs")?, list("tail_logmass")?, list("target_logprob")?);
+            (list(TOPK_IDS)?, list(TOPK_LOGPROBS)?, list(TAIL_LOGMASS)?, list(TARGET_LOGPROB)?);
         let hidden: Vec<(usize, ListArray, ListArray)> = cap
             .hidden_layers
             .iter()
@@ -177,23 +150,31 @@ impl ShardSet {
         let mut rows = Vec::with_capacity(batch.num_rows());
         for r in 0..batch.num_rows() {
             let strings = samples.value(r);
-            let strings: &StringArray = strings.as_string_opt::<i32>().context("`sample_ids` items are not strings")?;
+            let strings: &StringArray =
+                strings.as_string_opt::<i32>().with_context(|| format!("`{SAMPLE_IDS}` items are not strings"))?;
             let hidden = hidden
                 .iter()
-                .map(|(l, values, rms)| Ok((*l, fixed_f16(&values.value(r))?, f32s(&rms.value(r))?)))
+                .map(|(layer, values, rms)| {
+                    let values = values.value(r);
+                    let width = fixed_width(&values)?;
+                    Ok(HiddenTargets { layer: *layer, width, values: fixed_f16(&values)?, rms: f32s(&rms.value(r))? })
+                })
                 .collect::<Result<_>>()?;
-            rows.push(TargetRow {
+            let sequence = Sequence {
                 row_index: row_index.value(r),
                 sample_ids: strings.iter().map(|s| s.unwrap_or_default().to_string()).collect(),
                 doc_lengths: i32s(&docs.value(r))?.into_iter().map(|x| x as u32).collect(),
-                input_ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
+                ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
                 loss_mask: bools(&mask.value(r))?,
-                topk_ids: fixed_ids(&topk_ids.value(r), cap.id_type)?,
-                topk_logprobs: fixed_f16(&topk_lp.value(r))?,
+            };
+            let topk = TopKTargets {
+                k: cap.top_k,
+                ids: fixed_ids(&topk_ids.value(r), cap.id_type)?,
+                logprobs: fixed_f16(&topk_lp.value(r))?,
                 tail_logmass: f32s(&tail.value(r))?,
                 target_logprob: f32s(&target.value(r))?,
-                hidden,
-            });
+            };
+            rows.push(ShardRow { sequence, topk, hidden });
         }
         Ok(rows)
     }
@@ -210,6 +191,11 @@ fn f32s(a: &dyn Array) -> Result<Vec<f32>> {
 fn bools(a: &dyn Array) -> Result<Vec<bool>> {
     let b: &BooleanArray = a.as_boolean_opt().context("expected bool values")?;
     Ok(b.values().iter().collect())
+}
+
+fn fixed_width(a: &dyn Array) -> Result<usize> {
+    let f: &FixedSizeListArray = a.as_fixed_size_list_opt().context("expected fixed-size lists")?;
+    Ok(f.value_length() as usize)
 }
 
 fn fixed_values(a: &dyn Array) -> Result<std::sync::Arc<dyn Array>> {

@@ -45,6 +45,21 @@ pub struct ShardLayout {
     pub hidden: Vec<(usize, usize)>,
 }
 
+/// Column names, defined once for the writer, the reader and the documentation tests.
+pub mod columns {
+    pub const ROW_INDEX: &str = "row_index";
+    pub const SAMPLE_IDS: &str = "sample_ids";
+    pub const DOC_LENGTHS: &str = "doc_lengths";
+    pub const NUM_TOKENS: &str = "num_tokens";
+    pub const NUM_TARGETS: &str = "num_targets";
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const LOSS_MASK: &str = "loss_mask";
+    pub const TOPK_IDS: &str = "topk_ids";
+    pub const TOPK_LOGPROBS: &str = "topk_logprobs";
+    pub const TAIL_LOGMASS: &str = "tail_logmass";
+    pub const TARGET_LOGPROB: &str = "target_logprob";
+}
+
 pub fn hidden_column(layer: usize) -> String {
     format!("hidden_{layer}")
 }
@@ -63,18 +78,19 @@ fn fixed_list_of(item: DataType, n: usize) -> DataType {
 
 impl ShardLayout {
     pub fn arrow_schema(&self) -> Schema {
+        use columns::*;
         let mut fields = vec![
-            Field::new("row_index", DataType::UInt64, false),
-            Field::new("sample_ids", list_of(DataType::Utf8), false),
-            Field::new("doc_lengths", list_of(DataType::Int32), false),
-            Field::new("num_tokens", DataType::Int32, false),
-            Field::new("num_targets", DataType::Int32, false),
-            Field::new("input_ids", list_of(DataType::Int32), false),
-            Field::new("loss_mask", list_of(DataType::Boolean), false),
-            Field::new("topk_ids", list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false),
-            Field::new("topk_logprobs", list_of(fixed_list_of(DataType::Float16, self.top_k)), false),
-            Field::new("tail_logmass", list_of(DataType::Float32), false),
-            Field::new("target_logprob", list_of(DataType::Float32), false),
+            Field::new(ROW_INDEX, DataType::UInt64, false),
+            Field::new(SAMPLE_IDS, list_of(DataType::Utf8), false),
+            Field::new(DOC_LENGTHS, list_of(DataType::Int32), false),
+            Field::new(NUM_TOKENS, DataType::Int32, false),
+            Field::new(NUM_TARGETS, DataType::Int32, false),
+            Field::new(INPUT_IDS, list_of(DataType::Int32), false),
+            Field::new(LOSS_MASK, list_of(DataType::Boolean), false),
+            Field::new(TOPK_IDS, list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false),
+            Field::new(TOPK_LOGPROBS, list_of(fixed_list_of(DataType::Float16, self.top_k)), false),
+            Field::new(TAIL_LOGMASS, list_of(DataType::Float32), false),
+            Field::new(TARGET_LOGPROB, list_of(DataType::Float32), false),
         ];
         for &(layer, width) in &self.hidden {
             fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));

@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::manifest::ShardEntry;
-use super::schema::{IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION, META_FORMAT, META_SETTINGS, META_VERSION};
-use crate::capture::CapturedRow;
-use crate::dataset::sequence::Sequence;
+use super::row::ShardRow;
+use super::schema::{
+    columns, IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION, META_FORMAT, META_SETTINGS, META_VERSION,
+};
+use crate::files::checksum_file;
 
 /// Parquet settings; defaults chosen by `scripts/bench_precompute.sh` (see README).
 #[derive(Debug, Clone)]
@@ -34,12 +36,6 @@ pub struct ParquetOptions {
 
 pub fn shard_file_name(index: usize) -> String {
     format!("shard-{index:05}.parquet")
-}
-
-/// A row ready to be written: its input and its teacher targets.
-pub struct ShardRow<'a> {
-    pub sequence: &'a Sequence,
-    pub captured: &'a CapturedRow,
 }
 
 pub struct ShardWriter {
@@ -80,7 +76,8 @@ impl ShardWriter {
             let parquet_schema = ArrowSchemaConverter::new().convert(&schema)?;
             for col in parquet_schema.columns() {
                 let root = col.path().parts()[0].as_str();
-                let numeric = !matches!(root, "sample_ids" | "loss_mask" | "row_index" | "num_tokens" | "num_targets");
+                // Per-row scalars are few; strings and booleans are skipped by type below.
+                let numeric = ![columns::ROW_INDEX, columns::NUM_TOKENS, columns::NUM_TARGETS].contains(&root);
                 // Not on float16 (FIXED_LEN_BYTE_ARRAY) columns: DuckDB 2.0 cannot read
                 // BYTE_STREAM_SPLIT there, and any Arrow tool must read the shards.
                 let readable = matches!(
@@ -116,7 +113,7 @@ impl ShardWriter {
         for r in rows {
             self.entry.rows += 1;
             self.entry.tokens += r.sequence.len();
-            self.entry.targets += r.captured.topk.tail_logmass.len();
+            self.entry.targets += r.num_targets();
             self.entry.row_range.0 = self.entry.row_range.0.min(r.sequence.row_index);
             self.entry.row_range.1 = self.entry.row_range.1.max(r.sequence.row_index + 1);
         }
@@ -132,58 +129,52 @@ impl ShardWriter {
         std::fs::rename(&self.tmp_path, &self.final_path)
             .with_context(|| format!("renaming {} to {}", self.tmp_path.display(), self.final_path.display()))?;
         self.entry.bytes = std::fs::metadata(&self.final_path)?.len();
-        self.entry.checksum = file_checksum(&self.final_path)?;
+        self.entry.checksum = checksum_file(&self.final_path)?;
         Ok(self.entry)
     }
 
     fn record_batch(&self, rows: &[ShardRow]) -> Result<RecordBatch> {
         let k = self.layout.top_k;
-        let per_row_targets: Vec<usize> = rows.iter().map(|r| r.captured.topk.tail_logmass.len()).collect();
+        let per_row_targets: Vec<usize> = rows.iter().map(ShardRow::num_targets).collect();
         let per_row_tokens: Vec<usize> = rows.iter().map(|r| r.sequence.len()).collect();
         for r in rows {
-            if r.captured.topk.k != k || r.captured.hidden.len() != self.layout.hidden.len() {
+            let layers: Vec<(usize, usize)> = r.hidden.iter().map(|h| (h.layer, h.width)).collect();
+            if r.topk.k != k || layers != self.layout.hidden {
                 bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
             }
         }
+        let seqs = || rows.iter().map(|r| &r.sequence);
         let by_token = |values: ArrayRef| list(values, &per_row_tokens);
         let by_target = |values: ArrayRef| list(values, &per_row_targets);
         let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.sequence.row_index))),
+            Arc::new(UInt64Array::from_iter_values(seqs().map(|s| s.row_index))),
             list(
-                Arc::new(StringArray::from_iter_values(rows.iter().flat_map(|r| r.sequence.sample_ids.iter()))),
-                &rows.iter().map(|r| r.sequence.sample_ids.len()).collect::<Vec<_>>(),
+                Arc::new(StringArray::from_iter_values(seqs().flat_map(|s| s.sample_ids.iter()))),
+                &seqs().map(|s| s.sample_ids.len()).collect::<Vec<_>>(),
             ),
             list(
-                Arc::new(Int32Array::from_iter_values(
-                    rows.iter().flat_map(|r| r.sequence.doc_lengths.iter().map(|&n| n as i32)),
-                )),
-                &rows.iter().map(|r| r.sequence.doc_lengths.len()).collect::<Vec<_>>(),
+                Arc::new(Int32Array::from_iter_values(seqs().flat_map(|s| s.doc_lengths.iter().map(|&n| n as i32)))),
+                &seqs().map(|s| s.doc_lengths.len()).collect::<Vec<_>>(),
             ),
             Arc::new(Int32Array::from_iter_values(per_row_tokens.iter().map(|&n| n as i32))),
             Arc::new(Int32Array::from_iter_values(per_row_targets.iter().map(|&n| n as i32))),
-            by_token(Arc::new(Int32Array::from_iter_values(
-                rows.iter().flat_map(|r| r.sequence.ids.iter().map(|&i| i as i32)),
-            ))),
-            by_token(Arc::new(BooleanArray::from_iter(
-                rows.iter().flat_map(|r| r.sequence.loss_mask.iter().map(|&m| Some(m))),
-            ))),
+            by_token(Arc::new(Int32Array::from_iter_values(seqs().flat_map(|s| s.ids.iter().map(|&i| i as i32))))),
+            by_token(Arc::new(BooleanArray::from_iter(seqs().flat_map(|s| s.loss_mask.iter().map(|&m| Some(m)))))),
         ];
-        let ids = rows.iter().flat_map(|r| r.captured.topk.ids.iter().copied());
+        let ids = rows.iter().flat_map(|r| r.topk.ids.iter().copied());
         let ids: ArrayRef = match self.layout.id_type {
             IdType::Uint16 => Arc::new(UInt16Array::from_iter_values(ids.map(|i| i as u16))),
             IdType::Int32 => Arc::new(Int32Array::from_iter_values(ids.map(|i| i as i32))),
         };
         columns.push(by_target(fixed(ids, k)));
-        let logprobs =
-            Float16Array::from_iter_values(rows.iter().flat_map(|r| r.captured.topk.logprobs.iter().copied()));
+        let logprobs = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.topk.logprobs.iter().copied()));
         columns.push(by_target(fixed(Arc::new(logprobs), k)));
-        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.topk.tail_logmass.iter().copied()))));
-        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.topk.target_logprob.iter().copied()))));
+        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.tail_logmass.iter().copied()))));
+        columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.target_logprob.iter().copied()))));
         for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
-            let values =
-                Float16Array::from_iter_values(rows.iter().flat_map(|r| r.captured.hidden[i].values.iter().copied()));
+            let values = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.hidden[i].values.iter().copied()));
             columns.push(by_target(fixed(Arc::new(values), width)));
-            columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.captured.hidden[i].rms.iter().copied()))));
+            columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.hidden[i].rms.iter().copied()))));
         }
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
@@ -203,12 +194,4 @@ fn fixed(values: ArrayRef, n: usize) -> ArrayRef {
 fn list(values: ArrayRef, lengths: &[usize]) -> ArrayRef {
     let field = Arc::new(Field::new("item", values.data_type().clone(), false));
     Arc::new(ListArray::new(field, OffsetBuffer::from_lengths(lengths.iter().copied()), values, None))
-}
-
-/// xxh3-64 of a file's bytes, as `xxh3:<16 hex digits>`.
-pub fn file_checksum(path: &Path) -> Result<String> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: read-only mapping of a file we just wrote and no one else modifies.
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-    Ok(format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&map)))
 }

@@ -1,14 +1,12 @@
 //! Hidden-state distillation: teacher layer -> student layer pairs, each through a
 //! learned linear projection from the student's width to the teacher's (identity when
 //! the widths agree, else normal(0, 1/sqrt(width)) — the xavier scale), trained with the
-//! student and saved in checkpoints as `projections.safetensors`.
+//! student and saved with each checkpoint (`checkpoint::PROJECTIONS_FILE`).
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::losses::{hidden_loss, HiddenLoss};
-
-pub const PROJECTIONS_FILE: &str = "projections.safetensors";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HiddenMap {
@@ -92,15 +90,16 @@ impl HiddenDistill {
         (per.sum(Kind::Float) * (scale * self.weight), raw)
     }
 
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Writes the projections to the safetensors file `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
         let named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        Tensor::write_safetensors(&named, dir.join(PROJECTIONS_FILE))?;
+        Tensor::write_safetensors(&named, path)?;
         Ok(())
     }
 
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join(PROJECTIONS_FILE);
-        let saved = Tensor::read_safetensors(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    /// Reads the projections from the safetensors file `path`; every one must be there.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let saved = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
         let _guard = tch::no_grad_guard();
         for (name, mut var) in self.vs.variables() {
             let Some((_, t)) = saved.iter().find(|(n, _)| *n == name) else {

@@ -1,11 +1,15 @@
-//! Stage two: training the student against the shards:
-//! rows -> batches -> student -> losses -> optimiser -> checkpoints.
+//! Stage two: training the student against the shards. `config` says what to do,
+//! `trainer` runs setup, loop and finish: batches (from `batch`) -> student -> losses ->
+//! AdamW (`optim`, `schedule`) -> `checkpoint`; bf16 `autocast`, hidden-state
+//! projections (`hidden`) and the loss `plot` serve the loop.
 pub mod autocast;
-pub mod data;
-pub mod eval;
-pub mod feed;
+pub mod checkpoint;
+pub mod config;
 pub mod hidden;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
+
+pub use config::{HiddenSettings, Precision, TrainConfig};
+pub use trainer::{train, StepLog};

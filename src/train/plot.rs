@@ -16,6 +16,15 @@ const INK: [u8; 3] = [40, 40, 40];
 const GRID: [u8; 3] = [225, 225, 225];
 const COLORS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
 
+pub const PLOT_FILE: &str = "loss.png";
+
+/// Redraws `output/loss.png` from `output/metrics.jsonl`.
+pub fn plot_run(output: &Path) -> Result<()> {
+    let series = series_from_metrics(&output.join("metrics.jsonl"))?;
+    let title = format!("distill train: {}", output.file_name().unwrap_or_default().to_string_lossy());
+    write_loss_plot(&series, &title, &output.join(PLOT_FILE))
+}
+
 /// A named series of (step, value) points.
 pub struct Series {
     pub name: String,

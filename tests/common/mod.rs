@@ -1,9 +1,9 @@
 //! Shared by the end-to-end tests: the tiny models made by scripts/tiny_models.py (once
-//! per fixture version, cached under target/), the Python that runs transformers, and
-//! comparison helpers.
+//! per fixture version, cached under target/), the `distill` binary and its outcome,
+//! the Python that runs transformers, and comparison helpers.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
@@ -18,6 +18,56 @@ pub fn repo() -> PathBuf {
 /// The venv's Python (scripts/setup.sh makes it), or $DISTILL_PYTHON.
 pub fn python() -> PathBuf {
     std::env::var_os("DISTILL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// Runs the binary under test: `DISTILL_BIN` where the tests run away from their build
+/// tree (scripts/gpu_check.sh sets it), else the one cargo built.
+pub fn distill(args: &[&str]) -> Output {
+    let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
+    Command::new(bin).args(args).output().unwrap()
+}
+
+/// The stdout of a run that must succeed (else panics with its stderr).
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "distill failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The stderr of a run that must fail cleanly: exit code 1, no panic.
+pub fn err(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "distill should fail cleanly:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// The shipped sample input: text, chat and prompt/response rows.
+pub fn sample() -> PathBuf {
+    repo().join("tests/data/sample.jsonl")
+}
+
+/// `distill precompute` of tiny teacher `model` over `input` into `out` (on the CPU
+/// unless `extra` names `--devices`).
+pub fn precompute(model: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let dir = model_dir(model);
+    let mut args = vec!["precompute", "--no-progress", "--teacher", dir.to_str().unwrap()];
+    if !extra.contains(&"--devices") {
+        args.extend(["--devices", "cpu"]);
+    }
+    args.extend(["--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    args.extend(extra);
+    distill(&args)
+}
+
+/// A shard set's manifest.json as JSON.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Runs a short Python snippet in the venv; panics with its output on failure.
+pub fn python_ok(code: &str, args: &[&Path]) {
+    let out = Command::new(python()).arg("-c").arg(code).args(args).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs scripts/tiny_models.py with `args`; panics with its output on failure.

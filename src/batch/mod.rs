@@ -1,30 +1,17 @@
-//! Rows of token ids -> right-padded batch tensors, shared by the teacher pass and the
-//! trainer: ids, attention mask, per-document position ids, segment ids for packed
-//! rows, and the flat indices of the positions that predict a trained token.
+//! Shard rows -> what a step consumes, shared by training, evaluation and the teacher
+//! pass: the row order over a shard set (`stream`), rows grouped into padded or packed
+//! micro-batches built ahead on a thread (`feed`), and the padded batch tensors
+//! themselves (here): ids, attention mask, per-document position ids, segment ids for
+//! packed rows, and the flat indices of the positions that predict a trained token.
+pub mod feed;
+pub mod stream;
+
 use tch::{Device, Tensor};
 
+use crate::dataset::sequence::Sequence;
 use crate::model::ForwardInput;
 
-/// The token side of one row (a `Sequence` or a decoded shard row).
-#[derive(Debug, Clone, Copy)]
-pub struct RowTokens<'a> {
-    pub ids: &'a [u32],
-    pub loss_mask: &'a [bool],
-    pub doc_lengths: &'a [u32],
-}
-
-impl RowTokens<'_> {
-    /// Position of each token within its document (restarting at 0 per document).
-    pub fn position_ids(&self) -> Vec<i64> {
-        self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
-    }
-
-    /// Index of each token's document within the row.
-    pub fn segment_ids(&self) -> Vec<i64> {
-        self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()
-    }
-}
-
+/// Rows right-padded to the longest one, as tensors.
 pub struct PaddedBatch {
     pub ids: Tensor,
     pub mask: Tensor,
@@ -38,12 +25,12 @@ pub struct PaddedBatch {
 }
 
 impl PaddedBatch {
-    pub fn new(rows: &[RowTokens], device: Device) -> Self {
+    pub fn new(rows: &[&Sequence], device: Device) -> Self {
         Self::host(rows).to_device(device, false)
     }
 
     /// The batch as CPU tensors (built off the training thread, then moved).
-    pub fn host(rows: &[RowTokens]) -> Self {
+    pub fn host(rows: &[&Sequence]) -> Self {
         let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
         let b = rows.len();
         let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);

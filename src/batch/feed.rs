@@ -6,10 +6,10 @@ use anyhow::{bail, Result};
 use crossbeam_channel::{bounded, Receiver};
 use tch::{Device, Tensor};
 
-use super::data::{RowStream, StreamPosition};
-use crate::batch::{move_tensor, PaddedBatch, RowTokens};
+use super::stream::{RowStream, StreamPosition};
+use super::{move_tensor, PaddedBatch};
 use crate::losses::TeacherTargets;
-use crate::shards::reader::TargetRow;
+use crate::shards::row::ShardRow;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeedOptions {
@@ -24,7 +24,7 @@ pub struct FeedOptions {
 /// batch, and `position` accounts for it.
 pub struct Feed {
     stream: RowStream,
-    pending: Option<(TargetRow, StreamPosition)>,
+    pending: Option<(ShardRow, StreamPosition)>,
     opts: FeedOptions,
 }
 
@@ -38,7 +38,7 @@ impl Feed {
         self.pending.as_ref().map(|p| p.1).unwrap_or_else(|| self.stream.position())
     }
 
-    fn next_row(&mut self) -> Result<Option<(TargetRow, StreamPosition)>> {
+    fn next_row(&mut self) -> Result<Option<(ShardRow, StreamPosition)>> {
         if let Some(p) = self.pending.take() {
             return Ok(Some(p));
         }
@@ -51,11 +51,11 @@ impl Feed {
 
     /// The next batch: each inner vector is one batch row (several shard rows when
     /// packing). `None` when the stream has ended.
-    pub fn take_batch(&mut self) -> Result<Option<Vec<Vec<TargetRow>>>> {
-        let mut bins: Vec<(usize, Vec<TargetRow>)> = vec![];
+    pub fn take_batch(&mut self) -> Result<Option<Vec<Vec<ShardRow>>>> {
+        let mut bins: Vec<(usize, Vec<ShardRow>)> = vec![];
         let mut width = 0;
         while let Some((row, at)) = self.next_row()? {
-            let len = row.input_ids.len();
+            let len = row.sequence.len();
             let fits = match self.opts.pack_to {
                 // First fit into an open batch row, else a new one while there is room.
                 Some(seq) => match bins.iter().position(|(used, _)| used + len <= seq) {
@@ -108,15 +108,12 @@ pub struct BatchContent {
 }
 
 impl MicroBatch {
-    pub fn build(rows: Vec<Vec<TargetRow>>, content: &BatchContent, position: StreamPosition) -> Result<Self> {
-        let row_indices = rows.iter().flatten().map(|r| r.row_index).collect();
-        let merged: Vec<TargetRow> = rows.into_iter().map(concat_rows).collect();
-        let tokens: Vec<RowTokens> = merged
-            .iter()
-            .map(|r| RowTokens { ids: &r.input_ids, loss_mask: &r.loss_mask, doc_lengths: &r.doc_lengths })
-            .collect();
-        let batch = PaddedBatch::host(&tokens);
-        let targets: usize = merged.iter().map(|r| r.tail_logmass.len()).sum();
+    pub fn build(rows: Vec<Vec<ShardRow>>, content: &BatchContent, position: StreamPosition) -> Result<Self> {
+        let row_indices = rows.iter().flatten().map(|r| r.sequence.row_index).collect();
+        let merged: Vec<ShardRow> = rows.into_iter().map(concat_rows).collect();
+        let sequences: Vec<_> = merged.iter().map(|r| &r.sequence).collect();
+        let batch = PaddedBatch::host(&sequences);
+        let targets: usize = merged.iter().map(ShardRow::num_targets).sum();
         let predicting = batch.predicting.size()[0] as usize;
         if predicting != targets {
             bail!("rows {row_indices:?}: {targets} stored targets but {predicting} masked tokens");
@@ -125,7 +122,7 @@ impl MicroBatch {
             teacher: content.teacher.then(|| teacher_targets(&merged)),
             teacher_hidden: content.hidden_layers.iter().map(|&l| teacher_hidden(&merged, l)).collect::<Result<_>>()?,
             row_indices,
-            tokens: merged.iter().map(|r| r.input_ids.len()).sum(),
+            tokens: merged.iter().map(|r| r.sequence.len()).sum(),
             targets,
             batch,
             position,
@@ -154,68 +151,41 @@ impl MicroBatch {
     }
 }
 
-/// Shard rows laid end to end as one row: documents stay separate (their lengths are
-/// kept), and no token predicts across a row boundary.
-fn concat_rows(mut rows: Vec<TargetRow>) -> TargetRow {
-    if rows.len() == 1 {
-        return rows.pop().expect("one row");
-    }
-    let mut out = TargetRow { row_index: rows[0].row_index, ..TargetRow::default() };
+/// Shard rows laid end to end as one batch row (see `ShardRow::append`).
+fn concat_rows(rows: Vec<ShardRow>) -> ShardRow {
+    let mut rows = rows.into_iter();
+    let mut out = rows.next().expect("a batch row holds at least one shard row");
     for r in rows {
-        let start = out.input_ids.len();
-        out.sample_ids.extend(r.sample_ids);
-        out.doc_lengths.extend(r.doc_lengths);
-        out.input_ids.extend(r.input_ids);
-        out.loss_mask.extend(r.loss_mask);
-        if let Some(first) = out.loss_mask.get_mut(start) {
-            *first = false;
-        }
-        out.topk_ids.extend(r.topk_ids);
-        out.topk_logprobs.extend(r.topk_logprobs);
-        out.tail_logmass.extend(r.tail_logmass);
-        out.target_logprob.extend(r.target_logprob);
-        for (layer, values, rms) in r.hidden {
-            match out.hidden.iter_mut().find(|h| h.0 == layer) {
-                Some(h) => {
-                    h.1.extend(values);
-                    h.2.extend(rms);
-                }
-                None => out.hidden.push((layer, values, rms)),
-            }
-        }
+        out.append(r);
     }
     out
 }
 
 /// The rows' teacher targets as host tensors, in the batch's predicting order (row-major,
 /// increasing position), which is the order the shards store them in.
-pub fn teacher_targets(rows: &[TargetRow]) -> TeacherTargets {
-    let k = if rows.is_empty() || rows[0].tail_logmass.is_empty() {
-        1
-    } else {
-        rows[0].topk_ids.len() / rows[0].tail_logmass.len()
-    };
-    let ids: Vec<i64> = rows.iter().flat_map(|r| r.topk_ids.iter().map(|&i| i as i64)).collect();
-    let lps: Vec<f32> = rows.iter().flat_map(|r| r.topk_logprobs.iter().map(|x| x.to_f32())).collect();
-    let tails: Vec<f32> = rows.iter().flat_map(|r| r.tail_logmass.iter().copied()).collect();
+pub fn teacher_targets(rows: &[ShardRow]) -> TeacherTargets {
+    let k = rows.first().map_or(1, |r| r.topk.k) as i64;
+    let ids: Vec<i64> = rows.iter().flat_map(|r| r.topk.ids.iter().map(|&i| i as i64)).collect();
+    let lps: Vec<f32> = rows.iter().flat_map(|r| r.topk.logprobs.iter().map(|x| x.to_f32())).collect();
+    let tails: Vec<f32> = rows.iter().flat_map(|r| r.topk.tail_logmass.iter().copied()).collect();
     TeacherTargets {
-        ids: Tensor::from_slice(&ids).view([-1, k as i64]),
-        logprobs: Tensor::from_slice(&lps).view([-1, k as i64]),
+        ids: Tensor::from_slice(&ids).view([-1, k]),
+        logprobs: Tensor::from_slice(&lps).view([-1, k]),
         tail_logmass: Tensor::from_slice(&tails),
     }
 }
 
 /// The teacher's hidden state `layer` of the rows' trained positions, `[targets, width]`,
 /// in float32 (stored value times stored RMS).
-fn teacher_hidden(rows: &[TargetRow], layer: usize) -> Result<Tensor> {
+fn teacher_hidden(rows: &[ShardRow], layer: usize) -> Result<Tensor> {
     let mut values = vec![];
     let mut rms = vec![];
     for r in rows {
-        let Some((_, v, s)) = r.hidden.iter().find(|(l, _, _)| *l == layer) else {
-            bail!("row {} has no hidden state {layer}: the shards hold other layers", r.row_index);
+        let Some(h) = r.hidden.iter().find(|h| h.layer == layer) else {
+            bail!("row {} has no hidden state {layer}: the shards hold other layers", r.sequence.row_index);
         };
-        values.extend(v.iter().map(|x| x.to_f32()));
-        rms.extend_from_slice(s);
+        values.extend(h.values.iter().map(|x| x.to_f32()));
+        rms.extend_from_slice(&h.rms);
     }
     let n = rms.len() as i64;
     let width = if n > 0 { values.len() as i64 / n } else { 1 };

@@ -5,15 +5,18 @@
 //! hidden states of chosen layers divided by their per-position RMS (float16 that
 //! cannot overflow) with the RMS kept in float32.
 //!
-//! Everything vocabulary-sized stays on the device: only k values per position and
-//! the chosen hidden states travel to the host.
+//! Everything vocabulary-sized stays on the device, in chunks of positions
+//! (`model::logits`): only k values per position and the chosen hidden states travel
+//! to the host.
 use anyhow::{bail, Result};
 use half::f16;
 use tch::{Device, Kind, Tensor};
 
-use crate::batch::{PaddedBatch, RowTokens};
+use crate::batch::PaddedBatch;
 use crate::dataset::sequence::Sequence;
+use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
+use crate::shards::row::{HiddenTargets, ShardRow, TopKTargets};
 
 #[derive(Debug, Clone)]
 pub struct CaptureSettings {
@@ -23,41 +26,10 @@ pub struct CaptureSettings {
     /// Softmax over ids `0..vocab_limit` only: the tokenizer's real vocabulary, so
     /// padded embedding rows (Qwen2: 152,064 rows for 151,646 tokens) get no mass.
     pub vocab_limit: usize,
-    /// Upper bound on elements of one float32 `[positions, vocab]` chunk.
-    pub max_logit_elements: i64,
 }
 
-/// Targets of one row, one entry per trained position in increasing token order
-/// (position t-1 predicts token t where `loss_mask[t]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TopKTargets {
-    pub k: usize,
-    /// `positions * k` ids, each position's in descending probability.
-    pub ids: Vec<u32>,
-    pub logprobs: Vec<f16>,
-    /// log(1 - sum of the top-k probabilities); -inf when k covers the vocabulary.
-    pub tail_logmass: Vec<f32>,
-    /// log-probability of the token that actually follows (may lie outside the top-k).
-    pub target_logprob: Vec<f32>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HiddenTargets {
-    pub layer: usize,
-    pub width: usize,
-    /// `positions * width` values of h / rms(h).
-    pub values: Vec<f16>,
-    pub rms: Vec<f32>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CapturedRow {
-    pub topk: TopKTargets,
-    pub hidden: Vec<HiddenTargets>,
-}
-
-/// Runs the teacher on `rows` (one padded batch) and captures their targets.
-pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<CapturedRow>> {
+/// Runs the teacher on `rows` (one padded batch) and returns them with their targets.
+pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<ShardRow>> {
     let _guard = tch::no_grad_guard();
     let k = settings.top_k as i64;
     if settings.top_k == 0 || settings.vocab_limit < settings.top_k || settings.vocab_limit > model.config.vocab_size {
@@ -68,27 +40,20 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
             model.config.vocab_size
         );
     }
-    let device = model.device();
-    let tokens: Vec<RowTokens> = rows.iter().map(|r| r.tokens()).collect();
-    let batch = PaddedBatch::new(&tokens, device);
+    let batch = PaddedBatch::new(rows, model.device());
     let hidden = model.transformer.forward_hidden(&batch.input(), &settings.hidden_layers)?;
     let width = hidden.last.size()[2];
     // Captured states of a model split by layers live on their layer's device.
     let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting.to_device(t.device()));
     let next_tokens = batch.next_tokens.to_device(model.output_device());
-    let last = flat(&hidden.last);
-    let positions = batch.predicting.size()[0];
-    let chunk = (settings.max_logit_elements / settings.vocab_limit as i64).clamp(1, positions.max(1));
+    let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(model.output_device()));
 
     let (mut ids, mut logprobs, mut tails, mut targets) = (vec![], vec![], vec![], vec![]);
-    let mut start = 0;
-    while start < positions {
-        let n = chunk.min(positions - start);
-        let logits = model.transformer.logits(&last.narrow(0, start, n));
+    model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
         let (top, idx) = logits.topk(k, -1, true, true);
-        let next = next_tokens.narrow(0, start, n).unsqueeze(-1);
+        let next = next_tokens.narrow(0, r.start, r.end - r.start).unsqueeze(-1);
         targets.push((logits.gather(-1, &next, false) - &lse).squeeze_dim(-1));
         logprobs.push((top - &lse).to_kind(Kind::Half));
         // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even
@@ -96,8 +61,8 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         let _ = logits.scatter_value_(-1, &idx, f64::NEG_INFINITY);
         tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
         ids.push(idx.to_kind(Kind::Int));
-        start += n;
-    }
+        Ok(())
+    })?;
     let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
     let ids = Vec::<i32>::try_from(host(&ids).reshape([-1]))?;
     let logprobs = half_values(&host(&logprobs))?;
@@ -118,7 +83,7 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     let (ku, wu) = (settings.top_k, width as usize);
     let mut out = Vec::with_capacity(rows.len());
     let mut offset = 0;
-    for &count in &batch.targets_per_row {
+    for (&row, &count) in rows.iter().zip(&batch.targets_per_row) {
         let range = offset..offset + count;
         let topk = TopKTargets {
             k: ku,
@@ -138,7 +103,7 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
                 rms: rms[range.clone()].to_vec(),
             })
             .collect();
-        out.push(CapturedRow { topk, hidden });
+        out.push(ShardRow { sequence: row.clone(), topk, hidden });
         offset += count;
     }
     Ok(out)

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use crate::shards::reader::{RowGroupRef, ShardSet, TargetRow};
+use crate::shards::reader::{RowGroupRef, ShardSet};
+use crate::shards::row::ShardRow;
 
 /// Where the stream stands: the next row is row `row` of window `window` of `epoch`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,15 +67,9 @@ pub fn epoch_windows(groups: &[RowGroupRef], seed: u64, epoch: u64, window: usiz
 }
 
 /// Decodes a window's row groups in parallel and shuffles its rows.
-fn decode_window(
-    set: &ShardSet,
-    groups: &[RowGroupRef],
-    seed: u64,
-    epoch: u64,
-    index: usize,
-) -> Result<Vec<TargetRow>> {
-    let parts: Vec<Vec<TargetRow>> = groups.par_iter().map(|&g| set.decode(g)).collect::<Result<_>>()?;
-    let mut rows: Vec<TargetRow> = parts.into_iter().flatten().collect();
+fn decode_window(set: &ShardSet, groups: &[RowGroupRef], seed: u64, epoch: u64, index: usize) -> Result<Vec<ShardRow>> {
+    let parts: Vec<Vec<ShardRow>> = groups.par_iter().map(|&g| set.decode(g)).collect::<Result<_>>()?;
+    let mut rows: Vec<ShardRow> = parts.into_iter().flatten().collect();
     SplitMix64::new(&[seed, epoch, index as u64, 1]).shuffle(&mut rows);
     Ok(rows)
 }
@@ -82,8 +77,8 @@ fn decode_window(
 /// Rows in training order from `start`, each with the position that follows it (what a
 /// checkpoint stores to resume after that row).
 pub struct RowStream {
-    rx: Receiver<Result<(StreamPosition, Vec<TargetRow>)>>,
-    current: std::vec::IntoIter<TargetRow>,
+    rx: Receiver<Result<(StreamPosition, Vec<ShardRow>)>>,
+    current: std::vec::IntoIter<ShardRow>,
     position: StreamPosition,
     window_len: usize,
 }
@@ -120,7 +115,7 @@ impl RowStream {
 }
 
 impl Iterator for RowStream {
-    type Item = Result<TargetRow>;
+    type Item = Result<ShardRow>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {

@@ -1,13 +1,15 @@
-//! Held-out evaluation of a student against teacher shards: mean forward KL on the
-//! (k+1) buckets, mean cross-entropy per trained token, and how often the student's
-//! most likely token is the teacher's; batched, the head in chunks, no gradients.
+//! Held-out evaluation of a model against teacher shards: mean forward KL on the
+//! (k+1) buckets, mean cross-entropy per trained token, and how often the model's
+//! most likely token is the teacher's; batched like training (padded or packed), the
+//! head in chunks (`model::logits`), no gradients.
 use anyhow::Result;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-use super::data::{RowStream, StreamOptions, StreamPosition};
-use super::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
+use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
+use crate::batch::stream::{RowStream, StreamOptions, StreamPosition};
 use crate::losses::{cross_entropy, Divergence, KdLoss, TopKMode};
+use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
 use crate::shards::reader::ShardSet;
 
@@ -15,15 +17,12 @@ use crate::shards::reader::ShardSet;
 pub struct EvalResult {
     pub kl: f64,
     pub ce: f64,
-    /// Share of trained positions where the student's argmax is the teacher's top-1.
+    /// Share of trained positions where the model's argmax is the teacher's top-1.
     pub top1_agreement: f64,
     pub targets: usize,
     /// Token slots of the batches, padding included.
     pub slots: usize,
 }
-
-/// Positions per chunk of the head: bounds the `[positions, vocab]` logits in memory.
-const HEAD_CHUNK: i64 = 2048;
 
 /// Every row of `set` once, batched by `batching` (padded or packed: the results agree).
 pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: FeedOptions) -> Result<EvalResult> {
@@ -36,6 +35,7 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
     );
     let feed = Feed::new(stream, batching);
     let loader = BatchLoader::new(feed, BatchContent { teacher: true, hidden_layers: vec![] }, device, 2);
+    let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(device));
     let sum = |t: Tensor| t.sum(Kind::Double);
     let zero = || Tensor::zeros([], (Kind::Double, device));
     let (mut kl, mut ce, mut agree, mut n) = (zero(), zero(), zero(), 0usize);
@@ -46,18 +46,15 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
         let width = hidden.size()[2];
         let h = hidden.reshape([-1, width]).index_select(0, &mb.batch.predicting);
         let teacher = mb.teacher.as_ref().expect("requested above");
-        let mut start = 0;
-        while start < mb.targets as i64 {
-            let len = HEAD_CHUNK.min(mb.targets as i64 - start);
-            let part = |t: &Tensor| t.narrow(0, start, len);
-            let logits = model.transformer.logits(&part(&h));
+        model.transformer.logits_in_chunks(&h, chunk, |logits, r| {
+            let part = |t: &Tensor| t.narrow(0, r.start, r.end - r.start);
             let targets = teacher.map(part);
-            kl += sum(kd.per_position(&logits, &targets)?);
-            ce += sum(cross_entropy(&logits, &part(&mb.batch.next_tokens)));
+            kl += sum(kd.per_position(logits, &targets)?);
+            ce += sum(cross_entropy(logits, &part(&mb.batch.next_tokens)));
             let top1 = targets.ids.select(1, 0);
             agree += sum(logits.argmax(-1, false).eq_tensor(&top1).to_kind(Kind::Double));
-            start += len;
-        }
+            Ok(())
+        })?;
         n += mb.targets;
         slots += mb.batch.ids.numel();
     }

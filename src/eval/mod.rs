@@ -1,0 +1,6 @@
+//! Judging models on held-out data: text scoring (per-example NLL and perplexity, and
+//! the total that `distill eval` reports) and shard metrics (KL to the teacher,
+//! cross-entropy, top-1 agreement), both over the shared batch builder and the one
+//! chunked-logits routine of `model::logits`.
+pub mod shards;
+pub mod text;

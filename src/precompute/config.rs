@@ -1,0 +1,127 @@
+//! What a precompute run is asked to do, with the library's defaults (`Default`), the
+//! checks that need no model (`validate`) and the teacher dtype resolved against the
+//! devices. `distill precompute` and TOML pipeline files only fill this in.
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use tch::{Device, Kind};
+
+use crate::dataset::FieldNames;
+use crate::shards::manifest::Slice;
+use crate::shards::writer::ParquetOptions;
+
+#[derive(Debug, Clone)]
+pub struct PrecomputeConfig {
+    pub teacher: PathBuf,
+    pub inputs: Vec<String>,
+    pub output: PathBuf,
+    pub fields: FieldNames,
+    pub max_len: usize,
+    pub pack: bool,
+    pub top_k: usize,
+    pub hidden_layers: Vec<usize>,
+    /// One teacher replica per entry; an entry of several devices splits that replica
+    /// by layers over them.
+    pub devices: Vec<Vec<Device>>,
+    /// Teacher weights and arithmetic; `None`: bfloat16 when every device is a GPU,
+    /// float32 otherwise (see `teacher_dtype`).
+    pub dtype: Option<Kind>,
+    /// Padded tokens per teacher batch.
+    pub batch_tokens: usize,
+    pub shard_tokens: usize,
+    pub parquet: ParquetOptions,
+    pub slice: Slice,
+    pub skip_invalid: bool,
+    /// Targets for every token, not only responses / assistant turns.
+    pub train_on_all_tokens: bool,
+    /// Delete an existing shard set in `output` instead of resuming it.
+    pub overwrite: bool,
+    pub progress: bool,
+    /// For the resume tests only: abort like `kill -9` part-way into the shard after
+    /// this many complete ones (the hidden flag `--crash-after-shards`).
+    pub crash_after_shards: Option<usize>,
+}
+
+impl Default for PrecomputeConfig {
+    fn default() -> Self {
+        PrecomputeConfig {
+            teacher: PathBuf::new(),
+            inputs: vec![],
+            output: PathBuf::new(),
+            fields: FieldNames::default(),
+            max_len: 2048,
+            pack: false,
+            top_k: 64,
+            hidden_layers: vec![],
+            devices: vec![vec![Device::cuda_if_available()]],
+            dtype: None,
+            batch_tokens: 16384,
+            shard_tokens: 1_000_000,
+            parquet: ParquetOptions { zstd_level: 3, row_group_rows: 64, byte_stream_split: true },
+            slice: Slice { index: 0, count: 1 },
+            skip_invalid: false,
+            train_on_all_tokens: false,
+            overwrite: false,
+            progress: true,
+            crash_after_shards: None,
+        }
+    }
+}
+
+impl PrecomputeConfig {
+    /// The teacher's dtype: as given, else bfloat16 when every device is a GPU and
+    /// float32 otherwise.
+    pub fn teacher_dtype(&self) -> Kind {
+        self.dtype.unwrap_or_else(|| {
+            if self.devices.iter().flatten().all(|d| d.is_cuda()) {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            }
+        })
+    }
+
+    /// The checks that need neither the teacher nor the data.
+    pub fn validate(&self) -> Result<()> {
+        if self.teacher.as_os_str().is_empty() {
+            bail!("--teacher is required (or `teacher` in the --config file)");
+        }
+        if self.inputs.is_empty() {
+            bail!("--input is required (or `input` in the --config file)");
+        }
+        if self.output.as_os_str().is_empty() {
+            bail!("--output is required (or `output` in the --config file)");
+        }
+        if self.devices.is_empty() || self.devices.iter().any(Vec::is_empty) {
+            bail!("--devices names no device");
+        }
+        let Slice { index, count } = self.slice;
+        if count == 0 || index >= count {
+            bail!("--shard-index {index} must be below --num-shards {count}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_caller_builds_a_config_from_defaults() {
+        let cfg = PrecomputeConfig {
+            teacher: "teacher".into(),
+            inputs: vec!["data.jsonl".into()],
+            output: "shards".into(),
+            devices: vec![vec![Device::Cpu]],
+            ..PrecomputeConfig::default()
+        };
+        cfg.validate().unwrap();
+        assert_eq!(cfg.teacher_dtype(), Kind::Float);
+        let gpus = PrecomputeConfig { devices: vec![vec![Device::Cuda(0), Device::Cuda(1)]], ..cfg.clone() };
+        assert_eq!(gpus.teacher_dtype(), Kind::BFloat16);
+        assert_eq!(PrecomputeConfig { dtype: Some(Kind::Half), ..gpus }.teacher_dtype(), Kind::Half);
+        let e = PrecomputeConfig { slice: Slice { index: 2, count: 2 }, ..cfg }.validate().unwrap_err().to_string();
+        assert!(e.contains("--shard-index 2"), "{e}");
+        assert!(PrecomputeConfig::default().validate().unwrap_err().to_string().contains("--teacher"));
+    }
+}

@@ -1,0 +1,110 @@
+//! The write -> read round trip of `ShardRow`s through a real shard set.
+use half::f16;
+
+use super::manifest::*;
+use super::reader::ShardSet;
+use super::row::{HiddenTargets, ShardRow, TopKTargets};
+use super::schema::{IdType, ShardLayout};
+use super::writer::{ParquetOptions, ShardWriter};
+use crate::dataset::sequence::Sequence;
+
+fn settings(layout: &ShardLayout) -> Settings {
+    Settings {
+        teacher: TeacherInfo {
+            path: "teacher".into(),
+            config_hash: "xxh3:0".into(),
+            architecture: "LlamaForCausalLM".into(),
+            num_layers: 4,
+            hidden_size: 5,
+            model_vocab_size: 70_000,
+            dtype: "float32".into(),
+        },
+        tokenizer: TokenizerInfo { hash: "xxh3:1".into(), vocab_size: 70_000, chat_template_hash: None },
+        capture: CaptureInfo {
+            top_k: layout.top_k,
+            id_type: layout.id_type,
+            logprob_dtype: "float16".into(),
+            tail: "tail".into(),
+            hidden_layers: layout.hidden.iter().map(|h| h.0).collect(),
+            hidden_dtype: "float16".into(),
+        },
+        data: DataInfo {
+            sources: vec![],
+            hash: "xxh3:2".into(),
+            fields: serde_json::json!({}),
+            max_len: 64,
+            packing: true,
+            train_on_all_tokens: false,
+            skip_invalid: false,
+        },
+        sharding: ShardingInfo { shard_tokens: 100, zstd_level: 3, row_group_rows: 2, byte_stream_split: true },
+    }
+}
+
+/// A row of `docs` documents with varied ids, masks and targets (ids up to `max_id`).
+fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow {
+    let mut sequence: Option<Sequence> = None;
+    for (d, &n) in docs.iter().enumerate() {
+        let doc = Sequence {
+            row_index: index,
+            sample_ids: vec![format!("doc-{index}-{d}")],
+            doc_lengths: vec![n],
+            ids: (0..n).map(|t| (index as u32 * 7919 + t * 104_729) % max_id).collect(),
+            loss_mask: (0..n).map(|t| t > 0 && !(t + d as u32).is_multiple_of(3)).collect(),
+        };
+        match sequence.as_mut() {
+            Some(s) => s.append(doc),
+            None => sequence = Some(doc),
+        }
+    }
+    let sequence = sequence.unwrap();
+    let p = sequence.num_targets();
+    let k = layout.top_k;
+    let value = |i: usize| (i as f32 * 0.37).sin();
+    let topk = TopKTargets {
+        k,
+        ids: (0..p * k).map(|i| (i as u32 * 31 + index as u32) % max_id).collect(),
+        logprobs: (0..p * k).map(|i| f16::from_f32(-(i as f32) * 0.25)).collect(),
+        tail_logmass: (0..p).map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { -value(i).abs() }).collect(),
+        target_logprob: (0..p).map(|i| -1.5 - value(i)).collect(),
+    };
+    let hidden = layout
+        .hidden
+        .iter()
+        .map(|&(layer, width)| HiddenTargets {
+            layer,
+            width,
+            values: (0..p * width).map(|i| f16::from_f32(value(i + layer))).collect(),
+            rms: (0..p).map(|i| 1.0 + i as f32).collect(),
+        })
+        .collect();
+    ShardRow { sequence, topk, hidden }
+}
+
+fn round_trip(layout: ShardLayout, max_id: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    // Rows of one, two and three documents (packed), of varied lengths.
+    let docs = |i: usize| [[9, 6, 3], [4, 6, 3]][i % 2][..1 + i % 3].to_vec();
+    let rows: Vec<ShardRow> = (0..5).map(|i| row(i as u64, &docs(i), &layout, max_id)).collect();
+    let opts = ParquetOptions { zstd_level: 3, row_group_rows: 2, byte_stream_split: true };
+    let mut manifest = Manifest::new(settings(&layout), Slice { index: 0, count: 1 }, 2, SkipReport::default());
+    for (shard, part) in [&rows[..3], &rows[3..]].into_iter().enumerate() {
+        let mut writer = ShardWriter::create(dir.path(), shard, layout.clone(), &opts, "{}").unwrap();
+        writer.write(part).unwrap();
+        manifest.shards.push(writer.finish().unwrap());
+    }
+    manifest.complete = true;
+    manifest.save(dir.path()).unwrap();
+    let set = ShardSet::open(dir.path(), false).unwrap();
+    let read: Vec<ShardRow> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
+    assert_eq!(read, rows);
+    assert_eq!(manifest.shards[0].rows, 3);
+    assert_eq!(manifest.shards[1].targets, rows[3..].iter().map(ShardRow::num_targets).sum::<usize>());
+    assert_eq!(set.row_groups().len(), 3, "row groups of 2 rows: 2 + 1");
+}
+
+#[test]
+fn rows_read_back_as_written() {
+    round_trip(ShardLayout { top_k: 3, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] }, 65_000);
+    round_trip(ShardLayout { top_k: 2, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+}

@@ -1,0 +1,165 @@
+//! What a training run is asked to do, with the library's defaults (`Default`), the
+//! checks that need neither model nor shards (`validate`) and `auto` precision resolved
+//! against the device. `distill train` and TOML pipeline files only fill this in.
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use tch::Device;
+
+use super::hidden::HiddenMap;
+use super::optim::AdamWConfig;
+use super::schedule::{Decay, LrSchedule};
+use crate::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub student: PathBuf,
+    pub shards: PathBuf,
+    pub output: PathBuf,
+    pub device: Device,
+    pub steps: u64,
+    /// Padded tokens per micro-batch.
+    pub batch_tokens: usize,
+    /// Pack several shard rows into each batch row (see `batch::feed::FeedOptions`), of
+    /// `seq_len` tokens (default: the longest row the shards allow).
+    pub pack: bool,
+    pub seq_len: Option<usize>,
+    /// Keep only each layer's input and recompute the layer during backward.
+    pub recompute: bool,
+    pub precision: Precision,
+    pub grad_accum: usize,
+    /// Its `total_steps` is taken from `steps` (see `schedule()`).
+    pub schedule: LrSchedule,
+    pub adamw: AdamWConfig,
+    pub clip_norm: f64,
+    /// Weight of the hard-label cross-entropy; KD gets `1 - alpha`.
+    pub alpha: f64,
+    pub kd: KdLoss,
+    pub seed: u64,
+    pub save_every: u64,
+    pub keep_last: usize,
+    pub resume: bool,
+    pub force_tokenizer: bool,
+    /// Positions per chunk of the head + loss (`None`: `model::logits`' policy).
+    pub head_chunk: Option<i64>,
+    /// Hidden-state distillation (teacher layer -> student layer), if any.
+    pub hidden: Option<HiddenSettings>,
+    /// End this invocation at this step (with a checkpoint), keeping the schedule of
+    /// `steps`: for jobs with a wall-time limit, continued with `resume`.
+    pub stop_at: Option<u64>,
+}
+
+/// Arithmetic of the forward and backward passes; weights and optimiser state are
+/// float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 autocast on CUDA, float32 elsewhere.
+    Auto,
+    Float32,
+    /// bfloat16 autocast (see `autocast.rs`).
+    Bf16Autocast,
+}
+
+impl Precision {
+    /// `Auto` decided for `device`.
+    pub fn resolve(self, device: Device) -> Precision {
+        match self {
+            Precision::Auto if device.is_cuda() => Precision::Bf16Autocast,
+            Precision::Auto => Precision::Float32,
+            other => other,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HiddenSettings {
+    pub maps: Vec<HiddenMap>,
+    pub weight: f64,
+    pub loss: HiddenLoss,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            student: PathBuf::new(),
+            shards: PathBuf::new(),
+            output: PathBuf::new(),
+            device: Device::cuda_if_available(),
+            steps: 100,
+            batch_tokens: 8192,
+            pack: false,
+            seq_len: None,
+            recompute: false,
+            precision: Precision::Auto,
+            grad_accum: 1,
+            schedule: LrSchedule {
+                peak_lr: 1e-4,
+                warmup_steps: 0,
+                total_steps: 100,
+                decay: Decay::Cosine,
+                min_lr_ratio: 0.1,
+            },
+            adamw: AdamWConfig::default(),
+            clip_norm: 1.0,
+            alpha: 0.0,
+            kd: KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 },
+            seed: 0,
+            save_every: 100,
+            keep_last: 2,
+            resume: false,
+            force_tokenizer: false,
+            head_chunk: None,
+            hidden: None,
+            stop_at: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning-rate schedule over `steps`.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule { total_steps: self.steps, ..self.schedule }
+    }
+
+    /// The checks that need neither the student nor the shards.
+    pub fn validate(&self) -> Result<()> {
+        if [&self.student, &self.shards, &self.output].iter().any(|p| p.as_os_str().is_empty()) {
+            bail!("--student, --shards and --output are required (or in the --config file)");
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            bail!("--alpha must lie in [0, 1], not {}", self.alpha);
+        }
+        if self.alpha < 1.0 {
+            self.kd.check()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_caller_builds_a_config_from_defaults() {
+        let cfg = TrainConfig {
+            student: "student".into(),
+            shards: "shards".into(),
+            output: "run".into(),
+            device: Device::Cpu,
+            steps: 40,
+            ..TrainConfig::default()
+        };
+        cfg.validate().unwrap();
+        assert_eq!(cfg.schedule().total_steps, 40);
+        assert_eq!(cfg.precision.resolve(Device::Cpu), Precision::Float32);
+        assert_eq!(Precision::Auto.resolve(Device::Cuda(0)), Precision::Bf16Autocast);
+        assert_eq!(Precision::Float32.resolve(Device::Cuda(0)), Precision::Float32);
+        let e = TrainConfig { alpha: 1.5, ..cfg.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--alpha"), "{e}");
+        let bad_kd = KdLoss { temperature: 2.0, ..cfg.kd };
+        assert!(TrainConfig { kd: bad_kd, ..cfg.clone() }.validate().is_err());
+        // Plain SFT never computes the KD loss, so its settings do not matter.
+        TrainConfig { kd: bad_kd, alpha: 1.0, ..cfg }.validate().unwrap();
+        assert!(TrainConfig::default().validate().unwrap_err().to_string().contains("--student"));
+    }
+}
