@@ -99,13 +99,29 @@ impl ChatTemplate {
 
     /// Renders the conversation and finds the byte span of every assistant turn.
     pub fn render_with_spans(&self, messages: &[Json]) -> Result<RenderedChat> {
-        let text = self.render(messages, false)?;
+        self.render_with_spans_up_to(messages, |text| Ok(text.len()))
+    }
+
+    /// Renders the conversation, keeps its first `limit(text)` bytes and finds the spans
+    /// of the assistant turns that start there. Each turn is located by rendering the
+    /// conversation up to it, so a cut conversation costs the turns it keeps, not the
+    /// square of all its turns.
+    pub fn render_with_spans_up_to(
+        &self,
+        messages: &[Json],
+        limit: impl FnOnce(&str) -> Result<usize>,
+    ) -> Result<RenderedChat> {
+        let mut text = self.render(messages, false)?;
+        let keep = crate::tokenizer::floor_char_boundary(&text, limit(&text)?);
         let mut assistant_spans = vec![];
         for (i, m) in messages.iter().enumerate() {
             if m.get("role").and_then(Json::as_str) != Some("assistant") {
                 continue;
             }
             let before = self.render(&messages[..i], true)?;
+            if before.len() >= keep {
+                break;
+            }
             let through = self.render(&messages[..=i], false)?;
             let end = through.len().min(text.len());
             if !through.starts_with(&before) || !text.starts_with(&through[..end]) || before.len() > end {
@@ -114,8 +130,9 @@ impl ChatTemplate {
                     self.origin.display()
                 );
             }
-            assistant_spans.push(before.len()..end);
+            assistant_spans.push(before.len()..end.min(keep));
         }
+        text.truncate(keep);
         Ok(RenderedChat { text, assistant_spans })
     }
 }

@@ -1,12 +1,14 @@
 //! Making a student from a teacher, as DistilBERT and Minitron do: the teacher's
 //! tokenizer and chat template, a subset of its layers (weights copied, so the student
 //! starts close to the teacher) and, optionally, a narrower shape with fresh weights.
-//! Written in Hugging Face layout.
+//! Written in Hugging Face layout, into an empty or new directory (or, with `overwrite`,
+//! over a model directory), through a staging directory renamed into place.
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind};
 
+use crate::files::{dir_entries, StagedDir};
 use crate::model::{CausalLm, ModelConfig};
 use crate::tokenizer::copy_tokenizer_files;
 
@@ -22,6 +24,8 @@ pub struct StudentSpec {
     pub num_heads: Option<usize>,
     pub num_kv_heads: Option<usize>,
     pub seed: u64,
+    /// Replace a model already in the output directory.
+    pub overwrite: bool,
 }
 
 /// How `num_layers` teacher layers are chosen.
@@ -61,7 +65,71 @@ pub fn spread_layers(total: usize, n: usize) -> Vec<usize> {
     }
 }
 
+/// Files a model directory holds; `--overwrite` replaces a directory holding only these.
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+];
+
+/// Refuses an output that is the teacher (or holds it), or that is not empty unless
+/// `overwrite` and it holds a model alone; writes nothing.
+fn check_output(teacher_dir: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if let (Some(t), Some(o)) = (canonical(teacher_dir), canonical(out)) {
+        if t.starts_with(&o) {
+            bail!("--output {} holds the teacher {}; the student would replace it", out.display(), teacher_dir.display());
+        }
+    }
+    let names = dir_entries(out)?;
+    let Some(first) = names.first() else { return Ok(()) };
+    if !overwrite {
+        bail!(
+            "--output {} is not empty (it holds {first}); choose an empty or new directory, or --overwrite to replace the model there",
+            out.display()
+        );
+    }
+    let model_file = |n: &str| MODEL_FILES.contains(&n) || (n.starts_with("model-") && n.ends_with(".safetensors"));
+    if let Some(other) = names.iter().find(|n| !model_file(n)) {
+        bail!(
+            "--output {} holds {other}, which is not part of a model; --overwrite replaces only a model directory",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a student whose float32 weights would not fit in the memory available.
+fn check_size(cfg: &ModelConfig) -> Result<()> {
+    let (h, v, i) = (cfg.hidden_size as f64, cfg.vocab_size as f64, cfg.intermediate_size as f64);
+    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+    let per_layer = h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i + 2.0 * h;
+    let embeddings = v * h * if cfg.tie_word_embeddings { 1.0 } else { 2.0 };
+    let parameters = embeddings + cfg.num_layers as f64 * per_layer;
+    let bytes = 4.0 * parameters;
+    let available = crate::files::available_memory().map_or(f64::INFINITY, |b| b as f64);
+    if bytes > available {
+        bail!(
+            "the student would have {:.3e} parameters ({:.1} GiB in float32), more than the {:.1} GiB of memory available; choose a smaller shape",
+            parameters,
+            bytes / (1u64 << 30) as f64,
+            available / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
 pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Result<StudentSummary> {
+    check_output(teacher_dir, out, spec.overwrite)?;
     let teacher_cfg = ModelConfig::from_dir(teacher_dir)?;
     let total = teacher_cfg.num_layers;
     let layers = match (&spec.layers, spec.num_layers) {
@@ -81,6 +149,7 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
     }
     let raw = student_config(&teacher_cfg, &layers, spec)?;
     let cfg = ModelConfig::from_value(Value::Object(raw)).context("the student's config")?;
+    check_size(&cfg)?;
     let copied = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         == (
             teacher_cfg.hidden_size,
@@ -103,12 +172,11 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
             Ok(())
         })?;
     }
-    student.save(out, crate::model::save::DEFAULT_MAX_SHARD_BYTES)?;
-    copy_tokenizer_files(teacher_dir, out)?;
-    let generation = teacher_dir.join("generation_config.json");
-    if generation.exists() {
-        std::fs::copy(&generation, out.join("generation_config.json"))?;
-    }
+    // Written next to --output and renamed into place when complete.
+    let staged = StagedDir::new(out)?;
+    student.save(staged.path(), crate::model::save::DEFAULT_MAX_SHARD_BYTES)?;
+    copy_tokenizer_files(teacher_dir, staged.path())?;
+    staged.commit()?;
     let count = |m: &CausalLm| m.vs.variables().values().map(|t| t.numel() as i64).sum();
     Ok(StudentSummary { layers, copied, parameters: count(&student), teacher_parameters: count(&teacher) })
 }

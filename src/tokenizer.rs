@@ -10,6 +10,10 @@ use crate::model::ModelConfig;
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// Bytes of the longest vocabulary entry: a token stands for at most about this many
+    /// bytes of text (times a normaliser's shrink), which bounds how much text `n`
+    /// tokens can need.
+    max_token_bytes: usize,
 }
 
 /// Token ids and, per token, whether a loss trains on predicting it.
@@ -30,7 +34,8 @@ impl TextTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
-        Ok(TextTokenizer { inner, path: path.to_path_buf() })
+        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        Ok(TextTokenizer { inner, path: path.to_path_buf(), max_token_bytes })
     }
 
     pub fn path(&self) -> &Path {
@@ -99,6 +104,30 @@ impl TextTokenizer {
         Ok(MaskedTokens { ids: enc.get_ids().to_vec(), loss_mask })
     }
 
+    /// The length of a prefix of `text` whose tokens start with the first `tokens`
+    /// tokens of the whole `text` (the whole length when it is short): so a long text
+    /// cut to a few tokens is not tokenised whole (a 50 MB line would take gigabytes).
+    /// Tokenisation is local, so the prefix ends `MARGIN` tokens after token `tokens`;
+    /// the text read to find that end is bounded by the longest token times 4 (a
+    /// normaliser may shrink text, e.g. full-width letters, up to 3 bytes to 1).
+    pub fn prefix_len(&self, text: &str, tokens: usize, add_special_tokens: bool) -> Result<usize> {
+        const MARGIN: usize = 64;
+        let budget = (tokens + MARGIN + 8).saturating_mul(4 * self.max_token_bytes);
+        if budget >= text.len() {
+            return Ok(text.len());
+        }
+        let read = floor_char_boundary(text, budget);
+        let enc = self
+            .inner
+            .encode(&text[..read], add_special_tokens)
+            .map_err(|e| anyhow::anyhow!("{}: cannot encode text: {e}", self.path.display()))?;
+        Ok(match enc.get_offsets().get(tokens + MARGIN) {
+            Some(&(_, end)) => floor_char_boundary(text, end),
+            // Fewer tokens than the bound promises (a tokenizer beyond the bound): read it all.
+            None => text.len(),
+        })
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
@@ -114,6 +143,15 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
     "generation_config.json",
 ];
+
+/// The largest char boundary of `text` at or below `at`.
+pub fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut i = at.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
 
 /// Copies whichever of `TOKENIZER_FILES` exist in `from` into `to`.
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {

@@ -57,7 +57,10 @@ fn shard_reader_decodes_what_pyarrow_reads_and_refuses_bad_sets() {
     assert!(e.contains(&hash) && e.contains("xxh3:0000000000000000") && e.contains("manifest.json"), "{e}");
     let e = set.check_student(&hash, 300, false).unwrap_err().to_string();
     assert!(e.contains("384") && e.contains("300"), "{e}");
-    set.check_student("xxh3:0000000000000000", 300, true).unwrap();
+    // Forcing accepts another tokenizer file, never ids beyond the student's embedding.
+    set.check_student("xxh3:0000000000000000", 384, true).unwrap();
+    let e = set.check_student(&hash, 300, true).unwrap_err().to_string();
+    assert!(e.contains("384") && e.contains("300") && e.contains("--force-tokenizer"), "{e}");
 
     // A corrupt shard is refused by name.
     let shard = out.join("shard-00000.parquet");

@@ -87,6 +87,11 @@ impl RowStream {
     pub fn new(set: Arc<ShardSet>, opts: StreamOptions, start: StreamPosition) -> Self {
         let (tx, rx) = bounded(opts.prefetch.max(1));
         std::thread::spawn(move || {
+            if set.row_groups().iter().all(|g| g.rows == 0) {
+                // An endless stream of empty epochs would spin forever.
+                let _ = tx.send(Err(anyhow::anyhow!("{}: the shard set holds no rows", set.dir.display())));
+                return;
+            }
             let mut pos = start;
             loop {
                 if opts.epochs.is_some_and(|n| pos.epoch >= n) {

@@ -1,5 +1,5 @@
 //! `distill eval`: text and shard metrics of several models, as a table or JSON.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -9,7 +9,8 @@ use distill::batch::feed::FeedOptions;
 use distill::dataset::FieldNames;
 use distill::eval::shards::evaluate;
 use distill::eval::text::{check_tokenizer_fits, text_metrics, ScoreOptions, TextMetrics};
-use distill::model::{parse_kind, CausalLm};
+use distill::files::checksum_file;
+use distill::model::{parse_kind, CausalLm, ModelConfig};
 use distill::runtime::parse_device;
 use distill::shards::reader::ShardSet;
 
@@ -38,6 +39,9 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Evaluate on shards made with another tokenizer file (same ids) anyway.
+    #[arg(long)]
+    force_tokenizer: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,7 +74,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
             Some((n, p)) => (n.to_string(), PathBuf::from(p)),
             None => (spec.clone(), PathBuf::from(spec)),
         };
-        check_tokenizer_fits(&path)?; // before the (slow) load
+        // Before the (slow) load: the tokenizer fits the model, and made the shards' targets.
+        check_tokenizer_fits(&path)?;
+        if let Some(set) = &set {
+            let vocab = ModelConfig::from_dir(&path)?.vocab_size;
+            let hash = checksum_file(&path.join("tokenizer.json"))?;
+            set.check_student(&hash, vocab, args.force_tokenizer).with_context(|| format!("model {name}"))?;
+        }
         let model = CausalLm::load(&path, device, kind)?;
         let text = if args.text.is_empty() {
             None

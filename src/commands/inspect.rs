@@ -1,5 +1,5 @@
 //! `distill inspect`: a shard set's manifest, sizes and sample rows, as text or JSON.
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,14 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let manifest = Manifest::load(&args.shards)?;
-    let tokenizer = find_tokenizer(&manifest, args.tokenizer.as_deref());
+    let tokenizer = match args.tokenizer.as_deref() {
+        // Asked for by name: anything but the shards' own tokenizer is an error.
+        Some(dir) => Some(shard_tokenizer(&manifest, dir)?),
+        // The teacher's, where the manifest says it was: shown as ids when it has moved.
+        None => shard_tokenizer(&manifest, Path::new(&manifest.settings.teacher.path))
+            .map_err(|e| eprintln!("warning: {e:#}; showing ids only (--tokenizer DIR to show text)"))
+            .ok(),
+    };
     let opts = InspectOptions { sample_rows: args.rows, sample_targets: args.targets, show_top: args.top };
     let report = inspect(&args.shards, tokenizer.as_ref(), &opts)?;
     if args.json {
@@ -44,22 +51,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// The tokenizer that made the shards (its hash must match the manifest's), if found.
-fn find_tokenizer(m: &Manifest, given: Option<&Path>) -> Option<TextTokenizer> {
-    let dir = given.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&m.settings.teacher.path));
+/// The tokenizer in `dir`, if it is the one the shards were made with (same hash).
+fn shard_tokenizer(m: &Manifest, dir: &Path) -> Result<TextTokenizer> {
     let path = dir.join("tokenizer.json");
-    match checksum_file(&path) {
-        Ok(h) if h == m.settings.tokenizer.hash => TextTokenizer::from_dir(&dir).ok(),
-        Ok(h) => {
-            eprintln!(
-                "warning: {} hashes {h}, the shards' tokenizer {}: ids only",
-                path.display(),
-                m.settings.tokenizer.hash
-            );
-            None
-        }
-        Err(_) => None,
+    let hash = checksum_file(&path)?;
+    if hash != m.settings.tokenizer.hash {
+        bail!("{} hashes {hash}, not the shards' tokenizer {}", path.display(), m.settings.tokenizer.hash);
     }
+    TextTokenizer::from_dir(dir)
 }
 
 fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {

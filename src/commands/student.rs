@@ -54,6 +54,9 @@ struct InitArgs {
     /// Seed of fresh weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Replace the model already in --output (a directory holding a model alone).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run(args: StudentArgs) -> Result<()> {
@@ -70,6 +73,7 @@ pub fn run(args: StudentArgs) -> Result<()> {
         num_heads: a.num_heads,
         num_kv_heads: a.num_kv_heads,
         seed: a.seed,
+        overwrite: a.overwrite,
     };
     let s = init_student(&a.teacher, &a.output, &spec)?;
     println!("student written to {}", a.output.display());

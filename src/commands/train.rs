@@ -1,6 +1,6 @@
 //! `distill train`: flags and pipeline file -> `TrainConfig`, a progress bar or one line
 //! per step, and a closing line.
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -159,7 +159,14 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         Some(DecayArg::Linear) => Decay::Linear,
         Some(DecayArg::Constant) => Decay::Constant,
     };
+    // Options that would be silently ignored in this combination are refused.
+    if a.beta.is_some() && !matches!(a.loss, Some(Loss::Jsd)) {
+        bail!("--beta weighs the generalised JSD; it needs --loss jsd");
+    }
     let maps: Vec<HiddenMap> = a.hidden_map.unwrap_or_default().iter().map(|m| m.parse()).collect::<Result<_>>()?;
+    if maps.is_empty() && (a.hidden_weight.is_some() || a.hidden_cosine.is_some()) {
+        bail!("--hidden-weight and --hidden-cosine apply to hidden-state distillation; they need --hidden-map");
+    }
     let cfg = TrainConfig {
         student: a.student.unwrap_or_default(),
         shards: a.shards.unwrap_or_default(),

@@ -56,11 +56,36 @@ impl Example {
                 None => bail!("field `{name}` is missing"),
             }
         };
+        let shapes: Vec<String> = [
+            (map.contains_key(&fields.messages), format!("`{}`", fields.messages)),
+            (
+                map.contains_key(&fields.prompt) || map.contains_key(&fields.response),
+                format!("`{}` / `{}`", fields.prompt, fields.response),
+            ),
+            (map.contains_key(&fields.text), format!("`{}`", fields.text)),
+        ]
+        .into_iter()
+        .filter_map(|(present, name)| present.then_some(name))
+        .collect();
+        if shapes.len() > 1 {
+            bail!(
+                "row has both {}: which one to train on is ambiguous (keep one shape per row, or point --text-field, --prompt-field, --response-field or --messages-field elsewhere)",
+                shapes.join(" and ")
+            );
+        }
         if let Some(messages) = map.get(&fields.messages) {
             let Json::Array(list) = messages else { bail!("field `{}` is not a list", fields.messages) };
             for (i, m) in list.iter().enumerate() {
                 if m.get("role").and_then(Json::as_str).is_none() {
                     bail!("field `{}[{i}].role` is missing or not a string", fields.messages);
+                }
+                // A turn without content would render as empty text; only a tool call may omit it.
+                let has_tool_calls = m.get("tool_calls").is_some_and(|t| !t.is_null());
+                match m.get("content") {
+                    Some(Json::String(_) | Json::Array(_)) => {}
+                    Some(Json::Null) | None if has_tool_calls => {}
+                    None => bail!("field `{}[{i}].content` is missing", fields.messages),
+                    Some(_) => bail!("field `{}[{i}].content` is not a string or a list of parts", fields.messages),
                 }
             }
             return Ok(Example::Chat(list.clone()));
@@ -86,13 +111,30 @@ impl Example {
     /// Token ids and loss mask. `loss_mask[i]` says whether token i is a target.
     /// Prompt/response pairs become a two-turn chat when the model has a template.
     pub fn tokenize(&self, tokenizer: &TextTokenizer, template: Option<&ChatTemplate>) -> Result<MaskedTokens> {
+        self.tokenize_up_to(tokenizer, template, None)
+    }
+
+    /// Like `tokenize`, for a caller that keeps only the first `max_tokens` tokens: long
+    /// text is cut before it is tokenised (`TextTokenizer::prefix_len`), so the result
+    /// starts with the same tokens at a cost bounded by `max_tokens`, whatever the
+    /// example's length. The result may be longer than `max_tokens`.
+    pub fn tokenize_up_to(
+        &self,
+        tokenizer: &TextTokenizer,
+        template: Option<&ChatTemplate>,
+        max_tokens: Option<usize>,
+    ) -> Result<MaskedTokens> {
+        let keep = |text: &str, special: bool| match max_tokens {
+            Some(n) => tokenizer.prefix_len(text, n, special),
+            None => Ok(text.len()),
+        };
         match (self, template) {
             (Example::Text(text), _) => {
-                let ids = tokenizer.encode(text, true)?;
+                let ids = tokenizer.encode(&text[..keep(text, true)?], true)?;
                 Ok(MaskedTokens { loss_mask: vec![true; ids.len()], ids })
             }
             (Example::Chat(messages), Some(t)) => {
-                let chat = t.render_with_spans(messages)?;
+                let chat = t.render_with_spans_up_to(messages, |text| keep(text, false))?;
                 tokenizer.encode_masked(&chat.text, &chat.assistant_spans, false)
             }
             (Example::Chat(_), None) => bail!("chat messages need a chat template, and the model has none"),
@@ -101,12 +143,13 @@ impl Example {
                     serde_json::json!({"role": "user", "content": prompt}),
                     serde_json::json!({"role": "assistant", "content": response}),
                 ]);
-                chat.tokenize(tokenizer, template)
+                chat.tokenize_up_to(tokenizer, template, max_tokens)
             }
             (Example::PromptResponse { prompt, response }, None) => {
                 let text = format!("{prompt}{response}");
-                let response_span = prompt.len()..text.len();
-                tokenizer.encode_masked(&text, std::slice::from_ref(&response_span), true)
+                let text = &text[..keep(&text, true)?];
+                let response_span = prompt.len().min(text.len())..text.len();
+                tokenizer.encode_masked(text, std::slice::from_ref(&response_span), true)
             }
         }
     }

@@ -25,6 +25,8 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
             collect_dir(path, &mut files)?;
         } else if path.is_file() {
             files.push(path.to_path_buf());
+        } else if path.exists() {
+            bail!("{input}: not a regular file or directory (a FIFO, device or socket cannot be read twice)");
         } else if input.contains(['*', '?', '[']) {
             let matches: Vec<PathBuf> = glob::glob(input)
                 .with_context(|| format!("bad glob pattern {input:?}"))?
@@ -124,7 +126,9 @@ fn jsonl_rows(path: &Path) -> Result<Vec<(usize, Result<Json>)>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut rows = vec![];
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        let line = line.with_context(|| format!("{}:{}: cannot read line (not UTF-8 text?)", path.display(), i + 1))?;
+        // A UTF-8 byte-order mark (as some Windows tools write) is not part of the JSON.
+        let line = if i == 0 { line.strip_prefix('\u{feff}').unwrap_or(&line).to_string() } else { line };
         if line.trim().is_empty() {
             continue;
         }
@@ -143,6 +147,7 @@ fn parquet_rows(path: &Path) -> Result<Vec<(usize, Result<Json>)>> {
     let mut rows = vec![];
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot decode", path.display()))?;
+        let batch = binary_as_text(&batch).with_context(|| path.display().to_string())?;
         let mut writer = arrow::json::ArrayWriter::new(Vec::new());
         writer.write(&batch)?;
         writer.finish()?;
@@ -152,6 +157,40 @@ fn parquet_rows(path: &Path) -> Result<Vec<(usize, Result<Json>)>> {
         }
     }
     Ok(rows)
+}
+
+/// The batch with binary columns (as Spark writes strings) read as UTF-8 text: the JSON
+/// writer would otherwise turn their bytes into a hex string.
+fn binary_as_text(batch: &arrow::array::RecordBatch) -> Result<arrow::array::RecordBatch> {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    fn text(t: &DataType) -> DataType {
+        let field = |f: &Arc<Field>| Arc::new(f.as_ref().clone().with_data_type(text(f.data_type())));
+        match t {
+            DataType::Binary | DataType::BinaryView => DataType::Utf8,
+            DataType::LargeBinary => DataType::LargeUtf8,
+            DataType::List(f) => DataType::List(field(f)),
+            DataType::LargeList(f) => DataType::LargeList(field(f)),
+            DataType::Struct(fields) => DataType::Struct(fields.iter().map(field).collect()),
+            other => other.clone(),
+        }
+    }
+    let schema = batch.schema();
+    let mut fields = vec![];
+    let mut columns = vec![];
+    for (f, column) in schema.fields().iter().zip(batch.columns()) {
+        let to = text(f.data_type());
+        let column = if &to == f.data_type() {
+            column.clone()
+        } else {
+            let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
+            arrow::compute::cast_with_options(column, &to, &options)
+                .with_context(|| format!("column `{}` holds bytes that are not UTF-8 text", f.name()))?
+        };
+        fields.push(f.as_ref().clone().with_data_type(to));
+        columns.push(column);
+    }
+    Ok(arrow::array::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
 }
 
 /// A hash of the input files' bytes, in order, with their names: the data identity

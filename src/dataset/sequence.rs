@@ -101,7 +101,10 @@ pub fn build_sequences(
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
-            let mut t = r.example.tokenize(tokenizer, template).with_context(|| r.location.clone())?;
+            let mut t = r
+                .example
+                .tokenize_up_to(tokenizer, template, Some(opts.max_len))
+                .with_context(|| r.location.clone())?;
             let cut = t.ids.len().saturating_sub(opts.max_len);
             t.ids.truncate(opts.max_len);
             t.loss_mask.truncate(opts.max_len);

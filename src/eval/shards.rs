@@ -58,7 +58,10 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
         n += mb.targets;
         slots += mb.batch.ids.numel();
     }
-    let d = n.max(1) as f64;
+    if n == 0 {
+        anyhow::bail!("the shard set holds no trained position to evaluate");
+    }
+    let d = n as f64;
     let read = |t: &Tensor| t.double_value(&[]) / d;
     Ok(EvalResult { kl: read(&kl), ce: read(&ce), top1_agreement: read(&agree), targets: n, slots })
 }

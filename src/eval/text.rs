@@ -92,6 +92,9 @@ pub fn text_metrics(
 ) -> Result<TextMetrics> {
     let (ids, sums) = score_inputs(model_dir, model, inputs, fields, opts)?;
     let (_, total) = rows(&ids, &sums);
+    if total.tokens == 0 {
+        anyhow::bail!("{inputs:?}: no token to score (every example is masked or one token long)");
+    }
     Ok(TextMetrics { tokens: total.tokens, cross_entropy: total.nll, perplexity: total.ppl })
 }
 

@@ -66,8 +66,8 @@ impl KdLoss {
     /// Refuses settings no loss can be computed with.
     pub fn check(&self) -> Result<()> {
         let t = self.temperature;
-        if t <= 0.0 {
-            bail!("temperature must be positive, not {t}");
+        if !(t.is_finite() && t > 0.0) {
+            bail!("temperature must be a positive number, not {t}");
         }
         if let Divergence::Jsd { beta } = self.divergence {
             if !(0.0..=1.0).contains(&beta) {

@@ -217,6 +217,16 @@ impl ModelConfig {
             bail!("field `head_dim`: {head_dim} must be even for rotary embeddings");
         }
         let (rope_theta, rope_scaling) = rope_settings(&cfg)?;
+        // Values that would make every output NaN or infinite.
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            bail!("field `rope_theta`: {rope_theta} must be a positive number");
+        }
+        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps >= 0.0) {
+            bail!("field `rms_norm_eps`: {} must be zero or a small positive number", cfg.rms_norm_eps);
+        }
+        if cfg.sliding_window == Some(0) {
+            bail!("field `sliding_window` must be positive");
+        }
         let attention_bias = cfg.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
             Family::Qwen2 => (true, false),

@@ -25,17 +25,27 @@ impl RopeScaling {
     pub fn from_json(v: &Value) -> Result<Self> {
         let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
         let num = |key: &str| -> Result<f64> {
-            v.get(key).and_then(Value::as_f64).with_context(|| format!("rope type {kind:?} needs a number `{key}`"))
+            let x = v.get(key).and_then(Value::as_f64).with_context(|| format!("rope type {kind:?} needs a number `{key}`"))?;
+            if !(x.is_finite() && x > 0.0) {
+                bail!("rope type {kind:?}: `{key}` is {x}; it must be a positive number");
+            }
+            Ok(x)
         };
         Ok(match kind {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear { factor: num("factor")? },
-            "llama3" => RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            },
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    bail!("rope type \"llama3\": `high_freq_factor` {high} must exceed `low_freq_factor` {low}");
+                }
+                RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }
+            }
             other => bail!("unsupported rope type {other:?} (supported: default, linear, llama3)"),
         })
     }

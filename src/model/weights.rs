@@ -58,6 +58,8 @@ impl SafetensorsFiles {
             let file = file
                 .as_str()
                 .with_context(|| format!("{}: weight_map[{tensor:?}] is not a file name", index.display()))?;
+            crate::files::check_plain_name(file)
+                .with_context(|| format!("{}: weight_map[{tensor:?}]", index.display()))?;
             names.insert(file);
         }
         let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();

@@ -103,10 +103,29 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
                 rms: rms[range.clone()].to_vec(),
             })
             .collect();
-        out.push(ShardRow { sequence: row.clone(), topk, hidden });
+        let captured = ShardRow { sequence: row.clone(), topk, hidden };
+        check_finite(&captured)?;
+        out.push(captured);
         offset += count;
     }
     Ok(out)
+}
+
+/// Refuses targets that are not numbers: a teacher with NaN weights or an impossible
+/// config yields them, and shards full of NaN must never be listed as complete.
+fn check_finite(row: &ShardRow) -> Result<()> {
+    let t = &row.topk;
+    let nan = t.logprobs.iter().any(|x| x.is_nan())
+        || t.tail_logmass.iter().chain(&t.target_logprob).any(|x| x.is_nan() || *x > 0.0)
+        || row.hidden.iter().any(|h| h.values.iter().any(|x| !x.is_finite()) || h.rms.iter().any(|x| !x.is_finite()));
+    if nan {
+        bail!(
+            "the teacher's outputs for row {} (samples {}) are not finite numbers (NaN or infinity); its weights or config.json are broken, and no shard was written from them",
+            row.sequence.row_index,
+            row.sequence.sample_ids.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Raw float16 values of a CPU Half tensor.

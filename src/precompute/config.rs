@@ -98,6 +98,22 @@ impl PrecomputeConfig {
         if count == 0 || index >= count {
             bail!("--shard-index {index} must be below --num-shards {count}");
         }
+        let p = &self.parquet;
+        let checks: [(bool, String); 7] = [
+            (self.top_k >= 1, format!("--top-k must be at least 1, not {}", self.top_k)),
+            (self.max_len >= 2, format!("--max-len must be at least 2 tokens, not {}", self.max_len)),
+            (self.batch_tokens >= 1, format!("--batch-tokens must be at least 1, not {}", self.batch_tokens)),
+            (self.shard_tokens >= 1, format!("--shard-tokens must be at least 1, not {}", self.shard_tokens)),
+            (p.row_group_rows >= 1, format!("--row-group-rows must be at least 1, not {}", p.row_group_rows)),
+            ((1..=22).contains(&p.zstd_level), format!("--zstd-level must lie in 1..=22, not {}", p.zstd_level)),
+            (
+                (1..self.hidden_layers.len()).all(|i| !self.hidden_layers[..i].contains(&self.hidden_layers[i])),
+                format!("--hidden-layers {:?} names a layer twice", self.hidden_layers),
+            ),
+        ];
+        if let Some((_, message)) = checks.into_iter().find(|(ok, _)| !ok) {
+            bail!("{message}");
+        }
         Ok(())
     }
 }

@@ -9,10 +9,11 @@ pub mod config;
 pub mod pipeline;
 pub mod plan;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
-use crate::shards::dir::open_for_writing;
+use crate::model::CausalLm;
+use crate::shards::dir::OutputPlan;
 use capture::CaptureSettings;
 pub use config::PrecomputeConfig;
 use pipeline::{jobs_for, Pass};
@@ -49,14 +50,25 @@ impl Summary {
 pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
     cfg.validate()?;
     let prepared = prepare(cfg)?;
-    let dir = &cfg.output;
-    let mut manifest = open_for_writing(dir, &prepared.settings, cfg.slice, prepared.skipped.clone(), cfg.overwrite)?;
     let shards = plan_shards(&prepared.rows, cfg.shard_tokens);
-    manifest.planned_shards = shards.len();
-    let done = manifest.shards.len();
+    let plan = OutputPlan::check(&cfg.output, &prepared.settings, cfg.slice, cfg.overwrite)?;
+    let done = plan.listed_shards();
     if done > shards.len() {
-        bail!("{}: the manifest lists {done} shards but this run plans {}", dir.display(), shards.len());
+        bail!("{}: the manifest lists {done} shards but this run plans {}", cfg.output.display(), shards.len());
     }
+    // The first replica loads before the output is touched: a teacher that cannot be
+    // loaded leaves the directory as it was.
+    let first_replica = if done < shards.len() {
+        let devices = &cfg.devices[0];
+        let model = CausalLm::load_split(&cfg.teacher, devices, cfg.teacher_dtype())
+            .with_context(|| format!("loading the teacher on {devices:?}"))?;
+        Some(model)
+    } else {
+        None
+    };
+    let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
+    let dir = &out.dir;
+    manifest.planned_shards = shards.len();
     let resumed_tokens: usize = manifest.total_tokens();
     let pending: Vec<(usize, Vec<Vec<usize>>)> = shards
         .iter()
@@ -84,10 +96,13 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         settings_json: serde_json::to_string(&prepared.settings)?,
         on_progress: &on_progress,
     };
-    let stats = pass.run(jobs_for(pending), dir, &mut manifest)?;
+    let stats = pass.run(jobs_for(pending), first_replica, dir, &mut manifest)?;
     bar.finish_and_clear();
     manifest.complete = manifest.shards.len() == shards.len();
     manifest.save(dir)?;
+    if manifest.complete {
+        out.finish()?;
+    }
     Ok(Summary {
         rows: manifest.shards.iter().map(|s| s.rows).sum(),
         tokens: manifest.total_tokens(),

@@ -53,7 +53,14 @@ pub struct Pass<'a> {
 impl Pass<'_> {
     /// Runs `jobs`, writing shards into `dir` and recording each complete shard in
     /// `manifest` (saved after every shard).
-    pub fn run(&self, jobs: Vec<Job>, dir: &Path, manifest: &mut Manifest) -> Result<PassStats> {
+    /// `first_replica`, when given, is the model for `devices[0]` (loaded already).
+    pub fn run(
+        &self,
+        jobs: Vec<Job>,
+        first_replica: Option<CausalLm>,
+        dir: &Path,
+        manifest: &mut Manifest,
+    ) -> Result<PassStats> {
         let started = Instant::now();
         let devices = &self.cfg.devices;
         let (job_tx, job_rx) = bounded::<Job>(2 * devices.len());
@@ -63,9 +70,10 @@ impl Pass<'_> {
         let mut stats = PassStats::default();
         let result = std::thread::scope(|scope| -> Result<()> {
             let mut workers = vec![];
+            let mut preloaded = first_replica;
             for replica in devices {
-                let (rx, tx) = (job_rx.clone(), done_tx.clone());
-                workers.push(scope.spawn(move || self.worker(replica, rx, tx)));
+                let (rx, tx, model) = (job_rx.clone(), done_tx.clone(), preloaded.take());
+                workers.push(scope.spawn(move || self.worker(replica, model, rx, tx)));
             }
             drop(done_tx);
             drop(job_rx);
@@ -87,10 +95,21 @@ impl Pass<'_> {
         Ok(stats)
     }
 
-    /// Loads a teacher replica on `devices` and captures batches until the queue closes.
-    fn worker(&self, devices: &[Device], jobs: Receiver<Job>, done: Sender<Result<Done>>) -> Duration {
+    /// Loads a teacher replica on `devices` (unless given) and captures batches until the
+    /// queue closes.
+    fn worker(
+        &self,
+        devices: &[Device],
+        preloaded: Option<CausalLm>,
+        jobs: Receiver<Job>,
+        done: Sender<Result<Done>>,
+    ) -> Duration {
         let mut busy = Duration::ZERO;
-        let model = match CausalLm::load_split(&self.cfg.teacher, devices, self.cfg.teacher_dtype()) {
+        let loaded = match preloaded {
+            Some(m) => Ok(m),
+            None => CausalLm::load_split(&self.cfg.teacher, devices, self.cfg.teacher_dtype()),
+        };
+        let model = match loaded {
             Ok(m) => m,
             Err(e) => {
                 let _ = done.send(Err(e.context(format!("loading the teacher on {devices:?}"))));

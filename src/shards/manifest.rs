@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
-use super::schema::{IdType, FORMAT_NAME, FORMAT_VERSION};
+use super::row::RowLimits;
+use super::schema::{IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION};
 use crate::files::{checksum_bytes, write_atomic};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -21,6 +22,23 @@ pub struct Settings {
     pub capture: CaptureInfo,
     pub data: DataInfo,
     pub sharding: ShardingInfo,
+}
+
+impl Settings {
+    /// The columns these settings give a shard.
+    pub fn layout(&self) -> ShardLayout {
+        let c = &self.capture;
+        ShardLayout {
+            top_k: c.top_k,
+            id_type: c.id_type,
+            hidden: c.hidden_layers.iter().map(|&l| (l, self.teacher.hidden_size)).collect(),
+        }
+    }
+
+    /// What every row must agree with.
+    pub fn row_limits(&self) -> RowLimits {
+        RowLimits { top_k: self.capture.top_k, vocab: self.tokenizer.vocab_size, hidden: self.layout().hidden }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +125,7 @@ impl ShardEntry {
     /// of the listed size, with the listed checksum. The one check every reader of a
     /// listed shard runs (training, resume, merge, inspect).
     pub fn open_verified(&self, dir: &Path) -> Result<memmap2::Mmap> {
+        check_shard_name(&self.file).with_context(|| format!("{}", Manifest::path(dir).display()))?;
         let path = dir.join(&self.file);
         let file =
             std::fs::File::open(&path).with_context(|| format!("{}: listed shard is missing", path.display()))?;
@@ -130,6 +149,17 @@ impl ShardEntry {
         }
         Ok(map)
     }
+}
+
+/// A listed shard must be a plain `shard-NNNNN.parquet` in the set's own directory: a
+/// manifest may come from anywhere, and a name like `../x` or `/etc/x` would make every
+/// reader open a file outside the set.
+pub fn check_shard_name(name: &str) -> Result<()> {
+    let digits = name.strip_prefix("shard-").and_then(|n| n.strip_suffix(".parquet"));
+    if !digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+        bail!("shard file name {name:?} is not of the form shard-NNNNN.parquet inside the set's directory");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -203,8 +233,14 @@ impl Manifest {
 
 /// Names the first fields where `ours` and `theirs` differ, as dotted paths.
 pub fn settings_diff(ours: &Settings, theirs: &Settings) -> Vec<String> {
+    json_diff(&serde_json::to_value(ours).unwrap(), &serde_json::to_value(theirs).unwrap())
+}
+
+/// The fields where two JSON descriptions of settings differ, as `path: theirs there,
+/// ours here` lines.
+pub fn json_diff(ours: &Json, theirs: &Json) -> Vec<String> {
     let mut out = vec![];
-    diff_json("", &serde_json::to_value(ours).unwrap(), &serde_json::to_value(theirs).unwrap(), &mut out);
+    diff_json("", ours, theirs, &mut out);
     out
 }
 

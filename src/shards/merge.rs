@@ -1,11 +1,12 @@
 //! Merging the shard sets of a sliced run (`--shard-index i --num-shards n`, one per
 //! GPU or node) into one set: every slice must be complete, made with the same
-//! settings, and together cover slices 0..n exactly once. Shards are hard-linked (or
-//! copied) into the output under new consecutive numbers.
+//! settings, and together cover slices 0..n exactly once; every listed shard is verified
+//! before anything is written. Shards are hard-linked (or copied) into the output's
+//! staging directory under new consecutive numbers and moved into place when complete.
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::dir::create_for_merge;
+use super::dir::create_staged;
 use super::manifest::{settings_diff, Manifest, ShardEntry, Slice};
 use super::writer::shard_file_name;
 
@@ -37,6 +38,17 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
                 diff.join("\n  ")
             );
         }
+        if let Some(other) = m.slices.iter().find(|s| s.count != count) {
+            bail!(
+                "{} was made with --num-shards {} and {} with --num-shards {count}; slices of one run share it",
+                dir.display(),
+                other.count,
+                first_dir.display()
+            );
+        }
+        for shard in &m.shards {
+            shard.open_verified(dir)?;
+        }
         covered.extend(m.slices.iter().copied());
     }
     covered.sort_by_key(|s| s.index);
@@ -47,7 +59,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
             covered.iter().map(|s| s.index).collect::<Vec<_>>()
         );
     }
-    create_for_merge(output)?;
+    let out = create_staged(output)?;
     let mut merged = Manifest::new(first.settings.clone(), Slice { index: 0, count: 1 }, 0, Default::default());
     merged.slices = expected;
     for (dir, m) in &manifests {
@@ -56,10 +68,9 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
         merged.skipped.truncated_tokens += m.skipped.truncated_tokens;
         merged.skipped.examples.extend(m.skipped.examples.iter().cloned());
         for shard in &m.shards {
-            drop(shard.open_verified(dir)?);
             let src = dir.join(&shard.file);
             let name = shard_file_name(merged.shards.len());
-            let dst = output.join(&name);
+            let dst = out.dir.join(&name);
             if std::fs::hard_link(&src, &dst).is_err() {
                 std::fs::copy(&src, &dst)
                     .with_context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
@@ -69,6 +80,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
     }
     merged.planned_shards = merged.shards.len();
     merged.complete = true;
-    merged.save(output)?;
+    merged.save(&out.dir)?;
+    out.finish()?;
     Ok(merged)
 }

@@ -53,39 +53,59 @@ impl ShardSet {
                 manifest.planned_shards
             );
         }
+        let manifest_path = Manifest::path(dir);
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = manifest.shards.iter().find(|e| !seen.insert(&e.file)) {
+            bail!("{}: shard {} is listed twice", manifest_path.display(), twice.file);
+        }
+        let expected = manifest.settings.layout().arrow_schema();
         let mut shards = vec![];
         let mut row_groups = vec![];
         for (i, entry) in manifest.shards.iter().enumerate() {
+            let path = dir.join(&entry.file);
             let bytes = Bytes::from_owner(entry.open_verified(dir)?);
             let metadata = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())
-                .with_context(|| format!("{}: not a readable Parquet file", dir.join(&entry.file).display()))?;
+                .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+            let rows = metadata.metadata().file_metadata().num_rows();
+            if rows != entry.rows as i64 {
+                bail!("{}: holds {rows} rows, the manifest says {}", path.display(), entry.rows);
+            }
+            if metadata.schema().fields() != expected.fields() {
+                bail!(
+                    "{}: its columns are not those of the manifest's capture settings ({}); the shard belongs to another set",
+                    path.display(),
+                    expected.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
             for (g, rg) in metadata.metadata().row_groups().iter().enumerate() {
                 row_groups.push(RowGroupRef { shard: i, row_group: g, rows: rg.num_rows() as usize });
             }
             shards.push(OpenShard { bytes, metadata });
         }
+        if row_groups.iter().all(|g| g.rows == 0) && !allow_incomplete {
+            bail!("{}: the shard set holds no rows", manifest_path.display());
+        }
         Ok(ShardSet { dir: dir.to_path_buf(), manifest, shards, row_groups })
     }
 
-    /// Refuses targets made with another tokenizer or vocabulary than the student's,
-    /// naming both, unless `force`.
+    /// Refuses targets made with another tokenizer than the student's (unless `force`)
+    /// or with ids beyond the student's embedding (always: they cannot be trained on),
+    /// naming both.
     pub fn check_student(&self, tokenizer_hash: &str, student_vocab: usize, force: bool) -> Result<()> {
         let t = &self.manifest.settings.tokenizer;
-        let mut problems = vec![];
-        if t.hash != tokenizer_hash {
-            problems.push(format!("tokenizer.json hash {} (shards) vs {tokenizer_hash} (student)", t.hash));
-        }
+        let manifest = Manifest::path(&self.dir);
         if t.vocab_size > student_vocab {
-            problems.push(format!(
-                "the shards' vocabulary has {} ids but the student's embedding has {student_vocab} rows",
-                t.vocab_size
-            ));
-        }
-        if !problems.is_empty() && !force {
             bail!(
-                "{}: the targets were made for another tokenizer than the student's: {}; use a student with the teacher's tokenizer, or force it",
-                Manifest::path(&self.dir).display(),
-                problems.join("; ")
+                "{}: the shards' vocabulary has {} ids but the student's embedding has {student_vocab} rows; the student cannot learn these targets (not even with --force-tokenizer)",
+                manifest.display(),
+                t.vocab_size
+            );
+        }
+        if t.hash != tokenizer_hash && !force {
+            bail!(
+                "{}: the targets were made for another tokenizer than the student's: tokenizer.json hash {} (shards) vs {tokenizer_hash} (student); use a student with the teacher's tokenizer, or force it",
+                manifest.display(),
+                t.hash
             );
         }
         Ok(())
@@ -125,6 +145,16 @@ impl ShardSet {
             let batch = batch.with_context(|| format!("{file}: cannot decode row group {}", rg.row_group))?;
             rows.extend(self.rows_of(&batch).with_context(|| format!("{file}: row group {}", rg.row_group))?);
         }
+        let limits = self.manifest.settings.row_limits();
+        let (first, end) = self.manifest.shards[rg.shard].row_range;
+        for (i, row) in rows.iter().enumerate() {
+            let index = row.sequence.row_index;
+            let at = || format!("{file}: row group {}, row {i} (row_index {index})", rg.row_group);
+            if !(first..end).contains(&index) {
+                bail!("{}: column `{}`: outside the shard's rows {first}..{end} in the manifest", at(), columns::ROW_INDEX);
+            }
+            row.check(&limits).with_context(at)?;
+        }
         Ok(rows)
     }
 
@@ -139,6 +169,10 @@ impl ShardSet {
             .as_primitive_opt::<UInt64Type>()
             .cloned()
             .with_context(|| format!("column `{ROW_INDEX}` is not uint64"))?;
+        let int32 = |name: &str| -> Result<Int32Array> {
+            col(name)?.as_primitive_opt::<Int32Type>().cloned().with_context(|| format!("column `{name}` is not int32"))
+        };
+        let (num_tokens, num_targets) = (int32(NUM_TOKENS)?, int32(NUM_TARGETS)?);
         let (samples, docs, ids, mask) = (list(SAMPLE_IDS)?, list(DOC_LENGTHS)?, list(INPUT_IDS)?, list(LOSS_MASK)?);
         let (topk_ids, topk_lp, tail, target) =
             (list(TOPK_IDS)?, list(TOPK_LOGPROBS)?, list(TAIL_LOGMASS)?, list(TARGET_LOGPROB)?);
@@ -174,6 +208,14 @@ impl ShardSet {
                 tail_logmass: f32s(&tail.value(r))?,
                 target_logprob: f32s(&target.value(r))?,
             };
+            for (column, stored, actual) in [
+                (NUM_TOKENS, num_tokens.value(r), sequence.len()),
+                (NUM_TARGETS, num_targets.value(r), sequence.num_targets()),
+            ] {
+                if stored as i64 != actual as i64 {
+                    bail!("row {r}: column `{column}` says {stored}, the row holds {actual}");
+                }
+            }
             rows.push(ShardRow { sequence, topk, hidden });
         }
         Ok(rows)

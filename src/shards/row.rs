@@ -96,3 +96,90 @@ impl HiddenTargets {
         self.rms.extend(other.rms);
     }
 }
+
+/// What every row of a shard set must agree with: the manifest's capture settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLimits {
+    pub top_k: usize,
+    /// Token ids and top-k ids lie in `0..vocab` (the tokenizer's ids).
+    pub vocab: usize,
+    /// (layer, width) of each captured hidden state, in order.
+    pub hidden: Vec<(usize, usize)>,
+}
+
+impl ShardRow {
+    /// Refuses a row whose parts disagree with each other or with `limits`, or that holds
+    /// impossible values (ids outside the vocabulary, log-probabilities above 0 or NaN,
+    /// non-finite hidden states), naming the column. Decoded rows are checked before any
+    /// tensor is built from them: a bad value would otherwise panic inside libtorch or
+    /// train on garbage.
+    pub fn check(&self, limits: &RowLimits) -> anyhow::Result<()> {
+        use super::schema::columns::*;
+        use anyhow::bail;
+        let s = &self.sequence;
+        let n = s.ids.len();
+        if n == 0 {
+            bail!("column `{INPUT_IDS}`: the row holds no token");
+        }
+        if let Some(&id) = s.ids.iter().find(|&&i| i as usize >= limits.vocab) {
+            bail!("column `{INPUT_IDS}`: token id {id} is outside the vocabulary (ids 0..{})", limits.vocab);
+        }
+        if s.loss_mask.len() != n {
+            bail!("column `{LOSS_MASK}`: {} entries for {n} tokens", s.loss_mask.len());
+        }
+        if s.doc_lengths.contains(&0) || s.doc_lengths.iter().map(|&d| d as usize).sum::<usize>() != n {
+            bail!("column `{DOC_LENGTHS}`: {:?} does not split the row's {n} tokens into documents", s.doc_lengths);
+        }
+        if s.sample_ids.len() != s.doc_lengths.len() {
+            bail!("column `{SAMPLE_IDS}`: {} ids for {} documents", s.sample_ids.len(), s.doc_lengths.len());
+        }
+        let mut start = 0;
+        for &len in &s.doc_lengths {
+            if s.loss_mask[start] {
+                bail!("column `{LOSS_MASK}`: token {start} starts a document but is marked as a target");
+            }
+            start += len as usize;
+        }
+        let targets = s.num_targets();
+        let t = &self.topk;
+        for (column, len) in [(TAIL_LOGMASS, t.tail_logmass.len()), (TARGET_LOGPROB, t.target_logprob.len())] {
+            if len != targets {
+                bail!("column `{column}`: {len} entries for the row's {targets} trained positions");
+            }
+        }
+        for (column, len) in [(TOPK_IDS, t.ids.len()), (TOPK_LOGPROBS, t.logprobs.len())] {
+            if t.k != limits.top_k || len != targets * t.k {
+                bail!("column `{column}`: {len} values for {targets} positions of top-{}", limits.top_k);
+            }
+        }
+        if let Some(&id) = t.ids.iter().find(|&&i| i as usize >= limits.vocab) {
+            bail!("column `{TOPK_IDS}`: id {id} is outside the vocabulary (ids 0..{})", limits.vocab);
+        }
+        let bad_logprob = |x: f32| x.is_nan() || x > 0.0;
+        if let Some(x) = t.logprobs.iter().map(|x| x.to_f32()).find(|&x| bad_logprob(x)) {
+            bail!("column `{TOPK_LOGPROBS}`: {x} is not a log-probability (NaN or above 0)");
+        }
+        for (column, values) in [(TAIL_LOGMASS, &t.tail_logmass), (TARGET_LOGPROB, &t.target_logprob)] {
+            if let Some(x) = values.iter().copied().find(|&x| bad_logprob(x)) {
+                bail!("column `{column}`: {x} is not a log-probability (NaN or above 0)");
+            }
+        }
+        let layers: Vec<(usize, usize)> = self.hidden.iter().map(|h| (h.layer, h.width)).collect();
+        if layers != limits.hidden {
+            bail!("hidden-state columns {layers:?} (layer, width) differ from the manifest's {:?}", limits.hidden);
+        }
+        for h in &self.hidden {
+            let (values, rms) = (super::schema::hidden_column(h.layer), super::schema::hidden_rms_column(h.layer));
+            if h.values.len() != targets * h.width || h.rms.len() != targets {
+                bail!("columns `{values}` / `{rms}`: lengths do not match the row's {targets} trained positions");
+            }
+            if h.values.iter().any(|x| !x.is_finite()) {
+                bail!("column `{values}`: a value is not finite");
+            }
+            if let Some(x) = h.rms.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                bail!("column `{rms}`: {x} is not a positive RMS");
+            }
+        }
+        Ok(())
+    }
+}

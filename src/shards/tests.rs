@@ -15,7 +15,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             config_hash: "xxh3:0".into(),
             architecture: "LlamaForCausalLM".into(),
             num_layers: 4,
-            hidden_size: 5,
+            hidden_size: layout.hidden.first().map_or(5, |h| h.1),
             model_vocab_size: 70_000,
             dtype: "float32".into(),
         },

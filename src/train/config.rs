@@ -131,6 +131,42 @@ impl TrainConfig {
         if self.alpha < 1.0 {
             self.kd.check()?;
         }
+        let s = &self.schedule;
+        let checks: [(bool, String); 13] = [
+            (self.steps >= 1, format!("--steps must be at least 1, not {}", self.steps)),
+            (self.batch_tokens >= 1, format!("--batch-tokens must be at least 1, not {}", self.batch_tokens)),
+            (self.grad_accum >= 1, format!("--grad-accum must be at least 1, not {}", self.grad_accum)),
+            (s.peak_lr.is_finite() && s.peak_lr > 0.0, format!("--lr must be a positive number, not {}", s.peak_lr)),
+            (
+                (0.0..=1.0).contains(&s.min_lr_ratio),
+                format!("--min-lr-ratio must lie in [0, 1], not {}", s.min_lr_ratio),
+            ),
+            (
+                self.adamw.weight_decay.is_finite() && self.adamw.weight_decay >= 0.0,
+                format!("--weight-decay must be a number >= 0, not {}", self.adamw.weight_decay),
+            ),
+            (self.clip_norm > 0.0, format!("--clip-norm must be positive (inf: no clipping), not {}", self.clip_norm)),
+            (self.save_every >= 1, format!("--save-every must be at least 1, not {}", self.save_every)),
+            (self.keep_last >= 1, format!("--keep-last must be at least 1, not {}", self.keep_last)),
+            (self.head_chunk.is_none_or(|c| c >= 1), format!("--head-chunk must be at least 1, not {:?}", self.head_chunk)),
+            (
+                self.stop_at.is_none_or(|n| (1..=self.steps).contains(&n)),
+                format!("--stop-at must lie in 1..={}, not {:?}", self.steps, self.stop_at),
+            ),
+            (
+                self.seq_len.is_none_or(|n| n >= 2),
+                format!("--seq-len must be at least 2 tokens, not {:?}", self.seq_len),
+            ),
+            (self.seq_len.is_none() || self.pack, "--seq-len sets the packed row length; it needs --pack".to_string()),
+        ];
+        if let Some((_, message)) = checks.into_iter().find(|(ok, _)| !ok) {
+            bail!("{message}");
+        }
+        if let Some(h) = &self.hidden {
+            if !(h.weight.is_finite() && h.weight >= 0.0) {
+                bail!("--hidden-weight must be a number >= 0, not {}", h.weight);
+            }
+        }
         Ok(())
     }
 }

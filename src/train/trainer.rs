@@ -3,7 +3,7 @@
 //! `alpha`; `alpha = 1` is plain SFT on the same tokens) -> AdamW -> checkpoints.
 //! Losses are normalised by the count of trained tokens over the whole accumulated
 //! step, and every loss part is logged on its own.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::io::Write;
 use std::sync::Arc;
@@ -11,10 +11,11 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::autocast::AutocastGuard;
-use super::checkpoint::{latest_checkpoint, restore, Checkpoint, TrainerState};
+use super::checkpoint::{restore, Checkpoint, TrainerState};
 use super::config::{HiddenSettings, Precision, TrainConfig};
 use super::hidden::HiddenDistill;
 use super::optim::{clip_grad_norm, AdamW};
+use super::run_dir::{self, RunRecord};
 use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions, MicroBatch};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::files::checksum_file;
@@ -87,10 +88,10 @@ impl<'a> Run<'a> {
         let config = crate::model::ModelConfig::from_dir(&cfg.student)?;
         let tokenizer_hash = checksum_file(&cfg.student.join("tokenizer.json"))?;
         set.check_student(&tokenizer_hash, config.vocab_size, cfg.force_tokenizer)?;
-        std::fs::create_dir_all(&cfg.output).with_context(|| format!("cannot create {}", cfg.output.display()))?;
+        let record = RunRecord::new(cfg, &set.manifest)?;
+        let resume_from = run_dir::check(cfg, &record)?;
         tch::manual_seed(cfg.seed as i64);
 
-        let resume_from = if cfg.resume { latest_checkpoint(&cfg.output)? } else { None };
         let model = CausalLm::load(resume_from.as_deref().unwrap_or(&cfg.student), cfg.device, Kind::Float)?;
         let mut hidden = match &cfg.hidden {
             Some(h) => Some(hidden_distill(h, &set, &model, cfg.device)?),
@@ -107,8 +108,9 @@ impl<'a> Run<'a> {
             Some(dir) => restore(dir, &mut opt, hidden.as_mut(), cfg.device)?,
             None => TrainerState::start(cfg.seed),
         };
+        // Every check has passed: the first write.
+        let metrics = run_dir::start(&cfg.output, &record, state.step)?;
         let loader = batch_loader(cfg, &set, hidden.as_ref(), &state);
-        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(cfg.output.join("metrics.jsonl"))?;
         let precision = cfg.precision.resolve(cfg.device);
         Ok(Run { cfg, model, hidden, params, opt, loader, state, precision, metrics })
     }

@@ -1,0 +1,151 @@
+//! The output directory of `distill train`: a run writes only into an empty or absent
+//! directory, or, with `--resume`, into a run it recognises (every entry is one a run
+//! writes) made with the same student, shards and settings, which `run.json` records.
+//! `check` decides without writing; `start` creates the directory, records the run and
+//! drops the metrics of steps a resumed run will redo.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+
+use super::checkpoint::latest_checkpoint;
+use super::config::TrainConfig;
+use crate::files::{checksum_file, dir_entries, write_atomic, xxh3_string};
+use crate::shards::manifest::{json_diff, Manifest};
+
+pub const RUN_FILE: &str = "run.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+const FORMAT: &str = "distill-run";
+
+/// What a run was made with; a resumed run must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub format: String,
+    /// The student's config.json and tokenizer.json (by content: the directory may move).
+    pub student: Json,
+    /// The shard set: its settings and the checksums of its shards.
+    pub shards: Json,
+    /// Every option that changes what is learned. Options that do not (the device,
+    /// precision, recomputation, head chunk, checkpoint cadence, steps and stop) may
+    /// differ between a run and its resumption.
+    pub settings: Json,
+}
+
+impl RunRecord {
+    pub fn new(cfg: &TrainConfig, shards: &Manifest) -> Result<Self> {
+        let student = serde_json::json!({
+            "path": cfg.student.display().to_string(),
+            "config": checksum_file(&cfg.student.join("config.json"))?,
+            "tokenizer": checksum_file(&cfg.student.join("tokenizer.json"))?,
+        });
+        let listed: String = shards.shards.iter().map(|s| s.checksum.as_str()).collect();
+        let shards = serde_json::json!({
+            "path": cfg.shards.display().to_string(),
+            "content": xxh3_string(xxhash_rust::xxh3::xxh3_64(listed.as_bytes())),
+            "settings": serde_json::to_value(&shards.settings)?,
+        });
+        let h = cfg.hidden.as_ref();
+        // The schedule's shape without `total_steps`: a resumed run may run longer.
+        let mut schedule = serde_json::to_value(cfg.schedule)?;
+        schedule.as_object_mut().map(|o| o.remove("total_steps"));
+        let settings = serde_json::json!({
+            "batch_tokens": cfg.batch_tokens,
+            "pack": cfg.pack,
+            "seq_len": cfg.seq_len,
+            "grad_accum": cfg.grad_accum,
+            "schedule": schedule,
+            "adamw": format!("{:?}", cfg.adamw),
+            "clip_norm": cfg.clip_norm,
+            "alpha": cfg.alpha,
+            "kd": format!("{:?}", cfg.kd),
+            "seed": cfg.seed,
+            "hidden": h.map(|h| format!("{:?} weight {} {:?}", h.maps, h.weight, h.loss)),
+        });
+        Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
+    }
+
+    /// The fields where `self` (this invocation) and `recorded` differ; paths are
+    /// reported, not compared.
+    fn differences(&self, recorded: &RunRecord) -> Vec<String> {
+        let strip = |r: &RunRecord| {
+            let mut v = serde_json::to_value(r).expect("a record is JSON");
+            for part in ["student", "shards"] {
+                if let Some(o) = v.get_mut(part).and_then(Json::as_object_mut) {
+                    o.remove("path");
+                }
+            }
+            v
+        };
+        json_diff(&strip(self), &strip(recorded))
+    }
+}
+
+/// The checkpoint to resume from, after checking that `cfg.output` may be written by
+/// this run; writes nothing.
+pub fn check(cfg: &TrainConfig, record: &RunRecord) -> Result<Option<PathBuf>> {
+    let out = &cfg.output;
+    let names = dir_entries(out)?;
+    let Some(first) = names.first() else { return Ok(None) };
+    if !cfg.resume {
+        bail!(
+            "{} already holds {first}: continue the run there with --resume, or choose an empty or new --output",
+            out.display()
+        );
+    }
+    if let Some(other) = names.iter().find(|n| !is_run_entry(n)) {
+        bail!(
+            "{}: holds {other}, which is not part of a training run; --resume continues only a run of distill train",
+            out.display()
+        );
+    }
+    let run_file = out.join(RUN_FILE);
+    if run_file.exists() {
+        let text = std::fs::read_to_string(&run_file).with_context(|| format!("cannot read {}", run_file.display()))?;
+        let recorded: RunRecord = serde_json::from_str(&text)
+            .ok()
+            .filter(|r: &RunRecord| r.format == FORMAT)
+            .with_context(|| format!("{}: not a distill run record", run_file.display()))?;
+        let diff = record.differences(&recorded);
+        if !diff.is_empty() {
+            bail!(
+                "{}: the run there was made with another student, other shards or other settings:\n  {}\nresume it with those, or start a new run in another --output",
+                run_file.display(),
+                diff.join("\n  ")
+            );
+        }
+    }
+    latest_checkpoint(out)
+}
+
+/// Creates the output directory, records the run and opens `metrics.jsonl` for
+/// appending, without the lines of steps after `resumed_step` (a resumed run redoes them).
+pub fn start(out: &Path, record: &RunRecord, resumed_step: u64) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    write_atomic(&out.join(RUN_FILE), &serde_json::to_vec_pretty(record)?)?;
+    let metrics = out.join(METRICS_FILE);
+    if metrics.exists() {
+        let text = std::fs::read_to_string(&metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
+        let step_of = |line: &str| serde_json::from_str::<Json>(line).ok().and_then(|v| v["step"].as_u64());
+        let kept: Vec<&str> = text.lines().filter(|l| step_of(l).is_some_and(|s| s <= resumed_step)).collect();
+        if kept.len() != text.lines().count() {
+            let mut bytes = kept.join("\n").into_bytes();
+            if !bytes.is_empty() {
+                bytes.push(b'\n');
+            }
+            write_atomic(&metrics, &bytes)?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics)
+        .with_context(|| format!("cannot write {}", metrics.display()))
+}
+
+/// What a run of distill train writes into its directory.
+fn is_run_entry(name: &str) -> bool {
+    let checkpoint = |n: &str| n.strip_prefix("checkpoint-").is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()));
+    matches!(name, RUN_FILE | METRICS_FILE | "loss.png" | "loss.png.tmp" | "run.tmp-distill" | "metrics.tmp-distill")
+        || checkpoint(name)
+        || name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).is_some_and(checkpoint)
+}
