@@ -55,8 +55,9 @@ impl StagedDir {
             // Ours by its name: the leftover of an interrupted write.
             std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {} (written first, then renamed to {})", path.display(), target.display()))?;
+        std::fs::create_dir_all(&path).with_context(|| {
+            format!("cannot create {} (written first, then renamed to {})", path.display(), target.display())
+        })?;
         Ok(StagedDir { path, target: target.to_path_buf(), committed: false })
     }
 
@@ -71,7 +72,8 @@ impl StagedDir {
         let mut old = None;
         if self.target.exists() {
             if dir_entries(&self.target)?.is_empty() {
-                std::fs::remove_dir(&self.target).with_context(|| format!("cannot replace {}", self.target.display()))?;
+                std::fs::remove_dir(&self.target)
+                    .with_context(|| format!("cannot replace {}", self.target.display()))?;
             } else {
                 let aside = sibling(&self.target, "distill-old")?;
                 if aside.exists() {

@@ -87,7 +87,11 @@ fn check_output(teacher_dir: &Path, out: &Path, overwrite: bool) -> Result<()> {
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
     if let (Some(t), Some(o)) = (canonical(teacher_dir), canonical(out)) {
         if t.starts_with(&o) {
-            bail!("--output {} holds the teacher {}; the student would replace it", out.display(), teacher_dir.display());
+            bail!(
+                "--output {} holds the teacher {}; the student would replace it",
+                out.display(),
+                teacher_dir.display()
+            );
         }
     }
     let names = dir_entries(out)?;

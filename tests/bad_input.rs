@@ -3,20 +3,8 @@
 mod common;
 use common::*;
 use distill::model::CausalLm;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// A copy of a tiny model that a test may break.
-fn copy_model(name: &str, into: &Path) -> PathBuf {
-    let src = model_dir(name);
-    let dst = into.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-    }
-    dst
-}
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
@@ -121,4 +109,46 @@ fn truncated_weights_file_is_named() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     assert_names(&load_error(&dir), &["model.safetensors"]);
     assert_names(&cli_error(&dir), &["model.safetensors"]);
+}
+
+#[test]
+fn impossible_config_values_are_refused_before_they_make_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &[&str]); 4] = [
+        ("eps", |c| c["rms_norm_eps"] = (-1e-5).into(), &["rms_norm_eps", "-0.00001"]),
+        ("window", |c| c["sliding_window"] = 0.into(), &["sliding_window", "positive"]),
+        ("theta", |c| c["rope_parameters"]["rope_theta"] = 0.into(), &["rope_theta", "positive"]),
+        // llama3 RoPE divides by high_freq_factor - low_freq_factor.
+        (
+            "llama3",
+            |c| c["rope_parameters"]["high_freq_factor"] = c["rope_parameters"]["low_freq_factor"].clone(),
+            &["high_freq_factor", "low_freq_factor"],
+        ),
+    ];
+    for (name, edit, parts) in cases {
+        let dir = copy_model("llama", &tmp.path().join(name));
+        edit_config(&dir, edit);
+        assert_names(&load_error(&dir), parts);
+        assert_names(&cli_error(&dir), &["config.json"]);
+    }
+}
+
+#[test]
+fn a_weight_index_cannot_point_outside_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("llama", tmp.path());
+    // A file outside the model directory that holds valid weights: still refused.
+    let outside = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::rename(dir.join("model.safetensors"), outside.join("model.safetensors")).unwrap();
+    let names: Vec<String> =
+        Tensor::read_safetensors(outside.join("model.safetensors")).unwrap().into_iter().map(|(n, _)| n).collect();
+    for target in ["../elsewhere/model.safetensors", outside.join("model.safetensors").to_str().unwrap()] {
+        let map: serde_json::Map<String, serde_json::Value> =
+            names.iter().map(|n| (n.clone(), serde_json::Value::from(target))).collect();
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        assert_names(&load_error(&dir), &["model.safetensors.index.json", "weight_map", "not a plain file name"]);
+    }
 }

@@ -25,7 +25,10 @@ impl RopeScaling {
     pub fn from_json(v: &Value) -> Result<Self> {
         let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
         let num = |key: &str| -> Result<f64> {
-            let x = v.get(key).and_then(Value::as_f64).with_context(|| format!("rope type {kind:?} needs a number `{key}`"))?;
+            let x = v
+                .get(key)
+                .and_then(Value::as_f64)
+                .with_context(|| format!("rope type {kind:?} needs a number `{key}`"))?;
             if !(x.is_finite() && x > 0.0) {
                 bail!("rope type {kind:?}: `{key}` is {x}; it must be a positive number");
             }

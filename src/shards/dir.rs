@@ -177,7 +177,12 @@ fn recognise(dir: &Path) -> Result<Option<Manifest>> {
 
 /// What an interrupted run of ours may leave without a manifest.
 fn is_leftover(name: &str) -> bool {
-    name == STAGING_DIR || name.ends_with(".tmp") || name.ends_with(".tmp-distill")
+    name == STAGING_DIR || is_temporary(name)
+}
+
+/// A shard or manifest being written (`ShardWriter`, `write_atomic`): never listed.
+fn is_temporary(name: &str) -> bool {
+    (name.starts_with("shard-") && name.ends_with(".parquet.tmp")) || name == "manifest.tmp-distill"
 }
 
 fn is_set_file(name: &str) -> bool {
@@ -199,7 +204,7 @@ fn verify_listed(dir: &Path, manifest: &Manifest) -> Result<()> {
 /// Half-written shards of an interrupted run: never listed, safe to delete.
 pub fn remove_temporaries(dir: &Path) -> Result<()> {
     for name in dir_entries(dir)? {
-        if name.ends_with(".tmp") || name.ends_with(".tmp-distill") {
+        if is_temporary(&name) {
             let path = dir.join(name);
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
@@ -242,8 +247,8 @@ fn finish_staged(target: &Path) -> Result<()> {
     }
     let listed: Vec<&str> = manifest.shards.iter().map(|s| s.file.as_str()).collect();
     for name in dir_entries(target)? {
-        let stale = name.starts_with("shard-") && !listed.contains(&name.as_str());
-        if stale || name.ends_with(".tmp") {
+        let stale = name.starts_with("shard-") && name.ends_with(".parquet") && !listed.contains(&name.as_str());
+        if stale || is_temporary(&name) {
             let path = target.join(&name);
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }

@@ -134,7 +134,7 @@ impl ShardSet {
 
     /// Decodes one row group into rows.
     pub fn decode(&self, rg: RowGroupRef) -> Result<Vec<ShardRow>> {
-        let file = &self.manifest.shards[rg.shard].file;
+        let file = self.dir.join(&self.manifest.shards[rg.shard].file).display().to_string();
         let shard = &self.shards[rg.shard];
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(shard.bytes.clone(), shard.metadata.clone())
             .with_row_groups(vec![rg.row_group])
@@ -147,18 +147,29 @@ impl ShardSet {
         }
         let limits = self.manifest.settings.row_limits();
         let (first, end) = self.manifest.shards[rg.shard].row_range;
-        for (i, row) in rows.iter().enumerate() {
+        for (i, (row, counts)) in rows.iter().enumerate() {
             let index = row.sequence.row_index;
             let at = || format!("{file}: row group {}, row {i} (row_index {index})", rg.row_group);
             if !(first..end).contains(&index) {
-                bail!("{}: column `{}`: outside the shard's rows {first}..{end} in the manifest", at(), columns::ROW_INDEX);
+                bail!(
+                    "{}: column `{}`: outside the shard's rows {first}..{end} in the manifest",
+                    at(),
+                    columns::ROW_INDEX
+                );
             }
             row.check(&limits).with_context(at)?;
+            let held = [row.sequence.len(), row.num_targets()];
+            for ((column, stored), held) in [columns::NUM_TOKENS, columns::NUM_TARGETS].iter().zip(counts).zip(held) {
+                if *stored as i64 != held as i64 {
+                    bail!("{}: column `{column}` says {stored}, the row holds {held}", at());
+                }
+            }
         }
-        Ok(rows)
+        Ok(rows.into_iter().map(|(row, _)| row).collect())
     }
 
-    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<ShardRow>> {
+    /// The rows of a batch, each with its stored `num_tokens` and `num_targets`.
+    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<(ShardRow, [i32; 2])>> {
         use columns::*;
         let cap = &self.manifest.settings.capture;
         let col = |name: &str| batch.column_by_name(name).with_context(|| format!("column `{name}` is missing"));
@@ -208,15 +219,7 @@ impl ShardSet {
                 tail_logmass: f32s(&tail.value(r))?,
                 target_logprob: f32s(&target.value(r))?,
             };
-            for (column, stored, actual) in [
-                (NUM_TOKENS, num_tokens.value(r), sequence.len()),
-                (NUM_TARGETS, num_targets.value(r), sequence.num_targets()),
-            ] {
-                if stored as i64 != actual as i64 {
-                    bail!("row {r}: column `{column}` says {stored}, the row holds {actual}");
-                }
-            }
-            rows.push(ShardRow { sequence, topk, hidden });
+            rows.push((ShardRow { sequence, topk, hidden }, [num_tokens.value(r), num_targets.value(r)]));
         }
         Ok(rows)
     }

@@ -142,6 +142,16 @@ impl ShardWriter {
             if r.topk.k != k || layers != self.layout.hidden {
                 bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
             }
+            // Columns of one row that must have matching lengths to form lists at all.
+            let (p, t) = (r.num_targets(), &r.topk);
+            let agree = r.sequence.loss_mask.len() == r.sequence.len()
+                && t.ids.len() == p * k
+                && t.logprobs.len() == p * k
+                && t.target_logprob.len() == p
+                && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p);
+            if !agree {
+                bail!("row {}: its per-token or per-target values disagree in length", r.sequence.row_index);
+            }
         }
         let seqs = || rows.iter().map(|r| &r.sequence);
         let by_token = |values: ArrayRef| list(values, &per_row_tokens);

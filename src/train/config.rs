@@ -148,7 +148,10 @@ impl TrainConfig {
             (self.clip_norm > 0.0, format!("--clip-norm must be positive (inf: no clipping), not {}", self.clip_norm)),
             (self.save_every >= 1, format!("--save-every must be at least 1, not {}", self.save_every)),
             (self.keep_last >= 1, format!("--keep-last must be at least 1, not {}", self.keep_last)),
-            (self.head_chunk.is_none_or(|c| c >= 1), format!("--head-chunk must be at least 1, not {:?}", self.head_chunk)),
+            (
+                self.head_chunk.is_none_or(|c| c >= 1),
+                format!("--head-chunk must be at least 1, not {:?}", self.head_chunk),
+            ),
             (
                 self.stop_at.is_none_or(|n| (1..=self.steps).contains(&n)),
                 format!("--stop-at must lie in 1..={}, not {:?}", self.steps, self.stop_at),
