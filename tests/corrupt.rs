@@ -429,4 +429,44 @@ fn train_and_inspect_refuse_a_corrupted_row_too() {
     assert!(e.contains("shard-00000.parquet") && e.contains("row_index") && e.contains("topk_ids"), "{e}");
     let e = err(distill_within(&["inspect", s(&set), "--rows", "20"], 60));
     assert!(e.contains("shard-00000.parquet") && e.contains("topk_ids"), "{e}");
+    // A set that lists no shard once made the trainer spin forever on empty epochs.
+    rewrite_manifest(&set, |m| m["shards"] = json!([]));
+    let train = distill_within(
+        &[
+            "train",
+            "--student",
+            s(&student),
+            "--shards",
+            s(&set),
+            "--output",
+            s(&out),
+            "--device",
+            "cpu",
+            "--steps",
+            "3",
+        ],
+        120,
+    );
+    assert!(err(train).contains("no rows"));
+}
+
+/// A merge links the shards its inputs list: a name leading outside an input is refused
+/// before anything is linked.
+#[test]
+fn merge_follows_no_shard_name_outside_its_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slices: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let out = tmp.path().join(format!("slice-{i}"));
+            let idx = i.to_string();
+            ok(precompute("llama", &sample(), &out, &["--top-k", "4", "--shard-index", &idx, "--num-shards", "2"]));
+            out
+        })
+        .collect();
+    std::fs::write(tmp.path().join("secret.parquet"), "not yours").unwrap();
+    rewrite_manifest(&slices[1], |m| m["shards"][0]["file"] = json!("../secret.parquet"));
+    let out = tmp.path().join("merged");
+    let e = err(distill(&["merge-shards", "--output", s(&out), s(&slices[0]), s(&slices[1])]));
+    assert!(e.contains("../secret.parquet") && e.contains("not of the form"), "{e}");
+    assert!(tree_digest(&out).is_empty(), "the merge wrote before refusing");
 }
