@@ -405,49 +405,18 @@ fn train_and_inspect_refuse_a_corrupted_row_too() {
     let set: PathBuf = tmp.path().join("set");
     ok(precompute("llama", &sample(), &set, &["--top-k", "8"]));
     rewrite_rows(&set, |rows| rows[3].topk.ids[5] = 50_000);
-    let student = model_dir("qwen3");
-    let out = tmp.path().join("run");
-    let train = distill_within(
-        &[
-            "train",
-            "--student",
-            s(&student),
-            "--shards",
-            s(&set),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-            "--steps",
-            "3",
-            "--batch-tokens",
-            "512",
-        ],
-        120,
-    );
-    let e = err(train);
+    let (student, out) = (model_dir("qwen3"), tmp.path().join("run"));
+    let train = || {
+        let args = ["train", "--student", s(&student), "--shards", s(&set), "--output", s(&out), "--device", "cpu"];
+        distill_within(&[&args[..], &["--steps", "3", "--batch-tokens", "512"]].concat(), 120)
+    };
+    let e = err(train());
     assert!(e.contains("shard-00000.parquet") && e.contains("row_index") && e.contains("topk_ids"), "{e}");
     let e = err(distill_within(&["inspect", s(&set), "--rows", "20"], 60));
     assert!(e.contains("shard-00000.parquet") && e.contains("topk_ids"), "{e}");
     // A set that lists no shard once made the trainer spin forever on empty epochs.
     rewrite_manifest(&set, |m| m["shards"] = json!([]));
-    let train = distill_within(
-        &[
-            "train",
-            "--student",
-            s(&student),
-            "--shards",
-            s(&set),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-            "--steps",
-            "3",
-        ],
-        120,
-    );
-    assert!(err(train).contains("no rows"));
+    assert!(err(train()).contains("no rows"));
 }
 
 /// A merge links the shards its inputs list: a name leading outside an input is refused
