@@ -65,7 +65,7 @@ impl RunRecord {
     }
 
     /// The fields where `self` (this invocation) and `recorded` differ; paths are
-    /// reported, not compared.
+    /// recorded, not compared (a directory may move).
     fn differences(&self, recorded: &RunRecord) -> Vec<String> {
         let strip = |r: &RunRecord| {
             let mut v = serde_json::to_value(r).expect("a record is JSON");
