@@ -85,7 +85,7 @@ fn row_stream_covers_each_epoch_once_and_restarts_exactly() {
     let out = tmp.path().join("shards");
     ok(precompute("llama", &sample(), &out, &["--top-k", "4", "--row-group-rows", "2", "--shard-tokens", "700"]));
     let set = std::sync::Arc::new(ShardSet::open(&out, false).unwrap());
-    let opts = StreamOptions { seed: 11, window: 3, prefetch: 2, epochs: Some(2) };
+    let opts = StreamOptions { seed: 11, window: 3, prefetch: 2, epochs: Some(2), shuffle: true };
     let all: Vec<(u64, StreamPosition)> = {
         let mut s = RowStream::new(set.clone(), opts, StreamPosition::default());
         let mut v = vec![];

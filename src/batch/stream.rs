@@ -28,6 +28,8 @@ pub struct StreamOptions {
     pub prefetch: usize,
     /// Stop after this many epochs (`None`: forever).
     pub epochs: Option<u64>,
+    /// Shuffle (the default); `false` keeps the shards' order, every epoch.
+    pub shuffle: bool,
 }
 
 /// SplitMix64: small, fast, and stable across versions (restarts depend on it).
@@ -60,17 +62,27 @@ impl SplitMix64 {
 }
 
 /// The row groups of each window of `epoch`, in order.
-pub fn epoch_windows(groups: &[RowGroupRef], seed: u64, epoch: u64, window: usize) -> Vec<Vec<RowGroupRef>> {
+pub fn epoch_windows(groups: &[RowGroupRef], opts: &StreamOptions, epoch: u64) -> Vec<Vec<RowGroupRef>> {
     let mut order = groups.to_vec();
-    SplitMix64::new(&[seed, epoch]).shuffle(&mut order);
-    order.chunks(window.max(1)).map(<[RowGroupRef]>::to_vec).collect()
+    if opts.shuffle {
+        SplitMix64::new(&[opts.seed, epoch]).shuffle(&mut order);
+    }
+    order.chunks(opts.window.max(1)).map(<[RowGroupRef]>::to_vec).collect()
 }
 
 /// Decodes a window's row groups in parallel and shuffles its rows.
-fn decode_window(set: &ShardSet, groups: &[RowGroupRef], seed: u64, epoch: u64, index: usize) -> Result<Vec<ShardRow>> {
+fn decode_window(
+    set: &ShardSet,
+    groups: &[RowGroupRef],
+    opts: &StreamOptions,
+    epoch: u64,
+    index: usize,
+) -> Result<Vec<ShardRow>> {
     let parts: Vec<Vec<ShardRow>> = groups.par_iter().map(|&g| set.decode(g)).collect::<Result<_>>()?;
     let mut rows: Vec<ShardRow> = parts.into_iter().flatten().collect();
-    SplitMix64::new(&[seed, epoch, index as u64, 1]).shuffle(&mut rows);
+    if opts.shuffle {
+        SplitMix64::new(&[opts.seed, epoch, index as u64, 1]).shuffle(&mut rows);
+    }
     Ok(rows)
 }
 
@@ -97,9 +109,9 @@ impl RowStream {
                 if opts.epochs.is_some_and(|n| pos.epoch >= n) {
                     return;
                 }
-                let windows = epoch_windows(set.row_groups(), opts.seed, pos.epoch, opts.window);
+                let windows = epoch_windows(set.row_groups(), &opts, pos.epoch);
                 for (w, groups) in windows.iter().enumerate().skip(pos.window) {
-                    let decoded = decode_window(&set, groups, opts.seed, pos.epoch, w);
+                    let decoded = decode_window(&set, groups, &opts, pos.epoch, w);
                     let at =
                         StreamPosition { epoch: pos.epoch, window: w, row: if w == pos.window { pos.row } else { 0 } };
                     let failed = decoded.is_err();
@@ -159,8 +171,9 @@ mod tests {
     fn shuffles_are_permutations_and_differ_by_epoch() {
         let groups: Vec<RowGroupRef> =
             (0..10).map(|i| RowGroupRef { shard: i / 4, row_group: i % 4, rows: 3 }).collect();
-        let e0: Vec<RowGroupRef> = epoch_windows(&groups, 7, 0, 3).concat();
-        let e1: Vec<RowGroupRef> = epoch_windows(&groups, 7, 1, 3).concat();
+        let opts = StreamOptions { seed: 7, window: 3, prefetch: 1, epochs: None, shuffle: true };
+        let e0: Vec<RowGroupRef> = epoch_windows(&groups, &opts, 0).concat();
+        let e1: Vec<RowGroupRef> = epoch_windows(&groups, &opts, 1).concat();
         let sorted = |mut v: Vec<RowGroupRef>| {
             v.sort_by_key(|g| (g.shard, g.row_group));
             v
@@ -168,7 +181,9 @@ mod tests {
         assert_eq!(sorted(e0.clone()), groups);
         assert_eq!(sorted(e1.clone()), groups);
         assert_ne!(e0, e1);
-        assert_eq!(epoch_windows(&groups, 7, 0, 3).concat(), e0, "deterministic");
-        assert_eq!(epoch_windows(&groups, 7, 0, 3).len(), 4);
+        assert_eq!(epoch_windows(&groups, &opts, 0).concat(), e0, "deterministic");
+        assert_eq!(epoch_windows(&groups, &opts, 0).len(), 4);
+        let in_order = StreamOptions { shuffle: false, ..opts };
+        assert_eq!(epoch_windows(&groups, &in_order, 5).concat(), groups, "shuffle off keeps the shards' order");
     }
 }

@@ -23,7 +23,7 @@ pub struct BenchReaderArgs {
 
 pub fn run(args: BenchReaderArgs) -> Result<()> {
     let set = Arc::new(ShardSet::open(&args.shards, false)?);
-    let opts = StreamOptions { seed: 0, window: args.window, prefetch: 2, epochs: Some(args.epochs) };
+    let opts = StreamOptions { seed: 0, window: args.window, prefetch: 2, epochs: Some(args.epochs), shuffle: true };
     let started = Instant::now();
     let (mut rows, mut tokens, mut targets) = (0usize, 0usize, 0usize);
     for row in RowStream::new(set, opts, StreamPosition::default()) {

@@ -113,6 +113,9 @@ pub struct TrainArgs {
     temperature: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Shuffle the rows [default: true]; false keeps the shards' order.
+    #[arg(long)]
+    shuffle: Option<bool>,
     /// [default: 100]
     #[arg(long)]
     save_every: Option<u64>,
@@ -199,6 +202,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             temperature: a.temperature.unwrap_or(d.kd.temperature),
         },
         seed: a.seed.unwrap_or(d.seed),
+        shuffle: a.shuffle.unwrap_or(d.shuffle),
         save_every: a.save_every.unwrap_or(d.save_every),
         keep_last: a.keep_last.unwrap_or(d.keep_last),
         resume: a.resume.unwrap_or(d.resume),

@@ -30,7 +30,7 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
     let kd = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 };
     let stream = RowStream::new(
         set,
-        StreamOptions { seed: 0, window: 8, prefetch: 2, epochs: Some(1) },
+        StreamOptions { seed: 0, window: 8, prefetch: 2, epochs: Some(1), shuffle: true },
         StreamPosition::default(),
     );
     let feed = Feed::new(stream, batching);

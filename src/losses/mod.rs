@@ -13,7 +13,7 @@
 //! `softmax(log p_K / T)` and the student as `log_softmax(z / T)`, and scales by T^2.
 //! All results are per position (`[P]`, float32); callers sum and normalise by the
 //! global count of trained tokens.
-pub mod chunked;
+pub mod fused;
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
@@ -86,45 +86,78 @@ impl KdLoss {
     /// times T^2.
     pub fn per_position(&self, student_logits: &Tensor, teacher: &TeacherTargets) -> Result<Tensor> {
         self.check()?;
-        let t = self.temperature;
-        let z = student_logits.to_kind(Kind::Float);
-        let logp_k = teacher.logprobs.to_kind(Kind::Float);
-        let (log_p, log_q) = match self.mode {
+        let z = working(student_logits);
+        let log_q = match self.mode {
             TopKMode::Bucket => {
                 let lse = z.logsumexp([-1], true);
                 let q_k = z.gather(-1, &teacher.ids, false) - &lse;
                 // The student's tail from its own logsumexp over the non-top-k logits.
                 let q_rest = z.scatter_value(-1, &teacher.ids, LOG_FLOOR).logsumexp([-1], true) - &lse;
-                let p = Tensor::cat(&[logp_k, teacher.tail_logmass.to_kind(Kind::Float).unsqueeze(-1)], -1);
-                // Stored teacher values are rounded (float16): renormalise the k+1 buckets.
-                let p = p.clamp_min(LOG_FLOOR);
-                (p.log_softmax(-1, Kind::Float), Tensor::cat(&[q_k, q_rest], -1).clamp_min(LOG_FLOOR))
+                Tensor::cat(&[q_k, q_rest], -1).clamp_min(LOG_FLOOR)
             }
-            TopKMode::Renormalized => {
-                let p = (logp_k / t).log_softmax(-1, Kind::Float);
-                let q =
-                    (z / t).log_softmax(-1, Kind::Float).gather(-1, &teacher.ids, false).log_softmax(-1, Kind::Float);
-                (p, q)
-            }
+            TopKMode::Renormalized => self.student_top_k(&z.gather(-1, &teacher.ids, false)),
         };
-        let kl = |a: &Tensor, b: &Tensor| (a.exp() * (a - b)).sum_dim_intlist(-1, false, Kind::Float);
+        Ok(self.divergence_of(&self.teacher_log_dist(teacher), &log_q))
+    }
+
+    /// The teacher's log-distribution over the loss's support: the k+1 buckets
+    /// renormalised (stored values are rounded to float16), or the top-k renormalised
+    /// at the temperature.
+    pub fn teacher_log_dist(&self, teacher: &TeacherTargets) -> Tensor {
+        let logp_k = working(&teacher.logprobs);
+        match self.mode {
+            TopKMode::Bucket => {
+                let p = Tensor::cat(&[&logp_k, &working(&teacher.tail_logmass).unsqueeze(-1)], -1);
+                p.clamp_min(LOG_FLOOR).log_softmax(-1, p.kind())
+            }
+            TopKMode::Renormalized => (&logp_k / self.temperature).log_softmax(-1, logp_k.kind()),
+        }
+    }
+
+    /// The student's renormalised, re-tempered top-k log-distribution from its logits at
+    /// the teacher's top-k ids `[P, k]`: `log_softmax(z / T)` gathered and renormalised
+    /// over K is `log_softmax(z_K / T)`.
+    pub fn student_top_k(&self, z_k: &Tensor) -> Tensor {
+        let z_k = working(z_k);
+        (&z_k / self.temperature).log_softmax(-1, z_k.kind())
+    }
+
+    /// The divergence per position `[P]` between log-distributions over the same support,
+    /// times T^2.
+    pub fn divergence_of(&self, log_p: &Tensor, log_q: &Tensor) -> Tensor {
+        let t = self.temperature;
+        let kl = |a: &Tensor, b: &Tensor| {
+            let d = a.exp() * (a - b);
+            d.sum_dim_intlist(-1, false, d.kind())
+        };
         let loss = match self.divergence {
-            Divergence::ForwardKl => kl(&log_p, &log_q),
-            Divergence::ReverseKl => kl(&log_q, &log_p),
-            Divergence::Jsd { beta: 0.0 } => kl(&log_p, &log_q),
-            Divergence::Jsd { beta: 1.0 } => kl(&log_q, &log_p),
+            Divergence::ForwardKl => kl(log_p, log_q),
+            Divergence::ReverseKl => kl(log_q, log_p),
+            Divergence::Jsd { beta: 0.0 } => kl(log_p, log_q),
+            Divergence::Jsd { beta: 1.0 } => kl(log_q, log_p),
             Divergence::Jsd { beta } => {
-                let log_m = Tensor::stack(&[&log_p + beta.ln(), &log_q + (1.0 - beta).ln()], 0).logsumexp([0], false);
-                kl(&log_p, &log_m) * beta + kl(&log_q, &log_m) * (1.0 - beta)
+                let log_m = Tensor::stack(&[log_p + beta.ln(), log_q + (1.0 - beta).ln()], 0).logsumexp([0], false);
+                kl(log_p, &log_m) * beta + kl(log_q, &log_m) * (1.0 - beta)
             }
         };
-        Ok(loss * (t * t))
+        loss * (t * t)
+    }
+}
+
+/// Losses compute in float32 (whatever the logits' dtype), or in float64 when given
+/// float64: the reference precision of the tests.
+fn working(t: &Tensor) -> Tensor {
+    if t.kind() == Kind::Double {
+        t.shallow_clone()
+    } else {
+        t.to_kind(Kind::Float)
     }
 }
 
 /// Per-position hard-label cross-entropy `-log q(target)` `[P]` for logits `[P, V]`.
 pub fn cross_entropy(student_logits: &Tensor, targets: &Tensor) -> Tensor {
-    let logq = student_logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    let z = working(student_logits);
+    let logq = z.log_softmax(-1, z.kind());
     -logq.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1)
 }
 

@@ -35,6 +35,9 @@ pub struct TrainConfig {
     pub alpha: f64,
     pub kd: KdLoss,
     pub seed: u64,
+    /// Shuffle rows (row groups per epoch, rows within windows); `false` keeps the
+    /// shards' order (curricula, and benchmarks on the same batches as another tool).
+    pub shuffle: bool,
     pub save_every: u64,
     pub keep_last: usize,
     pub resume: bool,
@@ -103,6 +106,7 @@ impl Default for TrainConfig {
             alpha: 0.0,
             kd: KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 },
             seed: 0,
+            shuffle: true,
             save_every: 100,
             keep_last: 2,
             resume: false,

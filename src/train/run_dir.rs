@@ -59,6 +59,7 @@ impl RunRecord {
             "alpha": cfg.alpha,
             "kd": format!("{:?}", cfg.kd),
             "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
             "hidden": h.map(|h| format!("{:?} weight {} {:?}", h.maps, h.weight, h.loss)),
         });
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })

@@ -19,8 +19,7 @@ use super::run_dir::{self, RunRecord};
 use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions, MicroBatch};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::files::checksum_file;
-use crate::losses::chunked::chunked_head_loss;
-use crate::losses::cross_entropy;
+use crate::losses::fused::{fused_head_loss, HeadLoss};
 use crate::model::backward::StepLosses;
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
@@ -44,6 +43,18 @@ pub struct StepLog {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_memory_bytes: Option<u64>,
     pub tokens_per_s: f64,
+    pub time: StepTime,
+}
+
+/// Where a step's wall time went, in seconds: waiting for batches, the student's body
+/// (forward and backward), the head with its losses, and clipping + AdamW. On CUDA the
+/// work is asynchronous, so only `data` means what it says there.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    pub data: f64,
+    pub body: f64,
+    pub head: f64,
+    pub optimizer: f64,
 }
 
 /// Trains the student as `cfg` says, calling `on_step` after every optimiser step;
@@ -125,6 +136,7 @@ impl<'a> Run<'a> {
             let Some(mb) = self.loader.next()? else { bail!("the shard stream ended") };
             micro.push(mb);
         }
+        let data = started.elapsed();
         let targets: usize = micro.iter().map(|m| m.targets).sum();
         let tokens: usize = micro.iter().map(|m| m.tokens).sum();
         let padded: usize = micro.iter().map(|m| m.batch.ids.numel()).sum();
@@ -142,9 +154,11 @@ impl<'a> Run<'a> {
                 step + 1
             );
         }
+        let optimizer_started = Instant::now();
         let grad_norm = clip_grad_norm(&self.params, cfg.clip_norm);
         let lr = cfg.schedule().lr(step);
         self.opt.step(lr);
+        let optimizer = optimizer_started.elapsed();
         let position = micro.last().map_or(self.state.position, |m| m.position);
         self.state = TrainerState { step: step + 1, optimizer_steps: self.opt.steps, position, seed: cfg.seed };
         let n = targets.max(1) as f64;
@@ -161,6 +175,12 @@ impl<'a> Run<'a> {
             padding: 1.0 - tokens as f64 / padded.max(1) as f64,
             gpu_memory_bytes: cfg.device.is_cuda().then(crate::runtime::cuda_memory_in_use).flatten(),
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            time: StepTime {
+                data: data.as_secs_f64(),
+                head: sums.head_time.as_secs_f64(),
+                body: (optimizer_started - started - data - sums.head_time).as_secs_f64(),
+                optimizer: optimizer.as_secs_f64(),
+            },
         })
     }
 
@@ -192,7 +212,7 @@ fn batch_loader(
 ) -> BatchLoader {
     let stream = RowStream::new(
         set.clone(),
-        StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None },
+        StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None, shuffle: cfg.shuffle },
         state.position,
     );
     let content = BatchContent {
@@ -236,6 +256,8 @@ struct LossSums {
     kd: Vec<Tensor>,
     ce: Vec<Tensor>,
     hidden: Vec<Tensor>,
+    /// Wall time inside the head and its losses.
+    head_time: std::time::Duration,
 }
 
 impl LossSums {
@@ -269,27 +291,22 @@ impl StepLosses for MicroLosses<'_> {
         let (cfg, mb) = (self.cfg, self.mb);
         let width = last.size()[2];
         let h = last.reshape([-1, width]).index_select(0, &mb.batch.predicting);
-        let (kd_parts, ce_parts) = (&mut self.sums.kd, &mut self.sums.ce);
-        let alpha = cfg.alpha;
         let head = self.model.transformer.lm_head_weight();
         let chunk = cfg.head_chunk.unwrap_or_else(|| {
             chunk_positions(self.model.config.vocab_size, default_logits_budget(self.model.output_device()))
         });
-        let (loss, dh) = chunked_head_loss(&h, head, chunk, self.scale, |logits, r| {
-            let n = r.end - r.start;
-            let ce = cross_entropy(logits, &mb.batch.next_tokens.narrow(0, r.start, n));
-            ce_parts.push(ce.detach().sum(Kind::Double));
-            let Some(teacher) = mb.teacher.as_ref().filter(|_| alpha < 1.0) else {
-                return Ok(ce);
-            };
-            let part = teacher.map(|t| t.narrow(0, r.start, n));
-            let kd = cfg.kd.per_position(logits, &part)?;
-            kd_parts.push(kd.detach().sum(Kind::Double));
-            Ok(kd * (1.0 - alpha) + ce * alpha)
-        })?;
-        self.sums.loss.push(Tensor::from(loss));
-        // The body's gradient enters through the surrogate sum(h * dL/dh).
-        Ok((&h * dh.detach()).sum(Kind::Float))
+        let loss =
+            HeadLoss { next_tokens: &mb.batch.next_tokens, teacher: mb.teacher.as_ref(), kd: cfg.kd, alpha: cfg.alpha };
+        let started = Instant::now();
+        let out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
+        self.sums.head_time += started.elapsed();
+        self.sums.loss.push(out.loss);
+        self.sums.kd.push(out.kd_sum);
+        self.sums.ce.push(out.ce_sum);
+        // The gradients enter the graph through the surrogates sum(h * dL/dh) (the body)
+        // and sum(W * dL/dW) (the head, tied or not).
+        let body = (&h * out.grad_hidden).sum(Kind::Float);
+        Ok(body + (head * out.grad_head).sum(Kind::Float))
     }
 
     fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
