@@ -35,6 +35,13 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    let computes = matches!(
+        cli.command,
+        Command::Score(_) | Command::Precompute(_) | Command::Train(_) | Command::Eval(_) | Command::Student(_)
+    );
+    if computes {
+        distill::runtime::tune_for_cpu_compute();
+    }
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),
         Command::Score(args) => commands::score::run(args),
