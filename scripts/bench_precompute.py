@@ -54,7 +54,8 @@ def precompute(binary, teacher, data, out, devices, **opts):
     size = sum(s["bytes"] for s in m["shards"])
     busy = float(re.search(r"teacher busy\s+(\d+)%", res.stdout).group(1))
     run_s = float(re.search(r"time\s+([\d.]+)s", res.stdout).group(1))
-    return {"tokens": tokens, "bytes": size, "bpt": size / tokens, "tok_s": tokens / run_s, "busy": busy,
+    batch = int(re.search(r"batch tokens\s+(\d+)", res.stdout).group(1))
+    return {"batch_tokens": batch, "tokens": tokens, "bytes": size, "bpt": size / tokens, "tok_s": tokens / run_s, "busy": busy,
             "wall": wall, "out": out}
 
 
@@ -103,6 +104,45 @@ def matmul_rate(devices):
     return 2 * n ** 3 / best
 
 
+def compare_with_transformers(a):
+    """distill precompute against transformers computing the same targets on the same token
+    rows (scripts/capture_eager.py), at several batch sizes, on the main job's teacher and
+    text when `scripts/run.sh` has left them in .cache/ (else the random bench teacher)."""
+    real = ROOT / ".cache/real/teacher"
+    texts = sorted((ROOT / ".cache/real").glob("data-*/train.jsonl"))
+    if (real / "config.json").exists() and texts:
+        teacher, data = real, a.work / "real-rows.jsonl"
+        rows, chars = [], 0
+        for line in texts[0].read_text().splitlines():
+            if chars > a.tokens * 4:  # ~4 characters per token of SmolLM2's BPE
+                break
+            rows.append(line)
+            chars += len(line)
+        data.write_text("\n".join(rows) + "\n")
+    else:
+        teacher, data = a.work / "bench-teacher", a.work / "bench.jsonl"
+    device = a.devices.split(",")[0]
+    device = "cpu" if device == "auto" else device
+    out = a.work / "shards-compare"
+    print(f"\n## distill precompute vs transformers (teacher {teacher.name}, top-64, tail, label log-prob; "
+          f"--max-len 256; device {device})")
+    print("| batch tokens | tokens | distill tokens/s | transformers tokens/s | distill / transformers |")
+    print("|---|---|---|---|---|")
+    for batch in [None, 2048, 4096, 8192, 16384]:
+        opts = {"top_k": 64, "max_len": 256}
+        if batch:
+            opts["batch_tokens"] = batch
+        r = precompute(a.binary, teacher, data, out, a.devices, **opts)
+        used = r["batch_tokens"]
+        res = subprocess.run([sys.executable, str(ROOT / "scripts/capture_eager.py"), str(teacher), str(out),
+                              str(used), "64", device], capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"capture_eager.py failed: {res.stderr[-3000:]}")
+        eager = float(re.search(r"tokens_per_s=([\d.]+)", res.stdout).group(1))
+        label = f"{used} (default)" if batch is None else str(batch)
+        print(f"| {label} | {r['tokens']} | {r['tok_s']:.0f} | {eager:.0f} | {r['tok_s'] / eager:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -110,6 +150,7 @@ def main():
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--tokens", type=int, default=12000)
     ap.add_argument("--shape", default="small")
+    ap.add_argument("--only-compare", action="store_true", help="only distill vs transformers")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     teacher = a.work / "bench-teacher"
@@ -120,6 +161,9 @@ def main():
     data = a.work / "bench.jsonl"
     make_input(data, a.tokens)
     out = a.work / "shards"
+    if a.only_compare:
+        compare_with_transformers(a)
+        return
 
     print(f"\n## capture (teacher: random Qwen2 shape `{a.shape}`, vocab 151936; devices {a.devices}; "
           f"measured matmul rate {peak / 1e9:.0f} GFLOP/s)")
@@ -133,6 +177,8 @@ def main():
         rate = r["tok_s"] * flops_per_token
         print(f"| {k} | {hidden or '-'} | {r['tokens']} | {r['tok_s']:.0f} | {rate / 1e9:.1f} | {rate / peak:.0%} "
               f"| {r['busy']:.0f}% | {r['bpt']:.1f} |")
+
+    compare_with_transformers(a)
 
     print("\n## Parquet settings at k = 64 (bytes/token vs pyarrow decode rate)")
     print("| zstd level | byte_stream_split | row-group rows | bytes/token | decode tokens/s |")

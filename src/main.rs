@@ -35,12 +35,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let computes = matches!(
-        cli.command,
-        Command::Score(_) | Command::Precompute(_) | Command::Train(_) | Command::Eval(_) | Command::Student(_)
-    );
-    if computes {
-        distill::runtime::tune_for_cpu_compute();
+    // Training only: precompute runs the teacher beside tokenising and writing threads,
+    // which spinning OpenMP workers starve (the main job's teacher on 2 cores: 437
+    // tokens/s with sleeping workers, 243 with spinning ones).
+    if matches!(cli.command, Command::Train(_)) {
+        distill::runtime::tune_for_training_on_cpu();
     }
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),

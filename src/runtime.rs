@@ -135,7 +135,7 @@ pub fn cuda_memory_in_use() -> Option<u64> {
     }
 }
 
-/// Process settings for compute on the CPU, applied before any work: libtorch's OpenMP
+/// Process settings for training on the CPU, applied before any work: libtorch's OpenMP
 /// worker threads spin between operations instead of sleeping, and freed memory stays in
 /// the process for the next step instead of going back to the kernel.
 ///
@@ -147,7 +147,7 @@ pub fn cuda_memory_in_use() -> Option<u64> {
 /// with `OMP_WAIT_POLICY=ACTIVE` (unless the user chose a policy). Not on a machine with
 /// CUDA: there the CPU mostly waits for the GPU, and spinning workers would only take
 /// cores from the data threads.
-pub fn tune_for_cpu_compute() {
+pub fn tune_for_training_on_cpu() {
     const POLICY: &str = "OMP_WAIT_POLICY";
     if tch::Cuda::is_available() {
         return;

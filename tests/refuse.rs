@@ -240,7 +240,7 @@ fn options_outside_their_range_or_without_effect_are_refused_before_any_write() 
         (&["--steps", "0"], "--steps"),
         (&["--alpha", "1.5"], "--alpha"),
         (&["--temperature", "2"], "temperature"),
-        (&["--seq-len", "64"], "--pack"),
+        (&["--pack", "false", "--seq-len", "64"], "--pack"),
         (&["--beta", "0.3"], "--loss jsd"),
         (&["--hidden-weight", "0.5"], "--hidden-map"),
         (&["--keep-last", "0"], "--keep-last"),

@@ -33,3 +33,71 @@ pub fn with_pipeline_file<T: Serialize + DeserializeOwned>(cli: T, file: Option<
     }
     serde_json::from_value(merged).with_context(|| format!("{}: options do not combine", path.display()))
 }
+
+/// A count option that also takes `auto` (`--batch-tokens 4096`, `--batch-tokens auto`,
+/// `batch_tokens = "auto"` or `= 4096` in a pipeline file): `auto` leaves the choice to
+/// the library, which picks for the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum CountOrAuto {
+    Count(usize),
+    #[serde(with = "auto_word")]
+    Auto,
+}
+
+impl CountOrAuto {
+    pub fn count(self) -> Option<usize> {
+        match self {
+            CountOrAuto::Count(n) => Some(n),
+            CountOrAuto::Auto => None,
+        }
+    }
+}
+
+impl std::str::FromStr for CountOrAuto {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(CountOrAuto::Auto),
+            _ => s.parse().map(CountOrAuto::Count).map_err(|_| format!("expected a whole number or `auto`, not `{s}`")),
+        }
+    }
+}
+
+/// `CountOrAuto::Auto` as the string "auto" in JSON and TOML.
+mod auto_word {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("auto")
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "auto" => Ok(()),
+            other => Err(D::Error::custom(format!("expected a whole number or \"auto\", not \"{other}\""))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod count_or_auto_tests {
+    use super::CountOrAuto;
+
+    #[test]
+    fn parses_from_the_command_line_and_from_pipeline_files() {
+        assert_eq!("auto".parse::<CountOrAuto>().unwrap().count(), None);
+        assert_eq!("4096".parse::<CountOrAuto>().unwrap().count(), Some(4096));
+        assert!("-1".parse::<CountOrAuto>().unwrap_err().contains("`-1`"));
+        #[derive(serde::Deserialize, serde::Serialize)]
+        struct File {
+            a: CountOrAuto,
+            b: CountOrAuto,
+        }
+        let f: File = toml::from_str("a = 16384\nb = \"auto\"\n").unwrap();
+        assert_eq!((f.a.count(), f.b.count()), (Some(16384), None));
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json, serde_json::json!({"a": 16384, "b": "auto"}), "round trip through the TOML merge");
+        let back: File = serde_json::from_value(json).unwrap();
+        assert_eq!((back.a, back.b), (CountOrAuto::Count(16384), CountOrAuto::Auto));
+        assert!(toml::from_str::<File>("a = \"many\"\nb = 1\n").is_err());
+    }
+}

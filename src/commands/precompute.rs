@@ -56,9 +56,9 @@ pub struct PrecomputeArgs {
     /// Teacher dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
-    /// Padded tokens per teacher batch [default: 16384].
+    /// Padded tokens per teacher batch, or auto: 2048 on CPU, 16384 on GPUs [default: auto].
     #[arg(long)]
-    batch_tokens: Option<usize>,
+    batch_tokens: Option<super::CountOrAuto>,
     /// Tokens per shard file [default: 1000000].
     #[arg(long)]
     shard_tokens: Option<usize>,
@@ -126,7 +126,7 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
             None | Some("auto") => None,
             Some(s) => Some(parse_kind(s)?),
         },
-        batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
+        batch_tokens: a.batch_tokens.map_or(d.batch_tokens, |b| b.count()),
         shard_tokens: a.shard_tokens.unwrap_or(d.shard_tokens),
         parquet: ParquetOptions {
             zstd_level: a.zstd_level.unwrap_or(d.parquet.zstd_level),
@@ -158,6 +158,7 @@ fn print_summary(cfg: &PrecomputeConfig, s: &Summary) {
     println!("  tokens         {} ({} trained positions)", s.tokens, s.targets);
     println!("  shards         {} ({} resumed)", s.shards, s.resumed_shards);
     println!("  bytes          {} ({:.1} bytes/token)", s.bytes, s.bytes_per_token());
+    println!("  batch tokens   {}{}", cfg.batch_tokens(), if cfg.batch_tokens.is_none() { " (auto)" } else { "" });
     println!("  time           {secs:.1}s, {:.0} tokens/s this run", s.tokens_this_run as f64 / secs.max(1e-9));
     println!("  teacher busy   {:.0}% of wall time on {} device(s)", 100.0 * s.busy_share(), s.devices);
     if s.invalid_rows > 0 {

@@ -64,7 +64,7 @@ pub struct TrainArgs {
     #[arg(long)]
     batch_tokens: Option<usize>,
     /// Pack several shard rows into each batch row (less padding; attention stays
-    /// within each document).
+    /// within each document) [default: when the shards' rows are at most 1024 tokens].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pack: Option<bool>,
     /// Tokens per packed batch row [default: the shards' max_len].
@@ -177,7 +177,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         device: a.device.as_deref().map(parse_device).transpose()?.unwrap_or(d.device),
         steps,
         batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
-        pack: a.pack.unwrap_or(d.pack),
+        pack: a.pack.or(d.pack),
         seq_len: a.seq_len,
         recompute: a.recompute.unwrap_or(d.recompute),
         precision: match a.precision {
@@ -280,7 +280,7 @@ mod tests {
         let cfg = config_from(args).unwrap();
         assert_eq!((cfg.steps, cfg.schedule().total_steps), (7, 7), "the flag wins");
         assert_eq!(cfg.schedule.peak_lr, 0.5, "the file fills what the flags leave out");
-        assert!(cfg.pack && cfg.kd.divergence == Divergence::Jsd { beta: 0.5 });
+        assert!(cfg.pack == Some(true) && cfg.kd.divergence == Divergence::Jsd { beta: 0.5 });
         assert_eq!(cfg.batch_tokens, TrainConfig::default().batch_tokens, "the library's default");
     }
 }

@@ -25,8 +25,8 @@ pub struct PrecomputeConfig {
     /// Teacher weights and arithmetic; `None`: bfloat16 when every device is a GPU,
     /// float32 otherwise (see `teacher_dtype`).
     pub dtype: Option<Kind>,
-    /// Padded tokens per teacher batch.
-    pub batch_tokens: usize,
+    /// Padded tokens per teacher batch; `None`: chosen for the devices (see `batch_tokens`).
+    pub batch_tokens: Option<usize>,
     pub shard_tokens: usize,
     pub parquet: ParquetOptions,
     pub slice: Slice,
@@ -54,7 +54,7 @@ impl Default for PrecomputeConfig {
             hidden_layers: vec![],
             devices: vec![vec![Device::cuda_if_available()]],
             dtype: None,
-            batch_tokens: 16384,
+            batch_tokens: None,
             shard_tokens: 1_000_000,
             parquet: ParquetOptions { zstd_level: 3, row_group_rows: 64, byte_stream_split: true },
             slice: Slice { index: 0, count: 1 },
@@ -68,6 +68,16 @@ impl Default for PrecomputeConfig {
 }
 
 impl PrecomputeConfig {
+    /// Padded tokens per teacher batch: as given, else 2,048 on CPU and 16,384 when every
+    /// device is a GPU. On CPU larger batches ran slower, not faster (the main job's
+    /// teacher, 2 cores, `scripts/bench_precompute.sh`: 460 tokens/s at 2,048, 396 at
+    /// 4,096, 346 at 8,192, 305 at 16,384; transformers slows down likewise); on a GPU larger
+    /// batches keep it busy, and 16,384 tokens of activations fit beside any teacher
+    /// that fits (activations are freed layer by layer, the head runs in chunks).
+    pub fn batch_tokens(&self) -> usize {
+        self.batch_tokens.unwrap_or(if self.devices.iter().flatten().all(|d| d.is_cuda()) { 16384 } else { 2048 })
+    }
+
     /// The teacher's dtype: as given, else bfloat16 when every device is a GPU and
     /// float32 otherwise.
     pub fn teacher_dtype(&self) -> Kind {
@@ -102,7 +112,7 @@ impl PrecomputeConfig {
         let checks: [(bool, String); 7] = [
             (self.top_k >= 1, format!("--top-k must be at least 1, not {}", self.top_k)),
             (self.max_len >= 2, format!("--max-len must be at least 2 tokens, not {}", self.max_len)),
-            (self.batch_tokens >= 1, format!("--batch-tokens must be at least 1, not {}", self.batch_tokens)),
+            (self.batch_tokens() >= 1, format!("--batch-tokens must be at least 1, not {}", self.batch_tokens())),
             (self.shard_tokens >= 1, format!("--shard-tokens must be at least 1, not {}", self.shard_tokens)),
             (p.row_group_rows >= 1, format!("--row-group-rows must be at least 1, not {}", p.row_group_rows)),
             ((1..=22).contains(&p.zstd_level), format!("--zstd-level must lie in 1..=22, not {}", p.zstd_level)),
@@ -133,8 +143,11 @@ mod tests {
         };
         cfg.validate().unwrap();
         assert_eq!(cfg.teacher_dtype(), Kind::Float);
+        assert_eq!(cfg.batch_tokens(), 2048, "auto on CPU");
         let gpus = PrecomputeConfig { devices: vec![vec![Device::Cuda(0), Device::Cuda(1)]], ..cfg.clone() };
         assert_eq!(gpus.teacher_dtype(), Kind::BFloat16);
+        assert_eq!(gpus.batch_tokens(), 16384, "auto on GPUs");
+        assert_eq!(PrecomputeConfig { batch_tokens: Some(100), ..gpus.clone() }.batch_tokens(), 100);
         assert_eq!(PrecomputeConfig { dtype: Some(Kind::Half), ..gpus }.teacher_dtype(), Kind::Half);
         let e = PrecomputeConfig { slice: Slice { index: 2, count: 2 }, ..cfg }.validate().unwrap_err().to_string();
         assert!(e.contains("--shard-index 2"), "{e}");

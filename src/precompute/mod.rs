@@ -74,7 +74,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         .iter()
         .enumerate()
         .skip(done)
-        .map(|(j, range)| (j, plan_batches(&prepared.rows, range.clone(), cfg.batch_tokens)))
+        .map(|(j, range)| (j, plan_batches(&prepared.rows, range.clone(), cfg.batch_tokens())))
         .collect();
     let total_tokens: usize = prepared.rows.iter().map(|r| r.len()).sum();
     let bar = progress_bar(cfg.progress, total_tokens as u64, resumed_tokens as u64);

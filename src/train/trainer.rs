@@ -219,7 +219,7 @@ fn batch_loader(
         teacher: cfg.alpha < 1.0,
         hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default(),
     };
-    let pack_to = cfg.pack.then(|| cfg.seq_len.unwrap_or(set.manifest.settings.data.max_len));
+    let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
     BatchLoader::new(feed, content, cfg.device, 2 * cfg.grad_accum.max(1))
 }
