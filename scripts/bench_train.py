@@ -7,8 +7,10 @@
 Student and shards: the main job's (`scripts/run.sh` leaves them in .cache/) when they
 exist, else the tiny models of scripts/tiny_models.py with shards made here. Lines, each
 a fresh process, `--reps` times in turn (the machine's noise shows in the spread):
-  - distill KD (bucket forward KL, alpha 0) and SFT (alpha 1), rows in shard order;
-  - distill with its defaults (only --steps given);
+  - distill KD (bucket forward KL, alpha 0) and SFT (alpha 1), rows in shard order,
+    padded (`--shuffle false --pack false`);
+  - distill with its defaults (only --steps given: shuffled, `--pack auto`, its own
+    --batch-tokens);
   - PyTorch eager KD on identical batches (scripts/kd_step_eager.py; the per-step token
     counts are checked against distill's), with the default process settings and with the
     ones distill applies to itself on CPU (spinning OpenMP workers, freed memory kept);
@@ -98,7 +100,8 @@ def main():
             a.shards, a.student = main_job[0], student
         else:
             tiny_setup(a)
-    fixed = ["--steps", a.steps, "--batch-tokens", a.batch_tokens, "--shuffle", "false"]
+    # Padded batches of rows in shard order: what the eager lines run.
+    fixed = ["--steps", a.steps, "--batch-tokens", a.batch_tokens, "--shuffle", "false", "--pack", "false"]
     lines = {
         "distill KD (alpha 0)": lambda: distill_line(a, "kd", [*fixed, "--alpha", "0"]),
         "distill SFT (alpha 1)": lambda: distill_line(a, "sft", [*fixed, "--alpha", "1"]),

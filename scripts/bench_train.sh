@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark of distill train (release build); prints a markdown table.
-# Usage: scripts/bench_train.sh [--device cpu|cuda:0] [--steps N] [--batch-tokens N] [--student DIR --shards DIR]
+# Benchmark of distill train against PyTorch eager (release build); prints a markdown table.
+# Usage: scripts/bench_train.sh [--device cpu|cuda:0] [--steps N] [--batch-tokens N] [--reps N] [--student DIR --shards DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --release >&2

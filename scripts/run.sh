@@ -40,7 +40,8 @@ python scripts/real_data.py data $cache/data-$TRAIN_DOCS-$HELDOUT_DOCS --train-d
 data=$cache/data-$TRAIN_DOCS-$HELDOUT_DOCS
 mkdir -p "$run"
 stamp "student: $LAYERS of the teacher's 30 layers"
-$distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS"
+$distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS" \
+  --overwrite  # the job's own student from an earlier run
 # Named by the data's content, so new data never meets shards of the old (which a
 # resuming precompute would refuse).
 shards=$cache/shards-$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)-k$TOP_K-$MAX_LEN
