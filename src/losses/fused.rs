@@ -64,8 +64,7 @@ pub fn fused_head_loss(
     let _no_grad = tch::no_grad_guard();
     let device = hidden.device();
     let positions = hidden.size()[0];
-    let zero = || Tensor::zeros([], (Kind::Double, device));
-    let (mut total, mut kd_sum, mut ce_sum) = (zero(), zero(), zero());
+    let (mut total, mut kd_sum, mut ce_sum) = (zero_sum(device), zero_sum(device), zero_sum(device));
     let grad_kind = if head.kind() == Kind::Double { Kind::Double } else { Kind::Float };
     let mut grad_head = Tensor::zeros(head.size(), (grad_kind, head.device()));
     let mut grad_hidden = Vec::new();
@@ -131,7 +130,7 @@ fn chunk_gradient(
             // Cross-entropy alone: dL/dz = g_y (onehot(y) - q).
             let lse = z.logsumexp([-1], true);
             let _ = z.g_sub_(&lse).exp_().g_mul_(&(-&g_y));
-            (lse, zero_sum(&z))
+            (lse, zero_sum(z.device()))
         }
         Some(t) if loss.kd.mode == TopKMode::Bucket => {
             // The top-k masked out, the rest's logsumexp, and from the two the whole one:
@@ -174,8 +173,9 @@ fn chunk_gradient(
     Ok(ChunkSums { total, kd, ce, grad: z })
 }
 
-fn zero_sum(t: &Tensor) -> Tensor {
-    Tensor::zeros([], (Kind::Double, t.device()))
+/// A float64 scalar 0 on `device`: the start of a loss sum.
+fn zero_sum(device: tch::Device) -> Tensor {
+    Tensor::zeros([], (Kind::Double, device))
 }
 
 /// The divergence summed over the chunk (float64) and its gradient with respect to
