@@ -86,3 +86,65 @@ fn training_on_cuda_in_bf16_follows_cpu_float32() {
     eprintln!("GPU memory in use after step 1: {memory} bytes");
     assert!(memory > 0, "CUDA runs log the GPU memory in use");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn tail_draws_and_the_label_bucket_on_cuda_follow_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    // The same draws on either device (float32 teacher): they depend on row and position
+    // alone; an id may differ only where a uniform number falls at an interval's edge.
+    let draws = |device: &str| {
+        let dir = tmp.path().join(format!("draws-{}", device.replace(':', "")));
+        ok(precompute(
+            "llama",
+            &sample(),
+            &dir,
+            &["--top-k", "8", "--sample", "8", "--devices", device, "--dtype", "float32"],
+        ));
+        let set = distill::shards::reader::ShardSet::open(&dir, false).unwrap();
+        let rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
+        (dir, rows)
+    };
+    let ((cpu_dir, cpu), (_, cuda)) = (draws("cpu"), draws("cuda:0"));
+    let (mut same, mut all) = (0, 0);
+    for (a, b) in cpu.iter().zip(&cuda) {
+        let (a, b) = (a.topk.draws.as_ref().unwrap(), b.topk.draws.as_ref().unwrap());
+        for (x, y) in a.per_position().zip(b.per_position()) {
+            same += usize::from(x == y);
+            all += 1;
+        }
+    }
+    eprintln!("identical draws at {same} of {all} positions");
+    assert!(same as f64 >= 0.99 * all as f64, "draws differ at {} of {all} positions", all - same);
+    // Training on draws and on the label bucket: CUDA float32 follows the CPU.
+    let topk_dir = tmp.path().join("topk");
+    ok(precompute("llama", &sample(), &topk_dir, &["--top-k", "8", "--devices", "cpu"]));
+    let student = model_dir("qwen3");
+    let run = |name: &str, shards: &std::path::Path, extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(name);
+        let paths = [s(&student), s(shards), s(&out)];
+        let mut args = vec!["train", "--student", &paths[0], "--shards", &paths[1], "--output", &paths[2]];
+        args.extend(["--steps", "4", "--batch-tokens", "512", "--lr", "3e-3", "--pack", "--shuffle", "false"]);
+        args.extend(extra);
+        ok(distill(&args));
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    };
+    for (what, shards, extra) in [("draws", &cpu_dir, &[][..]), ("label bucket", &topk_dir, &["--label-bucket"][..])] {
+        let cpu = run(
+            &format!("train-{what}-cpu"),
+            shards,
+            &[&["--device", "cpu", "--precision", "f32"][..], extra].concat(),
+        );
+        let cuda = run(
+            &format!("train-{what}-cuda"),
+            shards,
+            &[&["--device", "cuda:0", "--precision", "f32"][..], extra].concat(),
+        );
+        for (a, b) in cpu.iter().zip(&cuda) {
+            eprintln!("step loss on {what}: cpu {a:.6}, cuda {b:.6}");
+            assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "{what}: cpu {a} vs cuda {b}");
+        }
+    }
+}

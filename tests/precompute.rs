@@ -50,6 +50,64 @@ fn full_vocabulary_top_k_leaves_no_tail() {
     check_shards(&out, "qwen3", &sample());
 }
 
+#[test]
+fn tail_draws_match_transformers_and_duckdb_reads_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Draws alone (format version 2, no top-k columns), and top-k plus draws from the tail.
+    let alone = tmp.path().join("alone");
+    ok(precompute("llama", &sample(), &alone, &["--top-k", "0", "--sample", "12", "--sample-seed", "5"]));
+    check_shards(&alone, "llama", &sample());
+    let hybrid = tmp.path().join("hybrid");
+    ok(precompute("llama", &sample(), &hybrid, &["--top-k", "8", "--sample", "6", "--pack", "--max-len", "300"]));
+    check_shards(&hybrid, "llama", &sample());
+    assert_eq!(manifest(&hybrid)["format_version"], 2);
+    assert_eq!(manifest(&hybrid)["settings"]["capture"]["draws"]["per_position"], 6);
+    // Any Arrow tool reads them: every position's counts sum to the draws per position.
+    python_ok(
+        r#"
+import sys, duckdb
+d = sys.argv[1]
+lo, hi, positions, distinct = duckdb.connect().execute(f"""
+    SELECT min(list_sum(c)), max(list_sum(c)), count(*), avg(len(c))
+    FROM (SELECT unnest(draw_counts) AS c FROM read_parquet('{d}/shard-*.parquet'))""").fetchone()
+assert lo == hi == 6 and positions > 0 and 1 <= distinct <= 6, (lo, hi, positions, distinct)
+"#,
+        &[&hybrid],
+    );
+    // Another batch size draws the same ids: the draws depend on row and position alone.
+    let again = tmp.path().join("again");
+    ok(precompute(
+        "llama",
+        &sample(),
+        &again,
+        &["--top-k", "8", "--sample", "6", "--pack", "--max-len", "300", "--batch-tokens", "300"],
+    ));
+    let counts = |dir: &Path| {
+        let set = distill::shards::reader::ShardSet::open(dir, false).unwrap();
+        set.row_groups()
+            .iter()
+            .flat_map(|&rg| set.decode(rg).unwrap())
+            .map(|r| r.topk.draws.unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(counts(&hybrid), counts(&again));
+    // Draws train forward KL only.
+    let e = err(distill(&[
+        "train",
+        "--student",
+        model_dir("llama").to_str().unwrap(),
+        "--shards",
+        hybrid.to_str().unwrap(),
+        "--output",
+        tmp.path().join("run").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--loss",
+        "reverse-kl",
+    ]));
+    assert!(e.contains("unbiased estimate of the forward KL"), "{e}");
+}
+
 /// Every shard file of two sets, byte for byte, and their manifest entries.
 fn assert_same_shards(a: &Path, b: &Path) {
     let (ma, mb) = (manifest(a), manifest(b));
@@ -130,6 +188,9 @@ fn written_schema_matches_the_documented_definition() {
     let mut expected = vec![];
     for col in def["columns"].as_array().unwrap() {
         let (name, ty) = (col["name"].as_str().unwrap(), col["type"].as_str().unwrap());
+        if col.get("present").is_some_and(|p| p != "when capture.top_k > 0") {
+            continue; // the draw columns: tested below
+        }
         let layers: Vec<String> = if name.contains("{L}") { vec!["0".into(), "3".into()] } else { vec![String::new()] };
         for l in layers {
             let ty = ty.replace("{K}", "5").replace("{ID}", "uint16").replace("{H}", "64");
@@ -145,6 +206,24 @@ fn written_schema_matches_the_documented_definition() {
     let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
     assert_eq!(get("distill.format").as_deref(), Some("distill-shards"));
     assert_eq!(get("distill.format_version").as_deref(), Some("1"));
+    // Draws alone: no top-k columns, the two draw columns.
+    let drawn = tmp.path().join("drawn");
+    ok(precompute("qwen3", &sample(), &drawn, &["--top-k", "0", "--sample", "4"]));
+    let file = std::fs::File::open(drawn.join("shard-00000.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let mut expected = vec![];
+    for col in def["columns"].as_array().unwrap() {
+        let (name, ty) = (col["name"].as_str().unwrap(), col["type"].as_str().unwrap());
+        if !name.contains("{L}") && col.get("present").is_none_or(|p| p == "with capture.draws") {
+            expected.push((name.to_string(), ty.replace("{ID}", "uint16")));
+        }
+    }
+    expected.sort();
+    let mut actual: Vec<(String, String)> =
+        reader.schema().fields().iter().map(|f| (f.name().clone(), arrow_type_name(f.data_type()))).collect();
+    actual.sort();
+    assert_eq!(actual, expected);
+    assert_eq!(manifest(&drawn)["format_version"], 2);
 }
 
 /// The type spelling used in schemas/shard.schema.json.
@@ -153,6 +232,7 @@ fn arrow_type_name(t: &arrow::datatypes::DataType) -> String {
     match t {
         UInt64 => "uint64".into(),
         UInt16 => "uint16".into(),
+        UInt8 => "uint8".into(),
         Int32 => "int32".into(),
         Boolean => "bool".into(),
         Utf8 => "utf8".into(),

@@ -7,6 +7,7 @@ use crossbeam_channel::{bounded, Receiver};
 use tch::{Device, Tensor};
 
 use super::stream::{RowStream, StreamPosition};
+use super::targets::{teacher_targets, TargetOptions};
 use super::{move_tensor, PaddedBatch};
 use crate::losses::TeacherTargets;
 use crate::shards::row::ShardRow;
@@ -103,7 +104,8 @@ pub struct MicroBatch {
 /// What a micro-batch needs besides tokens.
 #[derive(Debug, Clone)]
 pub struct BatchContent {
-    pub teacher: bool,
+    /// Teacher targets, built so (`None`: none, plain SFT).
+    pub teacher: Option<TargetOptions>,
     pub hidden_layers: Vec<usize>,
 }
 
@@ -119,7 +121,7 @@ impl MicroBatch {
             bail!("rows {row_indices:?}: {targets} stored targets but {predicting} masked tokens");
         }
         Ok(MicroBatch {
-            teacher: content.teacher.then(|| teacher_targets(&merged)),
+            teacher: content.teacher.map(|opts| teacher_targets(&merged, opts)),
             teacher_hidden: content.hidden_layers.iter().map(|&l| teacher_hidden(&merged, l)).collect::<Result<_>>()?,
             row_indices,
             tokens: merged.iter().map(|r| r.sequence.len()).sum(),
@@ -159,20 +161,6 @@ fn concat_rows(rows: Vec<ShardRow>) -> ShardRow {
         out.append(r);
     }
     out
-}
-
-/// The rows' teacher targets as host tensors, in the batch's predicting order (row-major,
-/// increasing position), which is the order the shards store them in.
-pub fn teacher_targets(rows: &[ShardRow]) -> TeacherTargets {
-    let k = rows.first().map_or(1, |r| r.topk.k) as i64;
-    let ids: Vec<i64> = rows.iter().flat_map(|r| r.topk.ids.iter().map(|&i| i as i64)).collect();
-    let lps: Vec<f32> = rows.iter().flat_map(|r| r.topk.logprobs.iter().map(|x| x.to_f32())).collect();
-    let tails: Vec<f32> = rows.iter().flat_map(|r| r.topk.tail_logmass.iter().copied()).collect();
-    TeacherTargets {
-        ids: Tensor::from_slice(&ids).view([-1, k]),
-        logprobs: Tensor::from_slice(&lps).view([-1, k]),
-        tail_logmass: Tensor::from_slice(&tails),
-    }
 }
 
 /// The teacher's hidden state `layer` of the rows' trained positions, `[targets, width]`,

@@ -5,6 +5,7 @@
 //! packed rows, and the flat indices of the positions that predict a trained token.
 pub mod feed;
 pub mod stream;
+pub mod targets;
 
 use tch::{Device, Tensor};
 

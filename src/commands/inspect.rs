@@ -83,6 +83,9 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
         "capture     top-k {} ({:?} ids, {} log-probs), tail: {}, hidden states {:?}",
         s.capture.top_k, s.capture.id_type, s.capture.logprob_dtype, s.capture.tail, s.capture.hidden_layers
     );
+    if let Some(d) = &s.capture.draws {
+        println!("draws       {} per position (seed {}) from {}", d.per_position, d.seed, d.from);
+    }
     println!(
         "data        {} source file(s), max_len {}, packing {}, data hash {}",
         s.data.sources.len(),
@@ -133,6 +136,10 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
                 top.join(" | "),
                 t.tail
             );
+            if !t.drawn.is_empty() {
+                let drawn: Vec<String> = t.drawn.iter().map(|(id, s, n)| format!("{} x{n}", show(*id, s))).collect();
+                println!("  {:>5}  {:<16} {:>8}  drawn from the tail: {}", "", "", "", drawn.join(" | "));
+            }
         }
     }
 }

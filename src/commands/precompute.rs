@@ -43,9 +43,16 @@ pub struct PrecomputeArgs {
     /// Pack several examples into each row of max-len tokens.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pack: Option<bool>,
-    /// Teacher token ids kept per position [default: 64].
+    /// Teacher token ids kept per position; 0 with --sample keeps none [default: 64].
     #[arg(long)]
     top_k: Option<usize>,
+    /// Ids drawn per position from the teacher's distribution outside the top-k (the
+    /// whole distribution with --top-k 0), stored with their counts [default: 0, none].
+    #[arg(long)]
+    sample: Option<usize>,
+    /// Seed of --sample's draws [default: 0].
+    #[arg(long)]
+    sample_seed: Option<u64>,
     /// Hidden states to store, comma-separated (0 = embeddings, i = output of layer i).
     #[arg(long, value_delimiter = ',')]
     hidden_layers: Option<Vec<usize>>,
@@ -120,6 +127,8 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
         max_len: a.max_len.unwrap_or(d.max_len),
         pack: a.pack.unwrap_or(d.pack),
         top_k: a.top_k.unwrap_or(d.top_k),
+        sample: a.sample.unwrap_or(d.sample),
+        sample_seed: a.sample_seed.unwrap_or(d.sample_seed),
         hidden_layers: a.hidden_layers.unwrap_or(d.hidden_layers),
         devices,
         dtype: match a.dtype.as_deref() {

@@ -108,6 +108,9 @@ pub struct TrainArgs {
     /// Compare top-k renormalised distributions instead of the (k+1) buckets.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     renormalized_topk: Option<bool>,
+    /// A label (true next token) outside the teacher's top-k gets its own bucket [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    label_bucket: Option<bool>,
     /// Distillation temperature (needs --renormalized-topk when not 1) [default: 1].
     #[arg(long)]
     temperature: Option<f64>,
@@ -201,6 +204,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             mode: if a.renormalized_topk.unwrap_or(false) { TopKMode::Renormalized } else { d.kd.mode },
             temperature: a.temperature.unwrap_or(d.kd.temperature),
         },
+        label_bucket: a.label_bucket.unwrap_or(d.label_bucket),
         seed: a.seed.unwrap_or(d.seed),
         shuffle: a.shuffle.unwrap_or(d.shuffle),
         save_every: a.save_every.unwrap_or(d.save_every),

@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
 use crate::batch::stream::{RowStream, StreamOptions, StreamPosition};
+use crate::batch::targets::TargetOptions;
 use crate::losses::{cross_entropy, Divergence, KdLoss, TopKMode};
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
@@ -27,6 +28,12 @@ pub struct EvalResult {
 /// Every row of `set` once, batched by `batching` (padded or packed: the results agree).
 pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: FeedOptions) -> Result<EvalResult> {
     let _guard = tch::no_grad_guard();
+    if set.manifest.settings.capture.top_k == 0 {
+        anyhow::bail!(
+            "{}: these shards hold draws but no top-k ids; evaluate against a shard set with top-k targets",
+            set.dir.display()
+        );
+    }
     let kd = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 };
     let stream = RowStream::new(
         set,
@@ -34,7 +41,9 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
         StreamPosition::default(),
     );
     let feed = Feed::new(stream, batching);
-    let loader = BatchLoader::new(feed, BatchContent { teacher: true, hidden_layers: vec![] }, device, 2);
+    // The plain (k+1) buckets: one measure for students trained on any kind of targets.
+    let content = BatchContent { teacher: Some(TargetOptions { label_bucket: false }), hidden_layers: vec![] };
+    let loader = BatchLoader::new(feed, content, device, 2);
     let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(device));
     let sum = |t: Tensor| t.sum(Kind::Double);
     let zero = || Tensor::zeros([], (Kind::Double, device));

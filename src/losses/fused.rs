@@ -135,7 +135,8 @@ fn chunk_gradient(
         Some(t) if loss.kd.mode == TopKMode::Bucket => {
             // The top-k masked out, the rest's logsumexp, and from the two the whole one:
             // every log-probability stays in log space (exact for a tiny tail).
-            let z_k = z.gather(-1, &t.ids, false);
+            // Padding entries repeat a listed id: they hold no student mass either.
+            let z_k = z.gather(-1, &t.ids, false).masked_fill(&t.padding(), f64::NEG_INFINITY);
             let _ = z.scatter_value_(-1, &t.ids, f64::NEG_INFINITY);
             let lse_rest = z.logsumexp([-1], true);
             let lse = Tensor::stack(&[&lse_rest, &z_k.logsumexp([-1], true)], 0).logsumexp([0], false);
@@ -150,7 +151,9 @@ fn chunk_gradient(
             let finite = lse_rest.isfinite();
             let shift = lse_rest.where_self(&finite, &lse_rest.zeros_like());
             let _ = z.g_sub_(&shift).exp_().g_mul_(&(g_rest - log_q_rest.exp() * &s));
-            let _ = z.scatter_(-1, &t.ids, &(g_k - log_q_k.exp() * &s));
+            // Added, not written: the listed ids hold 0 here, and a padding entry (whose
+            // id repeats a listed one) adds its 0 instead of overwriting.
+            let _ = z.scatter_add_(-1, &t.ids, &(g_k - log_q_k.exp() * &s));
             (lse, kd)
         }
         Some(t) => {
@@ -218,6 +221,31 @@ mod tests {
         (total.double_value(&[]), h.grad(), w.grad())
     }
 
+    /// Standard normal numbers from a seed alone (splitmix64 + Box-Muller): libtorch's
+    /// generator is global, and tests running beside this one would draw from it too.
+    struct Normal(u64);
+
+    impl Normal {
+        fn uniform(&mut self) -> f64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        fn tensor(&mut self, shape: &[i64]) -> Tensor {
+            let n: i64 = shape.iter().product();
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    let (a, b) = (1.0 - self.uniform(), self.uniform());
+                    ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+                })
+                .collect();
+            Tensor::from_slice(&values).view(shape)
+        }
+    }
+
     struct Setup {
         hidden: Tensor,
         head: Tensor,
@@ -229,23 +257,24 @@ mod tests {
     /// own logits, which favour ids 0..k. `peaked`: the student puts nearly all its mass
     /// on those ids too (states and their head rows share a direction), leaving a tail
     /// far below float32's resolution of `1 - sum q_K`.
-    fn setup(p: i64, h: i64, v: i64, k: i64, peaked: bool) -> Setup {
+    fn setup(seed: u64, p: i64, h: i64, v: i64, k: i64, peaked: bool) -> Setup {
         let opts = (Kind::Float, Device::Cpu);
-        let direction = Tensor::randn([h], opts);
+        let mut rng = Normal(seed);
+        let direction = rng.tensor(&[h]);
         let direction = &direction / direction.norm();
-        let mut hidden = Tensor::randn([p, h], opts);
-        let mut head = Tensor::randn([v, h], opts) * (3.0 / (h as f64).sqrt());
+        let mut hidden = rng.tensor(&[p, h]);
+        let mut head = rng.tensor(&[v, h]) * (3.0 / (h as f64).sqrt());
         if peaked {
             hidden = hidden * 0.3 + &direction * 4.0;
             let boost = (&direction * 15.0).unsqueeze(0).expand([k, h], false);
             head = head.index_add(0, &Tensor::arange(k, (Kind::Int64, Device::Cpu)), &boost);
         }
         let favoured = Tensor::cat(&[Tensor::full([k], 30.0, opts), Tensor::zeros([v - k], opts)], 0);
-        let teacher_logits = Tensor::randn([p, v], opts) * 3.0 + favoured;
+        let teacher_logits = rng.tensor(&[p, v]) * 3.0 + favoured;
         let lp = teacher_logits.log_softmax(-1, Kind::Float);
         let (top, ids) = lp.topk(k, -1, true, true);
         let tail = lp.scatter_value(-1, &ids, f64::NEG_INFINITY).logsumexp([-1], false);
-        let next = Tensor::randint(v, [p], (Kind::Int64, Device::Cpu));
+        let next = (rng.tensor(&[p]).abs() * 1000.0).to_kind(Kind::Int64).remainder(v);
         Setup {
             hidden,
             head,
@@ -287,10 +316,9 @@ mod tests {
 
     #[test]
     fn fused_head_loss_equals_autograd_in_float64() {
-        tch::manual_seed(11);
         let bucket = |divergence| KdLoss { divergence, mode: TopKMode::Bucket, temperature: 1.0 };
         for peaked in [false, true] {
-            let s = setup(13, 8, 40, 6, peaked);
+            let s = setup(11, 13, 8, 40, 6, peaked);
             for alpha in [0.0, 0.5] {
                 check(&s, bucket(Divergence::ForwardKl), alpha, true);
                 check(&s, bucket(Divergence::ReverseKl), alpha, true);
@@ -304,16 +332,36 @@ mod tests {
             check(&s, bucket(Divergence::ForwardKl), 1.0, true);
             check(&s, bucket(Divergence::ForwardKl), 1.0, false);
         }
+        // The label bucket: the label appended, padding (-inf) where it is in the top-k
+        // (the first 3 positions); elsewhere an id outside it (the teacher's top-k are
+        // ids 0..6, see `setup`).
+        let mut s = setup(13, 13, 8, 40, 6, false);
+        let outside = s.next.narrow(0, 3, 10).remainder(34) + 6;
+        let labels = Tensor::cat(&[s.teacher.ids.narrow(0, 0, 3).select(1, 2), outside], 0);
+        s.next = labels.copy();
+        let label_lp = Tensor::full([13], -6.0, (Kind::Float, Device::Cpu)).index_fill(
+            0,
+            &Tensor::arange(3, (Kind::Int64, Device::Cpu)),
+            f64::NEG_INFINITY,
+        );
+        s.teacher = TeacherTargets {
+            ids: Tensor::cat(&[&s.teacher.ids, &labels.unsqueeze(1)], 1),
+            logprobs: Tensor::cat(&[s.teacher.logprobs.to_kind(Kind::Float), label_lp.unsqueeze(1)], 1),
+            tail_logmass: s.teacher.tail_logmass.clamp_min(-5.0),
+        };
+        for divergence in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.3 }] {
+            check(&s, bucket(divergence), 0.0, true);
+            check(&s, bucket(divergence), 0.5, true);
+        }
         // k = the vocabulary: no tail at all.
-        let s = setup(7, 8, 12, 12, false);
+        let s = setup(14, 7, 8, 12, 12, false);
         check(&s, bucket(Divergence::ForwardKl), 0.0, true);
         check(&s, bucket(Divergence::Jsd { beta: 0.5 }), 0.2, true);
     }
 
     #[test]
     fn in_float64_the_fused_gradient_is_the_autograd_one() {
-        tch::manual_seed(12);
-        let s = setup(9, 8, 30, 5, false);
+        let s = setup(12, 9, 8, 30, 5, false);
         let d = |t: &Tensor| t.to_kind(Kind::Double);
         for divergence in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.3 }] {
             let kd = KdLoss { divergence, mode: TopKMode::Bucket, temperature: 1.0 };
@@ -327,8 +375,7 @@ mod tests {
 
     #[test]
     fn the_tail_of_a_peaked_student_stays_exact() {
-        tch::manual_seed(5);
-        let s = setup(4, 8, 40, 6, true);
+        let s = setup(5, 4, 8, 40, 6, true);
         let z = s.hidden.to_kind(Kind::Double).mm(&s.head.to_kind(Kind::Double).tr());
         let lp = z.log_softmax(-1, Kind::Double);
         let tail = lp.scatter_value(-1, &s.teacher.ids, f64::NEG_INFINITY).logsumexp([-1], false);

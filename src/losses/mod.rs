@@ -22,17 +22,29 @@ use tch::{Kind, Tensor};
 /// gradients stay finite (exp(-1e4) is 0 in float32).
 const LOG_FLOOR: f64 = -1e4;
 
-/// Teacher targets for P positions on the training device.
+/// Teacher targets for P positions on the training device: a sparse distribution over
+/// the listed ids plus one bucket for the rest of the vocabulary.
+///
+/// The listed ids are the top-k, optionally followed by the label (when it lies outside
+/// the top-k) or by ids drawn from the tail with their estimated mass (`batch::feed`).
+/// Positions list different numbers of ids: shorter lists are padded with an id the
+/// position already lists and log-probability -inf, which stands for "no entry" (the
+/// losses give it no mass on either side).
 pub struct TeacherTargets {
-    /// `[P, k]` int64 token ids.
+    /// `[P, m]` int64 token ids, distinct within a position except for padding.
     pub ids: Tensor,
-    /// `[P, k]` log-probabilities at temperature 1 (any float kind).
+    /// `[P, m]` log-probabilities at temperature 1 (any float kind); -inf marks padding.
     pub logprobs: Tensor,
-    /// `[P]` log of the mass outside the top-k (-inf when k is the vocabulary).
+    /// `[P]` log of the mass of the ids not listed (-inf when the list holds it all).
     pub tail_logmass: Tensor,
 }
 
 impl TeacherTargets {
+    /// `[P, m]` true where an entry is padding (no token).
+    pub fn padding(&self) -> Tensor {
+        self.logprobs.isneginf()
+    }
+
     /// `f` applied to every tensor (a slice of positions, a device move, pinning).
     pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> TeacherTargets {
         TeacherTargets { ids: f(&self.ids), logprobs: f(&self.logprobs), tail_logmass: f(&self.tail_logmass) }
@@ -90,7 +102,7 @@ impl KdLoss {
         let log_q = match self.mode {
             TopKMode::Bucket => {
                 let lse = z.logsumexp([-1], true);
-                let q_k = z.gather(-1, &teacher.ids, false) - &lse;
+                let q_k = (z.gather(-1, &teacher.ids, false) - &lse).masked_fill(&teacher.padding(), LOG_FLOOR);
                 // The student's tail from its own logsumexp over the non-top-k logits.
                 let q_rest = z.scatter_value(-1, &teacher.ids, LOG_FLOOR).logsumexp([-1], true) - &lse;
                 Tensor::cat(&[q_k, q_rest], -1).clamp_min(LOG_FLOOR)

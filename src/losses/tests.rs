@@ -197,3 +197,63 @@ fn cross_entropy_and_hidden_losses_match_float64() {
         assert!((cos[i] as f64 - want_cos).abs() / want_cos.abs().max(1e-3) < 1e-5);
     }
 }
+
+/// The (k+2)-bucket targets of one position: top-k, the label (or padding when the label
+/// is in the top-k), the rest; and the float64 reference partitions of p and q.
+#[test]
+fn label_bucket_divergences_match_float64_partitions() {
+    let (zt, zs) = (logits(6), logits(7));
+    for k in [8, V - 1] {
+        let (mut ids, mut lps, mut rests, mut refs) = (vec![], vec![], vec![], vec![]);
+        for (i, (t, z)) in zt.iter().zip(&zs).enumerate() {
+            let lp = log_softmax(t);
+            let (top, top_lp, _) = top_k(&lp, k);
+            // Even positions: a label outside the top-k; odd: the top-1.
+            let label = if i % 2 == 0 { (0..V).find(|j| !top.contains(j)).unwrap() } else { top[0] };
+            let outside = !top.contains(&label);
+            let lq = log_softmax(z);
+            let mass = |l: &[f64], set: &[usize]| set.iter().map(|&j| l[j].exp()).sum::<f64>();
+            let mut listed = top.clone();
+            if outside {
+                listed.push(label);
+            }
+            let rest_ids: Vec<usize> = (0..V).filter(|j| !listed.contains(j)).collect();
+            let (mut p, mut q): (Vec<f64>, Vec<f64>) = listed.iter().map(|&j| (lp[j].exp(), lq[j].exp())).unzip();
+            p.push(mass(&lp, &rest_ids));
+            q.push(mass(&lq, &rest_ids));
+            refs.push((p, q));
+            ids.extend(top.iter().map(|&j| j as i64));
+            ids.push(label as i64);
+            lps.extend(top_lp.iter().map(|&x| x as f32));
+            lps.push(if outside { lp[label] as f32 } else { f32::NEG_INFINITY });
+            let rest = mass(&lp, &rest_ids);
+            rests.push(if rest > 0.0 { rest.ln() as f32 } else { f32::NEG_INFINITY });
+        }
+        let m = k as i64 + 1;
+        let teacher = TeacherTargets {
+            ids: Tensor::from_slice(&ids).view([P as i64, m]),
+            logprobs: Tensor::from_slice(&lps).view([P as i64, m]),
+            tail_logmass: Tensor::from_slice(&rests),
+        };
+        let flat: Vec<f32> = zs.iter().flatten().map(|&x| x as f32).collect();
+        let student = Tensor::from_slice(&flat).view([P as i64, V as i64]);
+        for d in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.3 }] {
+            let loss = KdLoss { divergence: d, mode: TopKMode::Bucket, temperature: 1.0 };
+            let ours = Vec::<f32>::try_from(loss.per_position(&student, &teacher).unwrap()).unwrap();
+            for (i, (p, q)) in refs.iter().enumerate() {
+                let want = divergence(d, p, q);
+                let rel = (ours[i] as f64 - want).abs() / want.abs().max(1e-3);
+                assert!(rel < 1e-5, "{d:?} k={k} position {i}: {} vs float64 {want} (rel {rel:.2e})", ours[i]);
+            }
+            if k == V - 1 {
+                // Every even position lists the whole vocabulary: the full divergence.
+                for (i, z) in zs.iter().enumerate().step_by(2) {
+                    let (p, q) = (log_softmax(&zt[i]), log_softmax(z));
+                    let (p, q): (Vec<f64>, Vec<f64>) = p.iter().zip(&q).map(|(a, b)| (a.exp(), b.exp())).unzip();
+                    let want = divergence(d, &p, &q);
+                    assert!((ours[i] as f64 - want).abs() / want < 1e-5, "{d:?}: full divergence at position {i}");
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Teacher forward pass -> the targets a loss needs, per trained position:
 //! the top-k token ids with their log-probabilities under the full-vocabulary
 //! log-softmax (temperature 1, descending), the log of the probability mass outside
-//! the top-k (the tail bucket), the log-probability of the true next token, and the
+//! the top-k (the tail bucket), the log-probability of the true next token, optionally
+//! ids drawn from the tail (the distribution renormalised outside the top-k), and the
 //! hidden states of chosen layers divided by their per-position RMS (float16 that
 //! cannot overflow) with the RMS kept in float32.
 //!
@@ -16,11 +17,13 @@ use crate::batch::PaddedBatch;
 use crate::dataset::sequence::Sequence;
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
-use crate::shards::row::{HiddenTargets, ShardRow, TopKTargets};
+use crate::shards::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
 
 #[derive(Debug, Clone)]
 pub struct CaptureSettings {
+    /// 0: no top-k (with `draws`, which then come from the whole distribution).
     pub top_k: usize,
+    pub draws: Option<DrawSettings>,
     /// Hidden states to keep, in transformers' numbering (0 = embeddings).
     pub hidden_layers: Vec<usize>,
     /// Softmax over ids `0..vocab_limit` only: the tokenizer's real vocabulary, so
@@ -32,9 +35,14 @@ pub struct CaptureSettings {
 pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<ShardRow>> {
     let _guard = tch::no_grad_guard();
     let k = settings.top_k as i64;
-    if settings.top_k == 0 || settings.vocab_limit < settings.top_k || settings.vocab_limit > model.config.vocab_size {
+    let sampled_out = settings.draws.is_some() && settings.top_k >= settings.vocab_limit;
+    if settings.top_k + settings.draws.map_or(0, |d| d.per_position) == 0
+        || settings.vocab_limit < settings.top_k
+        || sampled_out
+        || settings.vocab_limit > model.config.vocab_size
+    {
         bail!(
-            "top_k {} must be between 1 and the vocabulary ({} tokens, model rows {})",
+            "top_k {} must be between 1 (0 with draws) and the vocabulary (below it with draws; {} tokens, model rows {})",
             settings.top_k,
             settings.vocab_limit,
             model.config.vocab_size
@@ -47,8 +55,18 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting.to_device(t.device()));
     let next_tokens = batch.next_tokens.to_device(model.output_device());
     let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(model.output_device()));
+    // The uniform numbers of every position's draws, keyed by row and position alone.
+    let uniforms = settings.draws.map(|d| {
+        let mut u = Vec::new();
+        for (row, &count) in rows.iter().zip(&batch.targets_per_row) {
+            for t in 0..count as u64 {
+                u.extend(draw_uniforms(d.seed, row.row_index, t, d.per_position));
+            }
+        }
+        Tensor::from_slice(&u).view([-1, d.per_position as i64]).to_device(model.output_device())
+    });
 
-    let (mut ids, mut logprobs, mut tails, mut targets) = (vec![], vec![], vec![], vec![]);
+    let (mut ids, mut logprobs, mut tails, mut targets, mut drawn) = (vec![], vec![], vec![], vec![], vec![]);
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
@@ -61,6 +79,9 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         let _ = logits.scatter_value_(-1, &idx, f64::NEG_INFINITY);
         tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
         ids.push(idx.to_kind(Kind::Int));
+        if let Some(u) = &uniforms {
+            drawn.push(draw_from_logits(&logits, &u.narrow(0, r.start, r.end - r.start)));
+        }
         Ok(())
     })?;
     let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
@@ -68,6 +89,10 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     let logprobs = half_values(&host(&logprobs))?;
     let tails = Vec::<f32>::try_from(host(&tails))?;
     let targets = Vec::<f32>::try_from(host(&targets))?;
+    let drawn = match settings.draws {
+        Some(d) => Some((Vec::<i64>::try_from(host(&drawn).reshape([-1]))?, d.per_position)),
+        None => None,
+    };
 
     let hidden_host: Vec<(Vec<f16>, Vec<f32>)> = hidden
         .captured
@@ -91,6 +116,7 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
             logprobs: logprobs[range.start * ku..range.end * ku].to_vec(),
             tail_logmass: tails[range.clone()].to_vec(),
             target_logprob: targets[range.clone()].to_vec(),
+            draws: drawn.as_ref().map(|(d, m)| tail_draws(&d[range.start * m..range.end * m], *m)),
         };
         let hidden = settings
             .hidden_layers
@@ -109,6 +135,80 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         offset += count;
     }
     Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawSettings {
+    pub per_position: usize,
+    pub seed: u64,
+}
+
+/// The `count` uniform numbers in [0, 1) of the draws at trained position `position` of
+/// the row `row_index`: a function of the seed, the row and the position alone, so a
+/// resumed run, another batch size or another device draws the same ids.
+pub fn draw_uniforms(seed: u64, row_index: u64, position: u64, count: usize) -> Vec<f64> {
+    let mut state = splitmix64(seed ^ splitmix64(row_index ^ splitmix64(position.wrapping_add(0x5851_f42d))));
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Positions per float64 cumulative sum: 256 x a 150k vocabulary is 300 MB.
+const DRAW_ROWS: i64 = 256;
+
+/// Ids `[n, m]` drawn by inverse CDF from `softmax(logits)` `[n, V]` (masked entries
+/// -inf: never drawn), one per uniform number `[n, m]`. The CDF is summed in float64,
+/// so even ids of probability 1e-12 are drawn at their rate.
+pub fn draw_from_logits(logits: &Tensor, uniforms: &Tensor) -> Tensor {
+    let (rows, vocab) = (logits.size()[0], logits.size()[1]);
+    let mut out = vec![];
+    let mut start = 0;
+    while start < rows {
+        let n = DRAW_ROWS.min(rows - start);
+        let z = logits.narrow(0, start, n);
+        let p = (&z - z.logsumexp([-1], true)).exp();
+        let cdf = p.cumsum(-1, Kind::Double);
+        let x = uniforms.narrow(0, start, n).to_kind(Kind::Double) * cdf.narrow(-1, vocab - 1, 1);
+        // The first id whose CDF exceeds x: its own probability is above 0.
+        out.push(x.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1));
+        start += n;
+    }
+    if out.is_empty() {
+        Tensor::zeros([0, uniforms.size()[1]], (Kind::Int64, logits.device()))
+    } else {
+        Tensor::cat(&out, 0)
+    }
+}
+
+/// Draws `[positions * m]` -> per position the distinct ids, ascending, with counts.
+pub fn tail_draws(drawn: &[i64], m: usize) -> TailDraws {
+    let mut out = TailDraws::default();
+    for position in drawn.chunks(m) {
+        let mut ids = position.to_vec();
+        ids.sort_unstable();
+        let before = out.ids.len();
+        for id in ids {
+            match out.ids.last() {
+                Some(&last) if out.ids.len() > before && last as i64 == id => *out.counts.last_mut().unwrap() += 1,
+                _ => {
+                    out.ids.push(id as u32);
+                    out.counts.push(1);
+                }
+            }
+        }
+        out.lengths.push((out.ids.len() - before) as u32);
+    }
+    out
 }
 
 /// Refuses targets that are not numbers: a teacher with NaN weights or an impossible

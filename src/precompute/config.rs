@@ -9,6 +9,9 @@ use crate::dataset::FieldNames;
 use crate::shards::manifest::Slice;
 use crate::shards::writer::ParquetOptions;
 
+/// Most draws per position: a count must fit the `draw_counts` column's uint8.
+pub const MAX_DRAWS: usize = 255;
+
 #[derive(Debug, Clone)]
 pub struct PrecomputeConfig {
     pub teacher: PathBuf,
@@ -17,7 +20,11 @@ pub struct PrecomputeConfig {
     pub fields: FieldNames,
     pub max_len: usize,
     pub pack: bool,
+    /// Top-k ids kept per position (0: none, with `sample`).
     pub top_k: usize,
+    /// Ids drawn per position from the teacher's distribution outside the top-k (0: none).
+    pub sample: usize,
+    pub sample_seed: u64,
     pub hidden_layers: Vec<usize>,
     /// One teacher replica per entry; an entry of several devices splits that replica
     /// by layers over them.
@@ -51,6 +58,8 @@ impl Default for PrecomputeConfig {
             max_len: 2048,
             pack: false,
             top_k: 64,
+            sample: 0,
+            sample_seed: 0,
             hidden_layers: vec![],
             devices: vec![vec![Device::cuda_if_available()]],
             dtype: None,
@@ -109,8 +118,12 @@ impl PrecomputeConfig {
             bail!("--shard-index {index} must be below --num-shards {count}");
         }
         let p = &self.parquet;
-        let checks: [(bool, String); 7] = [
-            (self.top_k >= 1, format!("--top-k must be at least 1, not {}", self.top_k)),
+        let checks: [(bool, String); 8] = [
+            (self.top_k + self.sample >= 1, "--top-k 0 needs --sample: the shards would hold no target".into()),
+            (
+                self.sample <= MAX_DRAWS,
+                format!("--sample {} is above {MAX_DRAWS} (counts are stored as uint8)", self.sample),
+            ),
             (self.max_len >= 2, format!("--max-len must be at least 2 tokens, not {}", self.max_len)),
             (self.batch_tokens() >= 1, format!("--batch-tokens must be at least 1, not {}", self.batch_tokens())),
             (self.shard_tokens >= 1, format!("--shard-tokens must be at least 1, not {}", self.shard_tokens)),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::model::CausalLm;
 use crate::shards::dir::OutputPlan;
-use capture::CaptureSettings;
+use capture::{CaptureSettings, DrawSettings};
 pub use config::PrecomputeConfig;
 use pipeline::{jobs_for, Pass};
 use plan::{plan_batches, plan_shards, prepare};
@@ -90,6 +90,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         layout: &prepared.layout,
         capture: CaptureSettings {
             top_k: cfg.top_k,
+            draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: prepared.settings.tokenizer.vocab_size,
         },

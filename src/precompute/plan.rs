@@ -11,7 +11,7 @@ use crate::dataset::sequence::{build_sequences, Sequence, SequenceOptions};
 use crate::files::checksum_file;
 use crate::model::{kind_name, ModelConfig};
 use crate::shards::manifest::{
-    CaptureInfo, DataInfo, Settings, ShardingInfo, SkipReport, SourceFile, TeacherInfo, TokenizerInfo,
+    CaptureInfo, DataInfo, DrawInfo, Settings, ShardingInfo, SkipReport, SourceFile, TeacherInfo, TokenizerInfo,
 };
 use crate::shards::schema::{IdType, ShardLayout};
 use crate::tokenizer::TextTokenizer;
@@ -36,8 +36,8 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         bail!("--hidden-layers: layer {bad} does not exist (the teacher has {n_layers} layers; valid: 0..={n_layers})");
     }
     let vocab = tokenizer.max_id() as usize + 1;
-    if cfg.top_k == 0 || cfg.top_k > vocab {
-        bail!("--top-k {} must be between 1 and the vocabulary size {vocab}", cfg.top_k);
+    if cfg.top_k > vocab || (cfg.sample > 0 && cfg.top_k >= vocab) {
+        bail!("--top-k {} must be below the vocabulary size {vocab} (at most equal without --sample)", cfg.top_k);
     }
     let (slice_index, slice_count) = (cfg.slice.index, cfg.slice.count);
 
@@ -66,6 +66,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
     let id_type = IdType::for_vocab(vocab);
     let layout = ShardLayout {
         top_k: cfg.top_k,
+        draws: cfg.sample > 0,
         id_type,
         hidden: cfg.hidden_layers.iter().map(|&l| (l, teacher_config.hidden_size)).collect(),
     };
@@ -91,6 +92,11 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
             tail: "log of the probability mass outside the top-k (float32, -inf when none)".into(),
             hidden_layers: cfg.hidden_layers.clone(),
             hidden_dtype: "float16 values divided by their per-position RMS; RMS in float32".into(),
+            draws: (cfg.sample > 0).then(|| DrawInfo {
+                per_position: cfg.sample,
+                seed: cfg.sample_seed,
+                from: "the teacher's distribution at temperature 1 renormalised over the ids outside the top-k".into(),
+            }),
         },
         data: DataInfo {
             sources: files

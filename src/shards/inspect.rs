@@ -48,6 +48,10 @@ pub struct SampleTarget {
     pub top: Vec<(u32, Option<String>, f64)>,
     /// Probability mass outside the stored top-k.
     pub tail: f64,
+    /// Ids drawn from the tail, most drawn first: (id, text, times drawn); empty when
+    /// the set holds no draws.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drawn: Vec<(u32, Option<String>, u8)>,
 }
 
 pub struct InspectOptions {
@@ -89,6 +93,7 @@ fn sample(row: &ShardRow, tok: Option<&TextTokenizer>, opts: &InspectOptions) ->
     let text_of = |ids: &[u32]| -> Result<Option<String>> { tok.map(|t| t.decode(ids, false)).transpose() };
     let (seq, topk) = (&row.sequence, &row.topk);
     let mut targets = vec![];
+    let mut draws = topk.draws.as_ref().map(|d| d.per_position());
     let trained = (1..seq.len()).filter(|&t| seq.loss_mask[t]);
     for (i, t) in trained.enumerate().take(opts.sample_targets) {
         let id = seq.ids[t];
@@ -99,6 +104,16 @@ fn sample(row: &ShardRow, tok: Option<&TextTokenizer>, opts: &InspectOptions) ->
             .take(opts.show_top)
             .map(|(&tid, lp)| Ok((tid, text_of(&[tid])?, lp.to_f64().exp())))
             .collect::<Result<_>>()?;
+        let mut drawn: Vec<(u32, u8)> = match draws.as_mut().and_then(Iterator::next) {
+            Some((ids, counts)) => ids.iter().copied().zip(counts.iter().copied()).collect(),
+            None => vec![],
+        };
+        drawn.sort_by_key(|&(id, count)| (std::cmp::Reverse(count), id));
+        let drawn = drawn
+            .into_iter()
+            .take(opts.show_top)
+            .map(|(id, count)| Ok((id, text_of(&[id])?, count)))
+            .collect::<Result<_>>()?;
         targets.push(SampleTarget {
             position: t,
             token_id: id,
@@ -106,6 +121,7 @@ fn sample(row: &ShardRow, tok: Option<&TextTokenizer>, opts: &InspectOptions) ->
             probability: f64::from(topk.target_logprob[i]).exp(),
             top,
             tail: f64::from(topk.tail_logmass[i]).exp(),
+            drawn,
         });
     }
     Ok(SampleRow { row_index: seq.row_index, sample_ids: seq.sample_ids.clone(), text: text_of(&seq.ids)?, targets })

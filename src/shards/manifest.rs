@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
 use super::row::RowLimits;
-use super::schema::{IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION};
+use super::schema::{IdType, ShardLayout, FORMAT_NAME, READABLE_VERSIONS};
 use crate::files::{checksum_bytes, write_atomic};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -30,6 +30,7 @@ impl Settings {
         let c = &self.capture;
         ShardLayout {
             top_k: c.top_k,
+            draws: c.draws.is_some(),
             id_type: c.id_type,
             hidden: c.hidden_layers.iter().map(|&l| (l, self.teacher.hidden_size)).collect(),
         }
@@ -37,7 +38,12 @@ impl Settings {
 
     /// What every row must agree with.
     pub fn row_limits(&self) -> RowLimits {
-        RowLimits { top_k: self.capture.top_k, vocab: self.tokenizer.vocab_size, hidden: self.layout().hidden }
+        RowLimits {
+            top_k: self.capture.top_k,
+            vocab: self.tokenizer.vocab_size,
+            hidden: self.layout().hidden,
+            draws: self.capture.draws.as_ref().map_or(0, |d| d.per_position),
+        }
     }
 }
 
@@ -72,6 +78,22 @@ pub struct CaptureInfo {
     pub tail: String,
     pub hidden_layers: Vec<usize>,
     pub hidden_dtype: String,
+    /// Tail draws (format version 2); absent when the set holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draws: Option<DrawInfo>,
+}
+
+/// How the `draw_ids` / `draw_counts` columns were drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrawInfo {
+    /// Draws per position (the counts of each position sum to it).
+    pub per_position: usize,
+    /// Seed of the draws: position t of the row with `row_index` r uses the uniform
+    /// numbers `draw_uniforms(seed, r, t)` (see `precompute::capture`), whatever the batch.
+    pub seed: u64,
+    /// What they were drawn from: the teacher's distribution at temperature 1,
+    /// renormalised over the ids outside the top-k.
+    pub from: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,7 +210,7 @@ impl Manifest {
     pub fn new(settings: Settings, slice: Slice, planned_shards: usize, skipped: SkipReport) -> Self {
         Manifest {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
+            format_version: settings.layout().format_version(),
             distill_version: env!("CARGO_PKG_VERSION").into(),
             settings,
             slices: vec![slice],
@@ -213,9 +235,9 @@ impl Manifest {
             bail!("{}: not a distill shard manifest (field `format` is not {FORMAT_NAME:?})", path.display());
         }
         let version = json.get("format_version").and_then(Json::as_u64).unwrap_or(0);
-        if version != u64::from(FORMAT_VERSION) {
+        if !READABLE_VERSIONS.iter().any(|&v| u64::from(v) == version) {
             bail!(
-                "{}: format_version {version} is not supported (this distill reads {FORMAT_VERSION})",
+                "{}: format_version {version} is not supported (this distill reads versions {READABLE_VERSIONS:?})",
                 path.display()
             );
         }

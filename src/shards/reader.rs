@@ -6,16 +6,16 @@
 use anyhow::{bail, Context, Result};
 use arrow::array::{
     Array, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Int32Array, ListArray, RecordBatch, StringArray,
-    UInt16Array, UInt64Array,
+    UInt16Array, UInt64Array, UInt8Array,
 };
-use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type, UInt64Type};
+use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type, UInt64Type, UInt8Type};
 use bytes::Bytes;
 use half::f16;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use super::row::{HiddenTargets, ShardRow, TopKTargets};
+use super::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
 use super::schema::{columns, hidden_column, hidden_rms_column, IdType};
 use crate::dataset::sequence::Sequence;
 
@@ -185,8 +185,9 @@ impl ShardSet {
         };
         let (num_tokens, num_targets) = (int32(NUM_TOKENS)?, int32(NUM_TARGETS)?);
         let (samples, docs, ids, mask) = (list(SAMPLE_IDS)?, list(DOC_LENGTHS)?, list(INPUT_IDS)?, list(LOSS_MASK)?);
-        let (topk_ids, topk_lp, tail, target) =
-            (list(TOPK_IDS)?, list(TOPK_LOGPROBS)?, list(TAIL_LOGMASS)?, list(TARGET_LOGPROB)?);
+        let (tail, target) = (list(TAIL_LOGMASS)?, list(TARGET_LOGPROB)?);
+        let topk = if cap.top_k > 0 { Some((list(TOPK_IDS)?, list(TOPK_LOGPROBS)?)) } else { None };
+        let draws = if cap.draws.is_some() { Some((list(DRAW_IDS)?, list(DRAW_COUNTS)?)) } else { None };
         let hidden: Vec<(usize, ListArray, ListArray)> = cap
             .hidden_layers
             .iter()
@@ -212,17 +213,43 @@ impl ShardSet {
                 ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
                 loss_mask: bools(&mask.value(r))?,
             };
+            let (ids, logprobs) = match &topk {
+                Some((ids, lps)) => (fixed_ids(&ids.value(r), cap.id_type)?, fixed_f16(&lps.value(r))?),
+                None => (vec![], vec![]),
+            };
             let topk = TopKTargets {
                 k: cap.top_k,
-                ids: fixed_ids(&topk_ids.value(r), cap.id_type)?,
-                logprobs: fixed_f16(&topk_lp.value(r))?,
+                ids,
+                logprobs,
                 tail_logmass: f32s(&tail.value(r))?,
                 target_logprob: f32s(&target.value(r))?,
+                draws: draws
+                    .as_ref()
+                    .map(|(ids, counts)| tail_draws(&ids.value(r), &counts.value(r), cap.id_type))
+                    .transpose()?,
             };
             rows.push((ShardRow { sequence, topk, hidden }, [num_tokens.value(r), num_targets.value(r)]));
         }
         Ok(rows)
     }
+}
+
+/// One row's draws: per position a list of ids and a list of counts of equal lengths.
+fn tail_draws(ids: &dyn Array, counts: &dyn Array, id_type: IdType) -> Result<TailDraws> {
+    let (ids, counts) = (
+        ids.as_list_opt::<i32>().context("expected lists of drawn ids")?,
+        counts.as_list_opt::<i32>().context("expected lists of draw counts")?,
+    );
+    let lengths: Vec<u32> = ids.offsets().lengths().map(|n| n as u32).collect();
+    if counts.offsets().lengths().map(|n| n as u32).ne(lengths.iter().copied()) {
+        bail!("`{}` and `{}` hold lists of different lengths", columns::DRAW_IDS, columns::DRAW_COUNTS);
+    }
+    let (first, last) = (ids.offsets()[0] as usize, ids.offsets().last() as usize);
+    let values = ids.values().slice(first, last - first);
+    let (cfirst, clast) = (counts.offsets()[0] as usize, counts.offsets().last() as usize);
+    let count_values = counts.values().slice(cfirst, clast - cfirst);
+    let count_values: &UInt8Array = count_values.as_primitive_opt::<UInt8Type>().context("expected uint8 counts")?;
+    Ok(TailDraws { lengths, ids: id_values(values.as_ref(), id_type)?, counts: count_values.values().to_vec() })
 }
 
 fn i32s(a: &dyn Array) -> Result<Vec<i32>> {
@@ -255,7 +282,10 @@ fn fixed_f16(a: &dyn Array) -> Result<Vec<f16>> {
 }
 
 fn fixed_ids(a: &dyn Array, id_type: IdType) -> Result<Vec<u32>> {
-    let v = fixed_values(a)?;
+    id_values(fixed_values(a)?.as_ref(), id_type)
+}
+
+fn id_values(v: &dyn Array, id_type: IdType) -> Result<Vec<u32>> {
     Ok(match id_type {
         IdType::Uint16 => {
             let v: &UInt16Array = v.as_primitive_opt::<UInt16Type>().context("expected uint16 ids")?;

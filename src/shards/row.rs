@@ -29,6 +29,40 @@ pub struct TopKTargets {
     /// Log-probability of the token that actually follows (the label; it may lie
     /// outside the top-k).
     pub target_logprob: Vec<f32>,
+    /// Ids drawn from the teacher's tail (its whole distribution when k = 0), when the
+    /// shard set holds draws.
+    pub draws: Option<TailDraws>,
+}
+
+/// Per position, the distinct ids drawn from the teacher's distribution renormalised
+/// over the ids outside the top-k, ascending, with how often each was drawn (the counts
+/// of a position sum to the draws per position). An id drawn c times out of M stands
+/// for `tail_mass * c / M` of the teacher's probability: an unbiased estimate of each
+/// tail id's probability.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TailDraws {
+    /// Distinct ids of each position.
+    pub lengths: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub counts: Vec<u8>,
+}
+
+impl TailDraws {
+    /// `(ids, counts)` of each position in order.
+    pub fn per_position(&self) -> impl Iterator<Item = (&[u32], &[u8])> + '_ {
+        let mut start = 0;
+        self.lengths.iter().map(move |&n| {
+            let range = start..start + n as usize;
+            start = range.end;
+            (&self.ids[range.clone()], &self.counts[range])
+        })
+    }
+
+    pub fn append(&mut self, other: TailDraws) {
+        self.lengths.extend(other.lengths);
+        self.ids.extend(other.ids);
+        self.counts.extend(other.counts);
+    }
 }
 
 /// One captured hidden state at each trained position, divided by its RMS.
@@ -64,7 +98,7 @@ impl ShardRow {
 
 impl TopKTargets {
     pub fn empty(k: usize) -> Self {
-        TopKTargets { k, ids: vec![], logprobs: vec![], tail_logmass: vec![], target_logprob: vec![] }
+        TopKTargets { k, ids: vec![], logprobs: vec![], tail_logmass: vec![], target_logprob: vec![], draws: None }
     }
 
     /// Number of positions held.
@@ -83,10 +117,16 @@ impl TopKTargets {
     }
 
     pub fn append(&mut self, other: TopKTargets) {
+        let was_empty = self.positions() == 0;
         self.ids.extend(other.ids);
         self.logprobs.extend(other.logprobs);
         self.tail_logmass.extend(other.tail_logmass);
         self.target_logprob.extend(other.target_logprob);
+        match (&mut self.draws, other.draws) {
+            (Some(mine), Some(theirs)) => mine.append(theirs),
+            (mine @ None, Some(theirs)) if was_empty => *mine = Some(theirs),
+            (_, theirs) => debug_assert!(theirs.is_none(), "rows of one shard set all hold draws or none"),
+        }
     }
 }
 
@@ -105,6 +145,8 @@ pub struct RowLimits {
     pub vocab: usize,
     /// (layer, width) of each captured hidden state, in order.
     pub hidden: Vec<(usize, usize)>,
+    /// Tail draws per position (0: the rows hold none).
+    pub draws: usize,
 }
 
 impl ShardRow {
@@ -164,6 +206,7 @@ impl ShardRow {
                 bail!("column `{column}`: {x} is not a log-probability (NaN or above 0)");
             }
         }
+        self.check_draws(limits)?;
         let layers: Vec<(usize, usize)> = self.hidden.iter().map(|h| (h.layer, h.width)).collect();
         if layers != limits.hidden {
             bail!("hidden-state columns {layers:?} (layer, width) differ from the manifest's {:?}", limits.hidden);
@@ -178,6 +221,44 @@ impl ShardRow {
             }
             if let Some(x) = h.rms.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
                 bail!("column `{rms}`: {x} is not a positive RMS");
+            }
+        }
+        Ok(())
+    }
+
+    /// Draw columns: one list per position, ids ascending, inside the vocabulary and
+    /// outside the position's top-k, counts summing to the draws per position.
+    fn check_draws(&self, limits: &RowLimits) -> anyhow::Result<()> {
+        use super::schema::columns::{DRAW_COUNTS, DRAW_IDS};
+        use anyhow::bail;
+        let t = &self.topk;
+        let d = match (&t.draws, limits.draws) {
+            (None, 0) => return Ok(()),
+            (Some(d), n) if n > 0 => d,
+            _ => bail!("columns `{DRAW_IDS}` / `{DRAW_COUNTS}`: the row and the manifest disagree on holding draws"),
+        };
+        let total: usize = d.lengths.iter().map(|&n| n as usize).sum();
+        if d.lengths.len() != t.positions() || d.ids.len() != total || d.counts.len() != total {
+            bail!(
+                "columns `{DRAW_IDS}` / `{DRAW_COUNTS}`: lengths do not match the row's {} trained positions",
+                t.positions()
+            );
+        }
+        for (i, (ids, counts)) in d.per_position().enumerate() {
+            if ids.windows(2).any(|w| w[0] >= w[1]) || ids.last().is_some_and(|&id| id as usize >= limits.vocab) {
+                bail!(
+                    "column `{DRAW_IDS}`: position {i}: ids {ids:?} are not distinct, ascending ids of the vocabulary"
+                );
+            }
+            if let Some(id) = ids.iter().find(|id| t.ids_at(i).contains(id)) {
+                bail!("column `{DRAW_IDS}`: position {i}: id {id} was drawn from the tail but is in the top-k");
+            }
+            let sum: usize = counts.iter().map(|&c| c as usize).sum();
+            if counts.contains(&0) || sum != limits.draws {
+                bail!(
+                    "column `{DRAW_COUNTS}`: position {i}: counts {counts:?} do not sum to the {} draws per position",
+                    limits.draws
+                );
             }
         }
         Ok(())

@@ -5,7 +5,11 @@ use arrow::datatypes::{DataType, Field, Schema};
 use std::sync::Arc;
 
 pub const FORMAT_NAME: &str = "distill-shards";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this distill writes for a shard set with tail draws or without top-k
+/// columns; a set with neither is written as version 1, which every version reads.
+pub const FORMAT_VERSION: u32 = 2;
+/// Versions this distill reads.
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 /// Parquet key-value metadata keys.
 pub const META_FORMAT: &str = "distill.format";
 pub const META_VERSION: &str = "distill.format_version";
@@ -36,10 +40,14 @@ impl IdType {
     }
 }
 
-/// What varies between shard sets: k, the id type, and the captured layers' widths.
+/// What varies between shard sets: k, the id type, tail draws, and the captured layers'
+/// widths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardLayout {
+    /// 0: no top-k columns (the targets are draws alone).
     pub top_k: usize,
+    /// The `draw_ids` and `draw_counts` columns are present.
+    pub draws: bool,
     pub id_type: IdType,
     /// (layer number, width) of each captured hidden state.
     pub hidden: Vec<(usize, usize)>,
@@ -58,6 +66,8 @@ pub mod columns {
     pub const TOPK_LOGPROBS: &str = "topk_logprobs";
     pub const TAIL_LOGMASS: &str = "tail_logmass";
     pub const TARGET_LOGPROB: &str = "target_logprob";
+    pub const DRAW_IDS: &str = "draw_ids";
+    pub const DRAW_COUNTS: &str = "draw_counts";
 }
 
 pub fn hidden_column(layer: usize) -> String {
@@ -77,6 +87,15 @@ fn fixed_list_of(item: DataType, n: usize) -> DataType {
 }
 
 impl ShardLayout {
+    /// The format version a set of this layout is written as.
+    pub fn format_version(&self) -> u32 {
+        if self.draws || self.top_k == 0 {
+            FORMAT_VERSION
+        } else {
+            1
+        }
+    }
+
     pub fn arrow_schema(&self) -> Schema {
         use columns::*;
         let mut fields = vec![
@@ -87,11 +106,17 @@ impl ShardLayout {
             Field::new(NUM_TARGETS, DataType::Int32, false),
             Field::new(INPUT_IDS, list_of(DataType::Int32), false),
             Field::new(LOSS_MASK, list_of(DataType::Boolean), false),
-            Field::new(TOPK_IDS, list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false),
-            Field::new(TOPK_LOGPROBS, list_of(fixed_list_of(DataType::Float16, self.top_k)), false),
-            Field::new(TAIL_LOGMASS, list_of(DataType::Float32), false),
-            Field::new(TARGET_LOGPROB, list_of(DataType::Float32), false),
         ];
+        if self.top_k > 0 {
+            fields.push(Field::new(TOPK_IDS, list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false));
+            fields.push(Field::new(TOPK_LOGPROBS, list_of(fixed_list_of(DataType::Float16, self.top_k)), false));
+        }
+        fields.push(Field::new(TAIL_LOGMASS, list_of(DataType::Float32), false));
+        fields.push(Field::new(TARGET_LOGPROB, list_of(DataType::Float32), false));
+        if self.draws {
+            fields.push(Field::new(DRAW_IDS, list_of(list_of(self.id_type.data_type())), false));
+            fields.push(Field::new(DRAW_COUNTS, list_of(list_of(DataType::UInt8)), false));
+        }
         for &(layer, width) in &self.hidden {
             fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));
             fields.push(Field::new(hidden_rms_column(layer), list_of(DataType::Float32), false));

@@ -3,7 +3,7 @@ use half::f16;
 
 use super::manifest::*;
 use super::reader::ShardSet;
-use super::row::{HiddenTargets, ShardRow, TopKTargets};
+use super::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
 use super::schema::{IdType, ShardLayout};
 use super::writer::{ParquetOptions, ShardWriter};
 use crate::dataset::sequence::Sequence;
@@ -27,6 +27,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             tail: "tail".into(),
             hidden_layers: layout.hidden.iter().map(|h| h.0).collect(),
             hidden_dtype: "float16".into(),
+            draws: layout.draws.then(|| DrawInfo { per_position: DRAWS, seed: 1, from: "tail".into() }),
         },
         data: DataInfo {
             sources: vec![],
@@ -67,6 +68,7 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
         logprobs: (0..p * k).map(|i| f16::from_f32(-(i as f32) * 0.25)).collect(),
         tail_logmass: (0..p).map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { -value(i).abs() }).collect(),
         target_logprob: (0..p).map(|i| -1.5 - value(i)).collect(),
+        draws: layout.draws.then(|| draws(p, max_id)),
     };
     let hidden = layout
         .hidden
@@ -79,6 +81,25 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
         })
         .collect();
     ShardRow { sequence, topk, hidden }
+}
+
+const DRAWS: usize = 5;
+
+/// 1 to 3 distinct ids per position near the top of the id range (above any top-k id),
+/// counts summing to `DRAWS`.
+fn draws(positions: usize, max_id: u32) -> TailDraws {
+    let mut d = TailDraws::default();
+    for i in 0..positions {
+        let (ids, counts): (&[u32], &[u8]) = match i % 3 {
+            0 => (&[3], &[5]),
+            1 => (&[1, 8], &[4, 1]),
+            _ => (&[0, 2, 9], &[1, 2, 2]),
+        };
+        d.lengths.push(ids.len() as u32);
+        d.ids.extend(ids.iter().map(|&x| max_id - 10 + x));
+        d.counts.extend_from_slice(counts);
+    }
+    d
 }
 
 fn round_trip(layout: ShardLayout, max_id: u32) {
@@ -105,6 +126,13 @@ fn round_trip(layout: ShardLayout, max_id: u32) {
 
 #[test]
 fn rows_read_back_as_written() {
-    round_trip(ShardLayout { top_k: 3, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] }, 65_000);
-    round_trip(ShardLayout { top_k: 2, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+    round_trip(ShardLayout { top_k: 3, draws: false, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] }, 65_000);
+    round_trip(ShardLayout { top_k: 2, draws: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+}
+
+#[test]
+fn rows_with_draws_read_back_as_written() {
+    round_trip(ShardLayout { top_k: 3, draws: true, id_type: IdType::Uint16, hidden: vec![(2, 4)] }, 65_000);
+    // Draws alone (format version 2 without top-k columns).
+    round_trip(ShardLayout { top_k: 0, draws: true, id_type: IdType::Int32, hidden: vec![] }, 70_000);
 }

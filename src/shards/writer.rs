@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
-    StringArray, UInt16Array, UInt64Array,
+    StringArray, UInt16Array, UInt64Array, UInt8Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{Field, Schema};
@@ -17,10 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::manifest::ShardEntry;
-use super::row::ShardRow;
-use super::schema::{
-    columns, IdType, ShardLayout, FORMAT_NAME, FORMAT_VERSION, META_FORMAT, META_SETTINGS, META_VERSION,
-};
+use super::row::{ShardRow, TailDraws};
+use super::schema::{columns, IdType, ShardLayout, FORMAT_NAME, META_FORMAT, META_SETTINGS, META_VERSION};
 use crate::files::checksum_file;
 
 /// Parquet settings; defaults chosen by `scripts/bench_precompute.sh` (see README).
@@ -63,7 +61,7 @@ impl ShardWriter {
         let schema = Arc::new(layout.arrow_schema());
         let metadata = vec![
             KeyValue::new(META_FORMAT.to_string(), FORMAT_NAME.to_string()),
-            KeyValue::new(META_VERSION.to_string(), FORMAT_VERSION.to_string()),
+            KeyValue::new(META_VERSION.to_string(), layout.format_version().to_string()),
             KeyValue::new(META_SETTINGS.to_string(), settings_json.to_string()),
         ];
         let mut props = WriterProperties::builder()
@@ -139,7 +137,7 @@ impl ShardWriter {
         let per_row_tokens: Vec<usize> = rows.iter().map(|r| r.sequence.len()).collect();
         for r in rows {
             let layers: Vec<(usize, usize)> = r.hidden.iter().map(|h| (h.layer, h.width)).collect();
-            if r.topk.k != k || layers != self.layout.hidden {
+            if r.topk.k != k || layers != self.layout.hidden || r.topk.draws.is_some() != self.layout.draws {
                 bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
             }
             // Columns of one row that must have matching lengths to form lists at all.
@@ -148,6 +146,11 @@ impl ShardWriter {
                 && t.ids.len() == p * k
                 && t.logprobs.len() == p * k
                 && t.target_logprob.len() == p
+                && t.draws.as_ref().is_none_or(|d| {
+                    d.lengths.len() == p
+                        && d.counts.len() == d.ids.len()
+                        && d.lengths.iter().map(|&n| n as usize).sum::<usize>() == d.ids.len()
+                })
                 && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p);
             if !agree {
                 bail!("row {}: its per-token or per-target values disagree in length", r.sequence.row_index);
@@ -171,22 +174,35 @@ impl ShardWriter {
             by_token(Arc::new(Int32Array::from_iter_values(seqs().flat_map(|s| s.ids.iter().map(|&i| i as i32))))),
             by_token(Arc::new(BooleanArray::from_iter(seqs().flat_map(|s| s.loss_mask.iter().map(|&m| Some(m)))))),
         ];
-        let ids = rows.iter().flat_map(|r| r.topk.ids.iter().copied());
-        let ids: ArrayRef = match self.layout.id_type {
-            IdType::Uint16 => Arc::new(UInt16Array::from_iter_values(ids.map(|i| i as u16))),
-            IdType::Int32 => Arc::new(Int32Array::from_iter_values(ids.map(|i| i as i32))),
-        };
-        columns.push(by_target(fixed(ids, k)));
-        let logprobs = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.topk.logprobs.iter().copied()));
-        columns.push(by_target(fixed(Arc::new(logprobs), k)));
+        let id_type = self.layout.id_type;
+        if k > 0 {
+            columns.push(by_target(fixed(id_array(id_type, rows.iter().flat_map(|r| r.topk.ids.iter().copied())), k)));
+            let logprobs = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.topk.logprobs.iter().copied()));
+            columns.push(by_target(fixed(Arc::new(logprobs), k)));
+        }
         columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.tail_logmass.iter().copied()))));
         columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.target_logprob.iter().copied()))));
+        if self.layout.draws {
+            let draws: Vec<&TailDraws> = rows.iter().filter_map(|r| r.topk.draws.as_ref()).collect();
+            let lengths: Vec<usize> = draws.iter().flat_map(|d| d.lengths.iter().map(|&n| n as usize)).collect();
+            let ids = id_array(id_type, draws.iter().flat_map(|d| d.ids.iter().copied()));
+            columns.push(by_target(list(ids, &lengths)));
+            let counts = UInt8Array::from_iter_values(draws.iter().flat_map(|d| d.counts.iter().copied()));
+            columns.push(by_target(list(Arc::new(counts), &lengths)));
+        }
         for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
             let values = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.hidden[i].values.iter().copied()));
             columns.push(by_target(fixed(Arc::new(values), width)));
             columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.hidden[i].rms.iter().copied()))));
         }
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+fn id_array(id_type: IdType, ids: impl Iterator<Item = u32>) -> ArrayRef {
+    match id_type {
+        IdType::Uint16 => Arc::new(UInt16Array::from_iter_values(ids.map(|i| i as u16))),
+        IdType::Int32 => Arc::new(Int32Array::from_iter_values(ids.map(|i| i as i32))),
     }
 }
 

@@ -8,7 +8,9 @@ use tch::Device;
 use super::hidden::HiddenMap;
 use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
+use crate::batch::targets::TargetOptions;
 use crate::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
+use crate::shards::manifest::CaptureInfo;
 
 /// The longest packed row that `--pack auto` packs to (see `TrainConfig::pack_to`).
 pub const AUTO_PACK_MAX_LEN: usize = 1024;
@@ -38,6 +40,8 @@ pub struct TrainConfig {
     /// Weight of the hard-label cross-entropy; KD gets `1 - alpha`.
     pub alpha: f64,
     pub kd: KdLoss,
+    /// A label outside the teacher's top-k gets its own bucket (see `batch::targets`).
+    pub label_bucket: bool,
     pub seed: u64,
     /// Shuffle rows (row groups per epoch, rows within windows); `false` keeps the
     /// shards' order (curricula, and benchmarks on the same batches as another tool).
@@ -109,6 +113,7 @@ impl Default for TrainConfig {
             clip_norm: 1.0,
             alpha: 0.0,
             kd: KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 },
+            label_bucket: false,
             seed: 0,
             shuffle: true,
             save_every: 100,
@@ -138,6 +143,26 @@ impl TrainConfig {
             Some(pack) => pack.then_some(len),
             None => (self.seq_len.is_some() || len <= AUTO_PACK_MAX_LEN).then_some(len),
         }
+    }
+
+    /// How the teacher targets of shards captured as `capture` are built for the loss,
+    /// or `None` when no divergence is trained (alpha 1). Tail draws estimate the forward
+    /// KL's gradient without bias, and nothing else: any other divergence or mode on them
+    /// is refused.
+    pub fn target_options(&self, capture: &CaptureInfo) -> Result<Option<TargetOptions>> {
+        if self.alpha >= 1.0 {
+            return Ok(None);
+        }
+        let bucket = self.kd.mode == TopKMode::Bucket;
+        if capture.draws.is_some() && !(bucket && self.kd.divergence == Divergence::ForwardKl) {
+            bail!(
+                "these shards hold tail draws (precompute --sample), which give an unbiased estimate of the forward KL on buckets only: train them with --loss forward-kl and without --renormalized-topk"
+            );
+        }
+        if capture.top_k == 0 && !bucket {
+            bail!("these shards hold no top-k ids, so there is no top-k to renormalise over");
+        }
+        Ok(Some(TargetOptions { label_bucket: self.label_bucket && bucket }))
     }
 
     pub fn schedule(&self) -> LrSchedule {

@@ -58,6 +58,7 @@ impl RunRecord {
             "clip_norm": cfg.clip_norm,
             "alpha": cfg.alpha,
             "kd": format!("{:?}", cfg.kd),
+            "label_bucket": cfg.label_bucket,
             "seed": cfg.seed,
             "shuffle": cfg.shuffle,
             "hidden": h.map(|h| format!("{:?} weight {} {:?}", h.maps, h.weight, h.loss)),

@@ -18,6 +18,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::run_dir::{self, RunRecord};
 use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions, MicroBatch};
 use crate::batch::stream::{RowStream, StreamOptions};
+use crate::batch::targets::TargetOptions;
 use crate::files::checksum_file;
 use crate::losses::fused::{fused_head_loss, HeadLoss};
 use crate::model::backward::StepLosses;
@@ -99,6 +100,7 @@ impl<'a> Run<'a> {
         let config = crate::model::ModelConfig::from_dir(&cfg.student)?;
         let tokenizer_hash = checksum_file(&cfg.student.join("tokenizer.json"))?;
         set.check_student(&tokenizer_hash, config.vocab_size, cfg.force_tokenizer)?;
+        let targets = cfg.target_options(&set.manifest.settings.capture)?;
         let record = RunRecord::new(cfg, &set.manifest)?;
         let resume_from = run_dir::check(cfg, &record)?;
         tch::manual_seed(cfg.seed as i64);
@@ -121,7 +123,7 @@ impl<'a> Run<'a> {
         };
         // Every check has passed: the first write.
         let metrics = run_dir::start(&cfg.output, &record, state.step)?;
-        let loader = batch_loader(cfg, &set, hidden.as_ref(), &state);
+        let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state);
         let precision = cfg.precision.resolve(cfg.device);
         Ok(Run { cfg, model, hidden, params, opt, loader, state, precision, metrics })
     }
@@ -207,6 +209,7 @@ impl<'a> Run<'a> {
 fn batch_loader(
     cfg: &TrainConfig,
     set: &Arc<ShardSet>,
+    targets: Option<TargetOptions>,
     hidden: Option<&HiddenDistill>,
     state: &TrainerState,
 ) -> BatchLoader {
@@ -215,10 +218,8 @@ fn batch_loader(
         StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None, shuffle: cfg.shuffle },
         state.position,
     );
-    let content = BatchContent {
-        teacher: cfg.alpha < 1.0,
-        hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default(),
-    };
+    let content =
+        BatchContent { teacher: targets, hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default() };
     let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
     BatchLoader::new(feed, content, cfg.device, 2 * cfg.grad_accum.max(1))

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Which cached teacher targets teach the student best, and in how many bytes: the main
+# job's teacher, data and student at a larger budget, one precompute per kind of
+# targets, one training run per row (same tokens, steps, learning rate and seed), every
+# model evaluated on the same held-out text and top-64 shards. Prints the table (also in
+# RUN_DIR/targets.md). Run scripts/run.sh once first (teacher, data tools, release build).
+#
+# Budget knobs (environment): TRAIN_DOCS HELDOUT_DOCS STEPS BATCH_TOKENS LR LAYERS MAX_LEN
+# ROWS (names of the rows to run, space-separated; default all).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+: "${TRAIN_DOCS:=540}" "${HELDOUT_DOCS:=50}" "${STEPS:=32}" "${BATCH_TOKENS:=2048}" "${LR:=3e-4}"
+: "${LAYERS:=15}" "${MAX_LEN:=256}"
+cache=.cache/real
+run=${RUN_DIR:-.cache/runs/targets}
+started=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
+[[ -d $cache/teacher ]] || { echo "run scripts/run.sh once first: it installs the teacher and the data tools" >&2; exit 1; }
+scripts/setup.sh --release
+source scripts/env.sh
+distill=target/release/distill
+
+# name | precompute flags | train flags
+rows=(
+  "sft|--top-k 64|--alpha 1"
+  "top64-a0.5|--top-k 64|--alpha 0.5"
+  "top64|--top-k 64|--alpha 0"
+  "top64-label|--top-k 64|--alpha 0 --label-bucket"
+  "top64-label-a0.5|--top-k 64|--alpha 0.5 --label-bucket"
+  "sample12|--top-k 0 --sample 12|--alpha 0"
+  "sample48|--top-k 0 --sample 48|--alpha 0"
+  "top16-tail16|--top-k 16 --sample 16|--alpha 0"
+)
+wanted=" ${ROWS:-$(for r in "${rows[@]}"; do printf '%s ' "${r%%|*}"; done)} "
+
+python scripts/real_data.py data $cache/data-$TRAIN_DOCS-$HELDOUT_DOCS --train-docs "$TRAIN_DOCS" \
+  --heldout-docs "$HELDOUT_DOCS" --cache $cache/npm
+data=$cache/data-$TRAIN_DOCS-$HELDOUT_DOCS
+base=$cache/targets-$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)-$MAX_LEN
+mkdir -p "$run"
+stamp "student: $LAYERS of the teacher's 30 layers"
+$distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS" --overwrite
+precompute() {  # SPLIT DIR FLAGS...
+  local split=$1 dir=$2; shift 2
+  $distill precompute --teacher $cache/teacher --input "$data/$split.jsonl" --output "$dir" \
+    --max-len "$MAX_LEN" --devices cpu --no-progress "$@" | grep -E "time"
+}
+stamp "precompute heldout (top-64)"
+precompute heldout "$base/heldout-k64" --top-k 64
+models=(--model teacher=$cache/teacher --model student-init="$run/student-init")
+ckpt=$(printf "checkpoint-%07d" "$STEPS")
+for row in "${rows[@]}"; do
+  IFS='|' read -r name pflags tflags <<<"$row"
+  [[ $wanted == *" $name "* ]] || continue
+  shards=$base/train-$(echo "$pflags" | tr -d ' -')
+  stamp "precompute train for $name ($pflags)"
+  # shellcheck disable=SC2086
+  precompute train "$shards" $pflags
+  echo "$shards" > "$run/$name.shards"
+  stamp "train $name ($STEPS steps of $BATCH_TOKENS tokens, $tflags)"
+  rm -rf "${run:?}/$name"
+  # shellcheck disable=SC2086
+  $distill train --student "$run/student-init" --shards "$shards" --output "$run/$name" --device cpu \
+    --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" --lr "$LR" --warmup-steps 2 \
+    --save-every "$STEPS" --keep-last 1 $tflags 2>&1 | tail -1
+  models+=(--model "$name=$run/$name/$ckpt")
+done
+stamp "evaluate on held-out text and top-64 shards"
+$distill eval --device cpu --text "$data/heldout.jsonl" --shards "$base/heldout-k64" "${models[@]}" --json \
+  > "$run/targets.json"
+python - "$run" <<'PY'
+import json, sys
+run = sys.argv[1]
+rows = {r["name"]: r for r in json.load(open(f"{run}/targets.json"))}
+def bytes_per_token(name):
+    try:
+        m = json.load(open(open(f"{run}/{name}.shards").read().strip() + "/manifest.json"))
+    except FileNotFoundError:
+        return None
+    return sum(s["bytes"] for s in m["shards"]) / sum(s["tokens"] for s in m["shards"])
+teacher, sft = rows["teacher"]["text"]["perplexity"], rows.get("sft", {}).get("text", {}).get("perplexity")
+lines = ["| row | bytes/token | held-out text PPL | KL to teacher (top-64 buckets) | top-1 agreement | SFT-to-teacher gap closed |",
+         "|---|---|---|---|---|---|"]
+for name, r in rows.items():
+    ppl, s = r["text"]["perplexity"], r["shards"]
+    b = bytes_per_token(name) if name not in ("teacher", "student-init", "sft") else None
+    gap = f"{100 * (sft - ppl) / (sft - teacher):.1f}%" if sft and name not in ("teacher", "sft") else ""
+    lines.append(f"| {name} | {f'{b:.1f}' if b else ''} | {ppl:.2f} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% | {gap} |")
+table = "\n".join(lines)
+open(f"{run}/targets.md", "w").write(table + "\n")
+print(table)
+PY
+stamp "done: $run/targets.md"
