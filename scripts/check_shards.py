@@ -113,6 +113,7 @@ def main():
     cap = manifest["settings"]["capture"]
     k, layers = cap["top_k"], cap["hidden_layers"]
     draws = cap.get("draws")
+    top_p = cap.get("top_p")
     vocab = manifest["settings"]["tokenizer"]["vocab_size"]
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -170,11 +171,18 @@ def main():
                 ref = logp[t - 1]
                 stored_ids = row["topk_ids"][j]
                 stored_lp = np.array(row["topk_logprobs"][j], dtype=np.float64)
-                ref_top = torch.topk(ref, k).values.numpy()
+                n = len(stored_ids)  # k, or fewer when mass-adaptive
+                ref_top = torch.topk(ref, n).values.numpy()
+                if top_p:
+                    # The fewest ids that reach top_p: the ones before the last hold less.
+                    p_sorted = torch.topk(ref, k).values.exp().numpy()
+                    before, through = p_sorted[:n - 1].sum(), p_sorted[:n].sum()
+                    if not (1 <= n <= k and before < top_p + 1e-4 and (n == k or through >= top_p - 1e-4)):
+                        fail(f"row {row['row_index']} token {t}: {n} ids kept, holding {through:.5f} (top_p {top_p})")
                 at_ids = ref[stored_ids].numpy()
                 err = max(np.abs(stored_lp - ref_top).max(), np.abs(stored_lp - at_ids).max()) if k else 0.0
                 worst["logprob"] = max(worst["logprob"], float(err))
-                if k > 0 and (err > LOGPROB_TOL or len(set(stored_ids)) != k):
+                if k > 0 and (err > LOGPROB_TOL or len(set(stored_ids)) != n):
                     fail(f"row {row['row_index']} token {t}: top-k differs by {err:.2e}")
                 rest = torch.ones_like(ref, dtype=torch.bool)
                 rest[stored_ids] = False

@@ -74,6 +74,22 @@ assert lo == hi == 6 and positions > 0 and 1 <= distinct <= 6, (lo, hi, position
 "#,
         &[&hybrid],
     );
+    // Mass-adaptive top-k with tail draws: variable lists any Arrow tool reads.
+    let adaptive = tmp.path().join("adaptive");
+    ok(precompute("llama", &sample(), &adaptive, &["--top-k", "16", "--top-p", "0.5", "--sample", "4"]));
+    check_shards(&adaptive, "llama", &sample());
+    python_ok(
+        r#"
+import sys, duckdb
+d = sys.argv[1]
+lo, hi, mean = duckdb.connect().execute(f"""
+    SELECT min(len(t)), max(len(t)), avg(len(t))
+    FROM (SELECT unnest(topk_ids) AS t FROM read_parquet('{d}/shard-*.parquet'))""").fetchone()
+assert 1 <= lo < hi <= 16, (lo, hi, mean)
+print(f"mass-adaptive: {lo}..{hi} ids, {mean:.2f} on average")
+"#,
+        &[&adaptive],
+    );
     // Another batch size draws the same ids: the draws depend on row and position alone.
     let again = tmp.path().join("again");
     ok(precompute(

@@ -61,6 +61,7 @@ fn row(teacher: &Tensor, k: i64, draws: Option<usize>) -> ShardRow {
     };
     let topk = TopKTargets {
         k: k as usize,
+        lengths: None,
         ids: (0..R).flat_map(|_| ids.iter().map(|&i| i as u32)).collect(),
         logprobs: (0..R).flat_map(|_| top.iter().map(|&x| f16::from_f64(x))).collect(),
         tail_logmass: vec![tail; R],

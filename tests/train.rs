@@ -17,7 +17,7 @@ fn shards(data: &str, out: &Path) -> PathBuf {
 }
 
 fn shards_with(data: &str, out: &Path, extra: &[&str]) -> PathBuf {
-    let mut args = vec!["--top-k", "16"];
+    let mut args = if extra.contains(&"--top-k") { vec![] } else { vec!["--top-k", "16"] };
     args.extend(extra);
     ok(precompute("llama", &repo().join("tests/data").join(data), out, &args));
     out.to_path_buf()
@@ -54,6 +54,37 @@ fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 30);
     assert!(out.join("loss.png").exists(), "the loss plot is written next to the checkpoints");
+}
+
+#[test]
+fn label_bucket_and_tail_draws_teach_the_teacher_on_held_out_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
+    let before = eval_kl(&model_dir("qwen3"), &held_out);
+    let label_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let drawn_set = shards_with("sample.jsonl", &tmp.path().join("drawn"), &["--top-k", "0", "--sample", "12"]);
+    let adaptive_set =
+        shards_with("sample.jsonl", &tmp.path().join("adaptive"), &["--top-p", "0.8", "--sample", "4"]);
+    for (name, set, extra) in [
+        ("label bucket", &label_set, &["--label-bucket"][..]),
+        ("draws alone", &drawn_set, &[][..]),
+        ("mass-adaptive top-16 + label bucket + draws", &adaptive_set, &["--label-bucket"][..]),
+    ] {
+        let out = tmp.path().join(name.replace(' ', "-"));
+        let mut args = vec!["--steps", "30", "--save-every", "30"];
+        args.extend(extra);
+        ok(train(set, &out, &args));
+        let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+        eprintln!("{name}: held-out KL to the teacher {before:.4} -> {after:.4}");
+        assert!(after < 0.8 * before, "{name}: held-out KL did not fall: {before} -> {after}");
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        assert_eq!(record["settings"]["label_bucket"], extra.contains(&"--label-bucket"));
+    }
+    // Draws estimate the forward KL only; no top-k to renormalise over.
+    let out = tmp.path().join("refused");
+    let e = err(train(&drawn_set, &out, &["--steps", "1", "--renormalized-topk"]));
+    assert!(e.contains("forward KL on buckets only"), "{e}");
 }
 
 #[test]

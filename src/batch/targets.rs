@@ -41,11 +41,11 @@ pub fn teacher_targets(rows: &[ShardRow], opts: TargetOptions) -> TeacherTargets
         let labels = labels(row);
         let t = &row.topk;
         let mut draws = t.draws.as_ref().map(|d| d.per_position());
-        for (i, &label) in labels.iter().enumerate().take(t.positions()) {
+        for (i, (&label, (top_ids, top_lps))) in labels.iter().zip(t.per_position()).enumerate() {
             let tail = f64::from(t.tail_logmass[i]);
             let mut listing = Listing {
-                ids: t.ids_at(i).iter().map(|&id| id as i64).collect(),
-                logprobs: t.logprobs_at(i).iter().map(|x| f64::from(x.to_f32())).collect(),
+                ids: top_ids.iter().map(|&id| id as i64).collect(),
+                logprobs: top_lps.iter().map(|x| f64::from(x.to_f32())).collect(),
                 rest: tail,
             };
             if let Some((ids, counts)) = draws.as_mut().and_then(Iterator::next) {
@@ -127,6 +127,7 @@ mod tests {
         // Two positions, top-2: labels 7 (outside) and 1 (inside).
         let topk = TopKTargets {
             k: 2,
+            lengths: None,
             ids: vec![1, 2, 1, 3],
             logprobs: vec![lp(0.5), lp(0.3), lp(0.6), lp(0.2)],
             tail_logmass: vec![0.2f32.ln(), 0.2f32.ln()],
@@ -148,6 +149,7 @@ mod tests {
     fn draws_carry_the_tail_mass_by_their_counts() {
         let topk = TopKTargets {
             k: 1,
+            lengths: None,
             ids: vec![4],
             logprobs: vec![f16::from_f64(0.6f64.ln())],
             tail_logmass: vec![0.4f32.ln()],

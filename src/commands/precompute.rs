@@ -46,6 +46,10 @@ pub struct PrecomputeArgs {
     /// Teacher token ids kept per position; 0 with --sample keeps none [default: 64].
     #[arg(long)]
     top_k: Option<usize>,
+    /// Mass-adaptive top-k: keep the fewest of the top-k ids whose probabilities reach
+    /// this mass (--top-k is the cap) [default: off, k ids everywhere].
+    #[arg(long)]
+    top_p: Option<f64>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (the
     /// whole distribution with --top-k 0), stored with their counts [default: 0, none].
     #[arg(long)]
@@ -127,6 +131,7 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
         max_len: a.max_len.unwrap_or(d.max_len),
         pack: a.pack.unwrap_or(d.pack),
         top_k: a.top_k.unwrap_or(d.top_k),
+        top_p: a.top_p.or(d.top_p),
         sample: a.sample.unwrap_or(d.sample),
         sample_seed: a.sample_seed.unwrap_or(d.sample_seed),
         hidden_layers: a.hidden_layers.unwrap_or(d.hidden_layers),

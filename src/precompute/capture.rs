@@ -23,6 +23,9 @@ use crate::shards::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
 pub struct CaptureSettings {
     /// 0: no top-k (with `draws`, which then come from the whole distribution).
     pub top_k: usize,
+    /// Mass-adaptive top-k: keep the fewest of the top-k ids whose probabilities reach
+    /// this mass (the tail and the draws are then over every id not kept).
+    pub top_p: Option<f64>,
     pub draws: Option<DrawSettings>,
     /// Hidden states to keep, in transformers' numbering (0 = embeddings).
     pub hidden_layers: Vec<usize>,
@@ -67,16 +70,30 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     });
 
     let (mut ids, mut logprobs, mut tails, mut targets, mut drawn) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut kept = vec![];
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
         let (top, idx) = logits.topk(k, -1, true, true);
         let next = next_tokens.narrow(0, r.start, r.end - r.start).unsqueeze(-1);
         targets.push((logits.gather(-1, &next, false) - &lse).squeeze_dim(-1));
-        logprobs.push((top - &lse).to_kind(Kind::Half));
+        let top = top - &lse;
+        // Mass-adaptive: an id is kept while the ids before it hold less than top_p; the
+        // first id stands in for the dropped ones where the kept ids are masked below.
+        let masked_ids = match settings.top_p {
+            Some(p) => {
+                let probs = top.to_kind(Kind::Double).exp();
+                let keep = (probs.cumsum(-1, Kind::Double) - &probs).lt(p);
+                let masked = idx.where_self(&keep, &idx.narrow(1, 0, 1).expand_as(&idx));
+                kept.push(keep);
+                masked
+            }
+            None => idx.shallow_clone(),
+        };
+        logprobs.push(top.to_kind(Kind::Half));
         // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even
         // when the top-k hold nearly all the mass.
-        let _ = logits.scatter_value_(-1, &idx, f64::NEG_INFINITY);
+        let _ = logits.scatter_value_(-1, &masked_ids, f64::NEG_INFINITY);
         tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
         ids.push(idx.to_kind(Kind::Int));
         if let Some(u) = &uniforms {
@@ -85,8 +102,20 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         Ok(())
     })?;
     let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
-    let ids = Vec::<i32>::try_from(host(&ids).reshape([-1]))?;
-    let logprobs = half_values(&host(&logprobs))?;
+    let mut ids = Vec::<i32>::try_from(host(&ids).reshape([-1]))?;
+    let mut logprobs = half_values(&host(&logprobs))?;
+    // Mass-adaptive: each position's count, and only the kept entries.
+    let lengths = match settings.top_p {
+        Some(_) => {
+            let keep = Vec::<i8>::try_from(host(&kept).to_kind(Kind::Int8).reshape([-1]))?;
+            let mut flags = keep.iter().map(|&x| x != 0);
+            ids.retain(|_| flags.next().unwrap_or(false));
+            let mut flags = keep.iter().map(|&x| x != 0);
+            logprobs.retain(|_| flags.next().unwrap_or(false));
+            Some(keep.chunks(settings.top_k).map(|c| c.iter().filter(|&&x| x != 0).count() as u32).collect::<Vec<_>>())
+        }
+        None => None,
+    };
     let tails = Vec::<f32>::try_from(host(&tails))?;
     let targets = Vec::<f32>::try_from(host(&targets))?;
     let drawn = match settings.draws {
@@ -107,13 +136,18 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
 
     let (ku, wu) = (settings.top_k, width as usize);
     let mut out = Vec::with_capacity(rows.len());
-    let mut offset = 0;
+    let (mut offset, mut entry) = (0, 0);
     for (&row, &count) in rows.iter().zip(&batch.targets_per_row) {
         let range = offset..offset + count;
+        let row_lengths = lengths.as_ref().map(|l| l[range.clone()].to_vec());
+        let entries = row_lengths.as_ref().map_or(count * ku, |l| l.iter().map(|&n| n as usize).sum());
+        let held = entry..entry + entries;
+        entry = held.end;
         let topk = TopKTargets {
             k: ku,
-            ids: ids[range.start * ku..range.end * ku].iter().map(|&i| i as u32).collect(),
-            logprobs: logprobs[range.start * ku..range.end * ku].to_vec(),
+            lengths: row_lengths,
+            ids: ids[held.clone()].iter().map(|&i| i as u32).collect(),
+            logprobs: logprobs[held].to_vec(),
             tail_logmass: tails[range.clone()].to_vec(),
             target_logprob: targets[range.clone()].to_vec(),
             draws: drawn.as_ref().map(|(d, m)| tail_draws(&d[range.start * m..range.end * m], *m)),

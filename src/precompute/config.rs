@@ -22,6 +22,8 @@ pub struct PrecomputeConfig {
     pub pack: bool,
     /// Top-k ids kept per position (0: none, with `sample`).
     pub top_k: usize,
+    /// Mass-adaptive top-k: keep the fewest of the top-k ids that reach this mass.
+    pub top_p: Option<f64>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (0: none).
     pub sample: usize,
     pub sample_seed: u64,
@@ -58,6 +60,7 @@ impl Default for PrecomputeConfig {
             max_len: 2048,
             pack: false,
             top_k: 64,
+            top_p: None,
             sample: 0,
             sample_seed: 0,
             hidden_layers: vec![],
@@ -118,7 +121,11 @@ impl PrecomputeConfig {
             bail!("--shard-index {index} must be below --num-shards {count}");
         }
         let p = &self.parquet;
-        let checks: [(bool, String); 8] = [
+        let checks: [(bool, String); 9] = [
+            (
+                self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0 && self.top_k > 0),
+                format!("--top-p {:?} must lie in (0, 1] and needs --top-k above 0 as its cap", self.top_p),
+            ),
             (self.top_k + self.sample >= 1, "--top-k 0 needs --sample: the shards would hold no target".into()),
             (
                 self.sample <= MAX_DRAWS,

@@ -90,6 +90,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         layout: &prepared.layout,
         capture: CaptureSettings {
             top_k: cfg.top_k,
+            top_p: cfg.top_p,
             draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: prepared.settings.tokenizer.vocab_size,

@@ -67,6 +67,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
     let layout = ShardLayout {
         top_k: cfg.top_k,
         draws: cfg.sample > 0,
+        adaptive: cfg.top_p.is_some(),
         id_type,
         hidden: cfg.hidden_layers.iter().map(|&l| (l, teacher_config.hidden_size)).collect(),
     };
@@ -87,6 +88,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         },
         capture: CaptureInfo {
             top_k: cfg.top_k,
+            top_p: cfg.top_p,
             id_type,
             logprob_dtype: "float16".into(),
             tail: "log of the probability mass outside the top-k (float32, -inf when none)".into(),

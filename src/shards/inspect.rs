@@ -95,12 +95,11 @@ fn sample(row: &ShardRow, tok: Option<&TextTokenizer>, opts: &InspectOptions) ->
     let mut targets = vec![];
     let mut draws = topk.draws.as_ref().map(|d| d.per_position());
     let trained = (1..seq.len()).filter(|&t| seq.loss_mask[t]);
-    for (i, t) in trained.enumerate().take(opts.sample_targets) {
+    for ((i, t), (top_ids, top_lps)) in trained.enumerate().zip(topk.per_position()).take(opts.sample_targets) {
         let id = seq.ids[t];
-        let top = topk
-            .ids_at(i)
+        let top = top_ids
             .iter()
-            .zip(topk.logprobs_at(i))
+            .zip(top_lps)
             .take(opts.show_top)
             .map(|(&tid, lp)| Ok((tid, text_of(&[tid])?, lp.to_f64().exp())))
             .collect::<Result<_>>()?;

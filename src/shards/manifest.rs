@@ -31,6 +31,7 @@ impl Settings {
         ShardLayout {
             top_k: c.top_k,
             draws: c.draws.is_some(),
+            adaptive: c.top_p.is_some(),
             id_type: c.id_type,
             hidden: c.hidden_layers.iter().map(|&l| (l, self.teacher.hidden_size)).collect(),
         }
@@ -43,6 +44,7 @@ impl Settings {
             vocab: self.tokenizer.vocab_size,
             hidden: self.layout().hidden,
             draws: self.capture.draws.as_ref().map_or(0, |d| d.per_position),
+            adaptive: self.capture.top_p.is_some(),
         }
     }
 }
@@ -72,6 +74,10 @@ pub struct TokenizerInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaptureInfo {
     pub top_k: usize,
+    /// Mass-adaptive top-k (format version 2): each position keeps the fewest of its
+    /// top-k ids whose probabilities reach this mass; absent: k ids everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
     pub id_type: IdType,
     pub logprob_dtype: String,
     /// What `tail_logmass` holds.

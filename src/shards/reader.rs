@@ -5,8 +5,8 @@
 //! once, when the set is opened (arrow-rs `ArrowReaderMetadata`), not per row group.
 use anyhow::{bail, Context, Result};
 use arrow::array::{
-    Array, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Int32Array, ListArray, RecordBatch, StringArray,
-    UInt16Array, UInt64Array, UInt8Array,
+    Array, AsArray, BooleanArray, FixedSizeListArray, Int32Array, ListArray, RecordBatch, StringArray, UInt16Array,
+    UInt64Array, UInt8Array,
 };
 use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type, UInt64Type, UInt8Type};
 use bytes::Bytes;
@@ -213,12 +213,20 @@ impl ShardSet {
                 ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
                 loss_mask: bools(&mask.value(r))?,
             };
-            let (ids, logprobs) = match &topk {
-                Some((ids, lps)) => (fixed_ids(&ids.value(r), cap.id_type)?, fixed_f16(&lps.value(r))?),
-                None => (vec![], vec![]),
+            let (lengths, ids, logprobs) = match &topk {
+                Some((ids, lps)) if cap.top_p.is_some() => {
+                    let ((lengths, ids), (lp_lengths, lps)) = (lists(&ids.value(r))?, lists(&lps.value(r))?);
+                    if lengths != lp_lengths {
+                        bail!("`{TOPK_IDS}` and `{TOPK_LOGPROBS}` hold lists of different lengths");
+                    }
+                    (Some(lengths), id_values(ids.as_ref(), cap.id_type)?, f16s(lps.as_ref())?)
+                }
+                Some((ids, lps)) => (None, fixed_ids(&ids.value(r), cap.id_type)?, fixed_f16(&lps.value(r))?),
+                None => (None, vec![], vec![]),
             };
             let topk = TopKTargets {
                 k: cap.top_k,
+                lengths,
                 ids,
                 logprobs,
                 tail_logmass: f32s(&tail.value(r))?,
@@ -236,20 +244,23 @@ impl ShardSet {
 
 /// One row's draws: per position a list of ids and a list of counts of equal lengths.
 fn tail_draws(ids: &dyn Array, counts: &dyn Array, id_type: IdType) -> Result<TailDraws> {
-    let (ids, counts) = (
-        ids.as_list_opt::<i32>().context("expected lists of drawn ids")?,
-        counts.as_list_opt::<i32>().context("expected lists of draw counts")?,
-    );
-    let lengths: Vec<u32> = ids.offsets().lengths().map(|n| n as u32).collect();
-    if counts.offsets().lengths().map(|n| n as u32).ne(lengths.iter().copied()) {
+    let ((lengths, ids), (count_lengths, counts)) = (lists(ids)?, lists(counts)?);
+    if lengths != count_lengths {
         bail!("`{}` and `{}` hold lists of different lengths", columns::DRAW_IDS, columns::DRAW_COUNTS);
     }
-    let (first, last) = (ids.offsets()[0] as usize, ids.offsets().last() as usize);
-    let values = ids.values().slice(first, last - first);
-    let (cfirst, clast) = (counts.offsets()[0] as usize, counts.offsets().last() as usize);
-    let count_values = counts.values().slice(cfirst, clast - cfirst);
-    let count_values: &UInt8Array = count_values.as_primitive_opt::<UInt8Type>().context("expected uint8 counts")?;
-    Ok(TailDraws { lengths, ids: id_values(values.as_ref(), id_type)?, counts: count_values.values().to_vec() })
+    let counts: &UInt8Array = counts.as_primitive_opt::<UInt8Type>().context("expected uint8 counts")?;
+    Ok(TailDraws { lengths, ids: id_values(ids.as_ref(), id_type)?, counts: counts.values().to_vec() })
+}
+
+/// A list array's list lengths and the values they cover.
+fn lists(a: &dyn Array) -> Result<(Vec<u32>, std::sync::Arc<dyn Array>)> {
+    let a = a.as_list_opt::<i32>().context("expected lists")?;
+    let (first, last) = (a.offsets()[0] as usize, a.offsets().last() as usize);
+    Ok((a.offsets().lengths().map(|n| n as u32).collect(), a.values().slice(first, last - first)))
+}
+
+fn f16s(a: &dyn Array) -> Result<Vec<f16>> {
+    Ok(a.as_primitive_opt::<Float16Type>().context("expected float16 values")?.values().to_vec())
 }
 
 fn i32s(a: &dyn Array) -> Result<Vec<i32>> {
@@ -276,9 +287,7 @@ fn fixed_values(a: &dyn Array) -> Result<std::sync::Arc<dyn Array>> {
 }
 
 fn fixed_f16(a: &dyn Array) -> Result<Vec<f16>> {
-    let v = fixed_values(a)?;
-    let v: &Float16Array = v.as_primitive_opt::<Float16Type>().context("expected float16 values")?;
-    Ok(v.values().to_vec())
+    f16s(fixed_values(a)?.as_ref())
 }
 
 fn fixed_ids(a: &dyn Array, id_type: IdType) -> Result<Vec<u32>> {

@@ -20,7 +20,10 @@ pub struct ShardRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopKTargets {
     pub k: usize,
-    /// `positions * k` ids, each position's in descending probability.
+    /// Ids kept at each position (1..=k) when the shard set is mass-adaptive
+    /// (`precompute --top-p`); `None`: k at every position.
+    pub lengths: Option<Vec<u32>>,
+    /// Each position's ids (k, or `lengths[i]`) in descending probability.
     pub ids: Vec<u32>,
     /// Their log-probabilities under the full-vocabulary softmax (temperature 1).
     pub logprobs: Vec<f16>,
@@ -98,7 +101,15 @@ impl ShardRow {
 
 impl TopKTargets {
     pub fn empty(k: usize) -> Self {
-        TopKTargets { k, ids: vec![], logprobs: vec![], tail_logmass: vec![], target_logprob: vec![], draws: None }
+        TopKTargets {
+            k,
+            lengths: None,
+            ids: vec![],
+            logprobs: vec![],
+            tail_logmass: vec![],
+            target_logprob: vec![],
+            draws: None,
+        }
     }
 
     /// Number of positions held.
@@ -106,18 +117,24 @@ impl TopKTargets {
         self.tail_logmass.len()
     }
 
-    /// The top-k ids of position `i`, best first.
-    pub fn ids_at(&self, i: usize) -> &[u32] {
-        &self.ids[i * self.k..(i + 1) * self.k]
-    }
-
-    /// The top-k log-probabilities of position `i`, best first.
-    pub fn logprobs_at(&self, i: usize) -> &[f16] {
-        &self.logprobs[i * self.k..(i + 1) * self.k]
+    /// Each position's top ids and their log-probabilities, best first.
+    pub fn per_position(&self) -> impl Iterator<Item = (&[u32], &[f16])> + '_ {
+        let mut start = 0;
+        (0..self.positions()).map(move |i| {
+            let n = self.lengths.as_ref().map_or(self.k, |l| l[i] as usize);
+            let range = start..start + n;
+            start = range.end;
+            (&self.ids[range.clone()], &self.logprobs[range])
+        })
     }
 
     pub fn append(&mut self, other: TopKTargets) {
         let was_empty = self.positions() == 0;
+        match (&mut self.lengths, other.lengths) {
+            (Some(mine), Some(theirs)) => mine.extend(theirs),
+            (mine @ None, Some(theirs)) if was_empty => *mine = Some(theirs),
+            (_, theirs) => debug_assert!(theirs.is_none(), "rows of one shard set are all mass-adaptive or none"),
+        }
         self.ids.extend(other.ids);
         self.logprobs.extend(other.logprobs);
         self.tail_logmass.extend(other.tail_logmass);
@@ -147,6 +164,8 @@ pub struct RowLimits {
     pub hidden: Vec<(usize, usize)>,
     /// Tail draws per position (0: the rows hold none).
     pub draws: usize,
+    /// Mass-adaptive top-k: each position keeps 1..=top_k ids.
+    pub adaptive: bool,
 }
 
 impl ShardRow {
@@ -189,8 +208,19 @@ impl ShardRow {
                 bail!("column `{column}`: {len} entries for the row's {targets} trained positions");
             }
         }
+        let held = match &t.lengths {
+            None if !limits.adaptive => targets * t.k,
+            Some(l)
+                if limits.adaptive && l.len() == targets && l.iter().all(|&n| (1..=t.k).contains(&(n as usize))) =>
+            {
+                l.iter().map(|&n| n as usize).sum()
+            }
+            _ => {
+                bail!("column `{TOPK_IDS}`: the lists' lengths do not fit {targets} positions of (at most) top-{}", t.k)
+            }
+        };
         for (column, len) in [(TOPK_IDS, t.ids.len()), (TOPK_LOGPROBS, t.logprobs.len())] {
-            if t.k != limits.top_k || len != targets * t.k {
+            if t.k != limits.top_k || len != held {
                 bail!("column `{column}`: {len} values for {targets} positions of top-{}", limits.top_k);
             }
         }
@@ -244,13 +274,13 @@ impl ShardRow {
                 t.positions()
             );
         }
-        for (i, (ids, counts)) in d.per_position().enumerate() {
+        for (i, ((ids, counts), (top, _))) in d.per_position().zip(t.per_position()).enumerate() {
             if ids.windows(2).any(|w| w[0] >= w[1]) || ids.last().is_some_and(|&id| id as usize >= limits.vocab) {
                 bail!(
                     "column `{DRAW_IDS}`: position {i}: ids {ids:?} are not distinct, ascending ids of the vocabulary"
                 );
             }
-            if let Some(id) = ids.iter().find(|id| t.ids_at(i).contains(id)) {
+            if let Some(id) = ids.iter().find(|id| top.contains(id)) {
                 bail!("column `{DRAW_IDS}`: position {i}: id {id} was drawn from the tail but is in the top-k");
             }
             let sum: usize = counts.iter().map(|&c| c as usize).sum();

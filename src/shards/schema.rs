@@ -48,6 +48,8 @@ pub struct ShardLayout {
     pub top_k: usize,
     /// The `draw_ids` and `draw_counts` columns are present.
     pub draws: bool,
+    /// Mass-adaptive top-k: the top-k columns hold lists of 1..=k entries per position.
+    pub adaptive: bool,
     pub id_type: IdType,
     /// (layer number, width) of each captured hidden state.
     pub hidden: Vec<(usize, usize)>,
@@ -89,7 +91,7 @@ fn fixed_list_of(item: DataType, n: usize) -> DataType {
 impl ShardLayout {
     /// The format version a set of this layout is written as.
     pub fn format_version(&self) -> u32 {
-        if self.draws || self.top_k == 0 {
+        if self.draws || self.adaptive || self.top_k == 0 {
             FORMAT_VERSION
         } else {
             1
@@ -108,8 +110,12 @@ impl ShardLayout {
             Field::new(LOSS_MASK, list_of(DataType::Boolean), false),
         ];
         if self.top_k > 0 {
-            fields.push(Field::new(TOPK_IDS, list_of(fixed_list_of(self.id_type.data_type(), self.top_k)), false));
-            fields.push(Field::new(TOPK_LOGPROBS, list_of(fixed_list_of(DataType::Float16, self.top_k)), false));
+            let per_position = |item: DataType| match self.adaptive {
+                true => list_of(item),
+                false => fixed_list_of(item, self.top_k),
+            };
+            fields.push(Field::new(TOPK_IDS, list_of(per_position(self.id_type.data_type())), false));
+            fields.push(Field::new(TOPK_LOGPROBS, list_of(per_position(DataType::Float16)), false));
         }
         fields.push(Field::new(TAIL_LOGMASS, list_of(DataType::Float32), false));
         fields.push(Field::new(TARGET_LOGPROB, list_of(DataType::Float32), false));

@@ -22,6 +22,7 @@ fn settings(layout: &ShardLayout) -> Settings {
         tokenizer: TokenizerInfo { hash: "xxh3:1".into(), vocab_size: 70_000, chat_template_hash: None },
         capture: CaptureInfo {
             top_k: layout.top_k,
+            top_p: layout.adaptive.then_some(0.9),
             id_type: layout.id_type,
             logprob_dtype: "float16".into(),
             tail: "tail".into(),
@@ -62,10 +63,14 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
     let p = sequence.num_targets();
     let k = layout.top_k;
     let value = |i: usize| (i as f32 * 0.37).sin();
+    // Mass-adaptive: 1..=k ids per position.
+    let lengths: Option<Vec<u32>> = layout.adaptive.then(|| (0..p).map(|i| 1 + (i % k) as u32).collect());
+    let n = lengths.as_ref().map_or(p * k, |l| l.iter().sum::<u32>() as usize);
     let topk = TopKTargets {
         k,
-        ids: (0..p * k).map(|i| (i as u32 * 31 + index as u32) % max_id).collect(),
-        logprobs: (0..p * k).map(|i| f16::from_f32(-(i as f32) * 0.25)).collect(),
+        lengths,
+        ids: (0..n).map(|i| (i as u32 * 31 + index as u32) % max_id).collect(),
+        logprobs: (0..n).map(|i| f16::from_f32(-(i as f32) * 0.25)).collect(),
         tail_logmass: (0..p).map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { -value(i).abs() }).collect(),
         target_logprob: (0..p).map(|i| -1.5 - value(i)).collect(),
         draws: layout.draws.then(|| draws(p, max_id)),
@@ -126,13 +131,25 @@ fn round_trip(layout: ShardLayout, max_id: u32) {
 
 #[test]
 fn rows_read_back_as_written() {
-    round_trip(ShardLayout { top_k: 3, draws: false, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] }, 65_000);
-    round_trip(ShardLayout { top_k: 2, draws: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+    round_trip(
+        ShardLayout { top_k: 3, draws: false, adaptive: false, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] },
+        65_000,
+    );
+    round_trip(ShardLayout { top_k: 2, draws: false, adaptive: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
 }
 
 #[test]
 fn rows_with_draws_read_back_as_written() {
-    round_trip(ShardLayout { top_k: 3, draws: true, id_type: IdType::Uint16, hidden: vec![(2, 4)] }, 65_000);
+    round_trip(
+        ShardLayout { top_k: 3, draws: true, adaptive: false, id_type: IdType::Uint16, hidden: vec![(2, 4)] },
+        65_000,
+    );
     // Draws alone (format version 2 without top-k columns).
-    round_trip(ShardLayout { top_k: 0, draws: true, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+    round_trip(ShardLayout { top_k: 0, draws: true, adaptive: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+    // Mass-adaptive top-k, with and without draws.
+    round_trip(ShardLayout { top_k: 4, draws: false, adaptive: true, id_type: IdType::Uint16, hidden: vec![] }, 65_000);
+    round_trip(
+        ShardLayout { top_k: 3, draws: true, adaptive: true, id_type: IdType::Int32, hidden: vec![(1, 4)] },
+        70_000,
+    );
 }

@@ -137,14 +137,17 @@ impl ShardWriter {
         let per_row_tokens: Vec<usize> = rows.iter().map(|r| r.sequence.len()).collect();
         for r in rows {
             let layers: Vec<(usize, usize)> = r.hidden.iter().map(|h| (h.layer, h.width)).collect();
-            if r.topk.k != k || layers != self.layout.hidden || r.topk.draws.is_some() != self.layout.draws {
+            let t = &r.topk;
+            let kinds = t.draws.is_some() == self.layout.draws && t.lengths.is_some() == self.layout.adaptive;
+            if t.k != k || layers != self.layout.hidden || !kinds {
                 bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
             }
             // Columns of one row that must have matching lengths to form lists at all.
             let (p, t) = (r.num_targets(), &r.topk);
             let agree = r.sequence.loss_mask.len() == r.sequence.len()
-                && t.ids.len() == p * k
-                && t.logprobs.len() == p * k
+                && t.ids.len() == t.lengths.as_ref().map_or(p * k, |l| l.iter().map(|&n| n as usize).sum())
+                && t.logprobs.len() == t.ids.len()
+                && t.lengths.as_ref().is_none_or(|l| l.len() == p)
                 && t.target_logprob.len() == p
                 && t.draws.as_ref().is_none_or(|d| {
                     d.lengths.len() == p
@@ -176,9 +179,17 @@ impl ShardWriter {
         ];
         let id_type = self.layout.id_type;
         if k > 0 {
-            columns.push(by_target(fixed(id_array(id_type, rows.iter().flat_map(|r| r.topk.ids.iter().copied())), k)));
+            // Per position: k entries, or each position's own count when mass-adaptive.
+            let lengths: Vec<usize> =
+                rows.iter().flat_map(|r| r.topk.lengths.iter().flatten().map(|&n| n as usize)).collect();
+            let per_position = |values: ArrayRef| match self.layout.adaptive {
+                true => list(values, &lengths),
+                false => fixed(values, k),
+            };
+            columns
+                .push(by_target(per_position(id_array(id_type, rows.iter().flat_map(|r| r.topk.ids.iter().copied())))));
             let logprobs = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.topk.logprobs.iter().copied()));
-            columns.push(by_target(fixed(Arc::new(logprobs), k)));
+            columns.push(by_target(per_position(Arc::new(logprobs))));
         }
         columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.tail_logmass.iter().copied()))));
         columns.push(by_target(f32_array(rows.iter().flat_map(|r| r.topk.target_logprob.iter().copied()))));
