@@ -239,7 +239,7 @@ fn options_outside_their_range_or_without_effect_are_refused_before_any_write() 
         (&["--min-lr-ratio", "5"], "--min-lr-ratio"),
         (&["--steps", "0"], "--steps"),
         (&["--alpha", "1.5"], "--alpha"),
-        (&["--temperature", "2"], "temperature"),
+        (&["--temperature", "0"], "temperature"),
         (&["--pack", "false", "--seq-len", "64"], "--pack"),
         (&["--beta", "0.3"], "--loss jsd"),
         (&["--hidden-weight", "0.5"], "--hidden-map"),

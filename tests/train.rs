@@ -63,8 +63,7 @@ fn label_bucket_and_tail_draws_teach_the_teacher_on_held_out_shards() {
     let before = eval_kl(&model_dir("qwen3"), &held_out);
     let label_set = shards("sample.jsonl", &tmp.path().join("train"));
     let drawn_set = shards_with("sample.jsonl", &tmp.path().join("drawn"), &["--top-k", "0", "--sample", "12"]);
-    let adaptive_set =
-        shards_with("sample.jsonl", &tmp.path().join("adaptive"), &["--top-p", "0.8", "--sample", "4"]);
+    let adaptive_set = shards_with("sample.jsonl", &tmp.path().join("adaptive"), &["--top-p", "0.8", "--sample", "4"]);
     for (name, set, extra) in [
         ("label bucket", &label_set, &["--label-bucket"][..]),
         ("draws alone", &drawn_set, &[][..]),

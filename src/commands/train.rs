@@ -111,7 +111,7 @@ pub struct TrainArgs {
     /// A label (true next token) outside the teacher's top-k gets its own bucket [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     label_bucket: Option<bool>,
-    /// Distillation temperature (needs --renormalized-topk when not 1) [default: 1].
+    /// Distillation temperature; with buckets the tempered tail is approximated (README) [default: 1].
     #[arg(long)]
     temperature: Option<f64>,
     #[arg(long)]

@@ -133,6 +133,18 @@ fn chunk_gradient(
             (lse, zero_sum(z.device()))
         }
         Some(t) if loss.kd.mode == TopKMode::Bucket => {
+            // At T != 1 the divergence sees z / T and the cross-entropy z: the latter's
+            // gradient `alpha scale softmax(z)` is kept aside, the buffer becomes z / T.
+            let temperature = loss.kd.temperature;
+            let tempered = temperature != 1.0;
+            let (ce_lse, ce_grad, g_y_kd) = if tempered {
+                let lse = z.logsumexp([-1], true);
+                let ce_grad = (alpha > 0.0).then(|| (&z - &lse).exp() * (alpha * scale));
+                let _ = z.g_div_scalar_(temperature);
+                (Some(lse), ce_grad, g_y.zeros_like())
+            } else {
+                (None, None, g_y.shallow_clone())
+            };
             // The top-k masked out, the rest's logsumexp, and from the two the whole one:
             // every log-probability stays in log space (exact for a tiny tail).
             // Padding entries repeat a listed id: they hold no student mass either.
@@ -145,7 +157,7 @@ fn chunk_gradient(
             let (kd, g) = divergence_grad(loss, t, &raw, kd_weight * scale, |leaf| leaf.clamp_min(LOG_FLOOR))?;
             let k = t.ids.size()[1];
             let (g_k, g_rest) = (g.narrow(1, 0, k), g.narrow(1, k, 1));
-            let s = g_k.sum_dim_intlist(-1, true, kind) + &g_rest + &g_y;
+            let s = g_k.sum_dim_intlist(-1, true, kind) + &g_rest + &g_y_kd;
             // Outside the top-k: q_j (G_rest / q_rest - S) = (q_j / q_rest) (G_rest - q_rest S),
             // with q_j / q_rest = exp(z_j - lse_rest) bounded by 1 (0 where masked).
             let finite = lse_rest.isfinite();
@@ -154,12 +166,24 @@ fn chunk_gradient(
             // Added, not written: the listed ids hold 0 here, and a padding entry (whose
             // id repeats a listed one) adds its 0 instead of overwriting.
             let _ = z.scatter_add_(-1, &t.ids, &(g_k - log_q_k.exp() * &s));
-            (lse, kd)
+            match ce_lse {
+                // dL/dz = dL/d(z / T) / T, plus the cross-entropy's part.
+                Some(ce_lse) => {
+                    let _ = z.g_div_scalar_(temperature);
+                    if let Some(c) = ce_grad {
+                        let _ = z.g_add_(&c);
+                    }
+                    (ce_lse, kd)
+                }
+                None => (lse, kd),
+            }
         }
         Some(t) => {
             // Renormalised top-k: the divergence depends on z_K alone.
             let z_k = z.gather(-1, &t.ids, false);
-            let (kd, g_k) = divergence_grad(loss, t, &z_k, kd_weight * scale, |leaf| loss.kd.student_top_k(leaf))?;
+            let temperature = loss.kd.temperature;
+            let (kd, g_k) =
+                divergence_grad(loss, t, &z_k, kd_weight * scale, |leaf| loss.kd.student_top_k(&(leaf / temperature)))?;
             let lse = z.logsumexp([-1], true);
             if alpha > 0.0 {
                 let _ = z.g_sub_(&lse).exp_().g_mul_(&(-&g_y));
@@ -323,6 +347,12 @@ mod tests {
                 check(&s, bucket(Divergence::ForwardKl), alpha, true);
                 check(&s, bucket(Divergence::ReverseKl), alpha, true);
                 check(&s, bucket(Divergence::Jsd { beta: 0.3 }), alpha, true);
+            }
+            for temperature in [2.0, 0.5] {
+                for divergence in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.3 }] {
+                    check(&s, KdLoss { divergence, mode: TopKMode::Bucket, temperature }, 0.0, true);
+                    check(&s, KdLoss { divergence, mode: TopKMode::Bucket, temperature }, 0.4, true);
+                }
             }
             let renormalized =
                 KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Renormalized, temperature: 2.0 };

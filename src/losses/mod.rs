@@ -9,8 +9,13 @@
 //!
 //! Divergences: forward KL(p || q), reverse KL(q || p) (MiniLLM) and the generalised JSD
 //! of GKD: `beta KL(p || m) + (1 - beta) KL(q || m)`, `m = beta p + (1 - beta) q`.
-//! Temperature T (renormalised mode) re-tempers the stored teacher log-probs as
-//! `softmax(log p_K / T)` and the student as `log_softmax(z / T)`, and scales by T^2.
+//! Temperature T re-tempers the student as `log_softmax(z / T)` and the stored teacher
+//! log-probs as `log p_K / T`, and scales by T^2. Renormalised mode then normalises over
+//! K. Bucket mode needs the tail's tempered mass `sum_tail p_j^(1/T)`, which the shards
+//! do not hold: it is approximated by a tail that continues flat at the smallest listed
+//! probability p_min, `r / p_min` ids of p_min each, so `r * p_min^(1/T - 1)` (for T > 1
+//! the least tempered mass a tail of ids below p_min can have, where one bucket
+//! `r^(1/T)` would understate it far more; exact when nothing is left in the tail).
 //! All results are per position (`[P]`, float32); callers sum and normalise by the
 //! global count of trained tokens.
 pub mod fused;
@@ -86,11 +91,6 @@ impl KdLoss {
                 bail!("JSD beta must lie in [0, 1], not {beta}");
             }
         }
-        if self.mode == TopKMode::Bucket && t != 1.0 {
-            bail!(
-                "the tail bucket holds mass at temperature 1 only; use the renormalised top-k mode with a temperature"
-            );
-        }
         Ok(())
     }
 
@@ -98,7 +98,7 @@ impl KdLoss {
     /// times T^2.
     pub fn per_position(&self, student_logits: &Tensor, teacher: &TeacherTargets) -> Result<Tensor> {
         self.check()?;
-        let z = working(student_logits);
+        let z = working(student_logits) / self.temperature;
         let log_q = match self.mode {
             TopKMode::Bucket => {
                 let lse = z.logsumexp([-1], true);
@@ -112,26 +112,32 @@ impl KdLoss {
         Ok(self.divergence_of(&self.teacher_log_dist(teacher), &log_q))
     }
 
-    /// The teacher's log-distribution over the loss's support: the k+1 buckets
-    /// renormalised (stored values are rounded to float16), or the top-k renormalised
-    /// at the temperature.
+    /// The teacher's log-distribution over the loss's support at the temperature: the
+    /// listed ids and the rest bucket renormalised (stored values are rounded to float16;
+    /// the tempered tail approximated, see the module notes), or the top-k renormalised.
     pub fn teacher_log_dist(&self, teacher: &TeacherTargets) -> Tensor {
         let logp_k = working(&teacher.logprobs);
+        let t = self.temperature;
         match self.mode {
             TopKMode::Bucket => {
-                let p = Tensor::cat(&[&logp_k, &working(&teacher.tail_logmass).unsqueeze(-1)], -1);
+                let mut tail = working(&teacher.tail_logmass).unsqueeze(-1);
+                if t != 1.0 {
+                    let listed_min = logp_k.masked_fill(&teacher.padding(), 0.0).min_dim(-1, true).0;
+                    tail = tail + listed_min * (1.0 / t - 1.0);
+                }
+                let p = Tensor::cat(&[&logp_k / t, tail], -1);
                 p.clamp_min(LOG_FLOOR).log_softmax(-1, p.kind())
             }
             TopKMode::Renormalized => (&logp_k / self.temperature).log_softmax(-1, logp_k.kind()),
         }
     }
 
-    /// The student's renormalised, re-tempered top-k log-distribution from its logits at
-    /// the teacher's top-k ids `[P, k]`: `log_softmax(z / T)` gathered and renormalised
-    /// over K is `log_softmax(z_K / T)`.
-    pub fn student_top_k(&self, z_k: &Tensor) -> Tensor {
-        let z_k = working(z_k);
-        (&z_k / self.temperature).log_softmax(-1, z_k.kind())
+    /// The student's renormalised top-k log-distribution from its tempered logits at the
+    /// teacher's top-k ids `[P, k]`: `log_softmax(z / T)` gathered and renormalised over
+    /// K is `log_softmax(z_K / T)`.
+    pub fn student_top_k(&self, z_k_tempered: &Tensor) -> Tensor {
+        let z_k = working(z_k_tempered);
+        z_k.log_softmax(-1, z_k.kind())
     }
 
     /// The divergence per position `[P]` between log-distributions over the same support,

@@ -81,12 +81,15 @@ fn reference(c: &Case, loss: &KdLoss) -> Vec<f64> {
         .zip(&c.zs)
         .map(|((ids, lp, tail), z)| match loss.mode {
             TopKMode::Bucket => {
-                let lq = log_softmax(z);
-                let mut p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
-                p.push(tail.exp());
+                let lq = log_softmax(&z.iter().map(|x| x / t).collect::<Vec<_>>());
+                // The tempered tail: flat at the smallest listed probability.
+                let min = lp.iter().cloned().fold(0.0, f64::min);
+                let mut logits: Vec<f64> = lp.iter().map(|x| x / t).collect();
+                logits.push(tail + (1.0 / t - 1.0) * min);
+                let p: Vec<f64> = log_softmax(&logits).iter().map(|x| x.exp()).collect();
                 let mut q: Vec<f64> = ids.iter().map(|&i| lq[i].exp()).collect();
                 q.push(1.0 - q.iter().sum::<f64>());
-                divergence(loss.divergence, &p, &q)
+                divergence(loss.divergence, &p, &q) * t * t
             }
             TopKMode::Renormalized => {
                 let p: Vec<f64> =
@@ -114,6 +117,52 @@ fn bucket_divergences_match_float64() {
         [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }, Divergence::Jsd { beta: 0.1 }]
     {
         check(KdLoss { divergence: d, mode: TopKMode::Bucket, temperature: 1.0 }, 8);
+        check(KdLoss { divergence: d, mode: TopKMode::Bucket, temperature: 2.0 }, 8);
+        check(KdLoss { divergence: d, mode: TopKMode::Bucket, temperature: 0.7 }, 8);
+    }
+}
+
+/// Bucket mode at a temperature against the exact tempered divergence of the same
+/// buckets (tail masses from the full tempered distributions, float64). The flat-tail
+/// approximation must be exact with nothing in the tail and, with a tail, closer to the
+/// exact value than treating the tail as one token (`r^(1/T)`), on every position.
+#[test]
+fn tempered_buckets_approximate_the_exact_tempered_divergence() {
+    let (zt, zs) = (logits(1), logits(2));
+    for d in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }] {
+        for t in [2.0, 4.0] {
+            let loss = KdLoss { divergence: d, mode: TopKMode::Bucket, temperature: t };
+            for k in [8, 20, V] {
+                let c = case(k);
+                let ours = Vec::<f32>::try_from(loss.per_position(&c.student, &c.teacher).unwrap()).unwrap();
+                for (i, (ids, lp, tail)) in c.refs.iter().enumerate() {
+                    let tempered = |z: &[f64]| -> Vec<f64> {
+                        log_softmax(&z.iter().map(|x| x / t).collect::<Vec<_>>()).iter().map(|x| x.exp()).collect()
+                    };
+                    let buckets = |p: &[f64]| {
+                        let mut b: Vec<f64> = ids.iter().map(|&j| p[j]).collect();
+                        b.push((0..V).filter(|j| !ids.contains(j)).map(|j| p[j]).sum());
+                        b
+                    };
+                    let exact = divergence(d, &buckets(&tempered(&zt[i])), &buckets(&tempered(&zs[i]))) * t * t;
+                    let err = (ours[i] as f64 - exact).abs();
+                    if k == V {
+                        assert!(err < 1e-5 * exact.max(1e-3), "{d:?} T={t}: no tail, yet {} vs {exact}", ours[i]);
+                        continue;
+                    }
+                    // One tail token: the listed ids tempered, the tail as r^(1/T).
+                    let mut one: Vec<f64> = lp.iter().map(|x| x / t).collect();
+                    one.push(tail / t);
+                    let one: Vec<f64> = log_softmax(&one).iter().map(|x| x.exp()).collect();
+                    let naive = divergence(d, &one, &buckets(&tempered(&zs[i]))) * t * t;
+                    assert!(
+                        err < (naive - exact).abs(),
+                        "{d:?} T={t} k={k} position {i}: flat tail off by {err:.4}, one token by {:.4}",
+                        (naive - exact).abs()
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -166,8 +215,8 @@ fn jsd_limits_are_the_kls() {
 #[test]
 fn bad_settings_are_errors() {
     let c = case(8);
-    let bucket_t2 = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 2.0 };
-    assert!(bucket_t2.per_position(&c.student, &c.teacher).is_err());
+    let zero_t = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 0.0 };
+    assert!(zero_t.per_position(&c.student, &c.teacher).is_err());
     let bad_beta = KdLoss { divergence: Divergence::Jsd { beta: 1.5 }, mode: TopKMode::Bucket, temperature: 1.0 };
     assert!(bad_beta.per_position(&c.student, &c.teacher).is_err());
 }

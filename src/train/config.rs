@@ -154,9 +154,10 @@ impl TrainConfig {
             return Ok(None);
         }
         let bucket = self.kd.mode == TopKMode::Bucket;
-        if capture.draws.is_some() && !(bucket && self.kd.divergence == Divergence::ForwardKl) {
+        let forward_kl_t1 = bucket && self.kd.divergence == Divergence::ForwardKl && self.kd.temperature == 1.0;
+        if capture.draws.is_some() && !forward_kl_t1 {
             bail!(
-                "these shards hold tail draws (precompute --sample), which give an unbiased estimate of the forward KL on buckets only: train them with --loss forward-kl and without --renormalized-topk"
+                "these shards hold tail draws (precompute --sample), which give an unbiased estimate of the forward KL on buckets only, at temperature 1: train them with --loss forward-kl, without --renormalized-topk or --temperature"
             );
         }
         if capture.top_k == 0 && !bucket {
@@ -247,7 +248,7 @@ mod tests {
         assert_eq!(Precision::Float32.resolve(Device::Cuda(0)), Precision::Float32);
         let e = TrainConfig { alpha: 1.5, ..cfg.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--alpha"), "{e}");
-        let bad_kd = KdLoss { temperature: 2.0, ..cfg.kd };
+        let bad_kd = KdLoss { temperature: -1.0, ..cfg.kd };
         assert!(TrainConfig { kd: bad_kd, ..cfg.clone() }.validate().is_err());
         // Plain SFT never computes the KD loss, so its settings do not matter.
         TrainConfig { kd: bad_kd, alpha: 1.0, ..cfg }.validate().unwrap();
