@@ -120,11 +120,14 @@ impl KdLoss {
         let t = self.temperature;
         match self.mode {
             TopKMode::Bucket => {
-                let mut tail = working(&teacher.tail_logmass).unsqueeze(-1);
-                if t != 1.0 {
+                let tail = working(&teacher.tail_logmass).unsqueeze(-1);
+                // Never in place: `tail` may share the targets' storage.
+                let tail = if t != 1.0 {
                     let listed_min = logp_k.masked_fill(&teacher.padding(), 0.0).min_dim(-1, true).0;
-                    tail += listed_min * (1.0 / t - 1.0);
-                }
+                    tail + listed_min * (1.0 / t - 1.0)
+                } else {
+                    tail
+                };
                 let p = Tensor::cat(&[&logp_k / t, tail], -1);
                 p.clamp_min(LOG_FLOOR).log_softmax(-1, p.kind())
             }
