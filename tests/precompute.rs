@@ -107,13 +107,13 @@ print(f"mass-adaptive: {lo}..{hi} ids, {mean:.2f} on average")
             .collect::<Vec<_>>()
     };
     assert_eq!(counts(&hybrid), counts(&again));
-    // Draws train forward KL only.
+    // Draws alone train forward KL only.
     let e = err(distill(&[
         "train",
         "--student",
         model_dir("llama").to_str().unwrap(),
         "--shards",
-        hybrid.to_str().unwrap(),
+        alone.to_str().unwrap(),
         "--output",
         tmp.path().join("run").to_str().unwrap(),
         "--steps",

@@ -73,7 +73,7 @@ fn row(teacher: &Tensor, k: i64, draws: Option<usize>) -> ShardRow {
 
 /// Mean over the R positions of d loss / d z, and the expected value q - p.
 fn mean_gradient(teacher: &Tensor, student: &Tensor, row: &ShardRow) -> (Vec<f64>, Vec<f64>) {
-    let targets = teacher_targets(std::slice::from_ref(row), TargetOptions { label_bucket: false });
+    let targets = teacher_targets(std::slice::from_ref(row), TargetOptions { label_bucket: false, use_draws: true });
     let z = student.unsqueeze(0).expand([R as i64, V], false).contiguous().set_requires_grad(true);
     let loss = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 };
     loss.per_position(&z, &targets).unwrap().sum(Kind::Double).backward();

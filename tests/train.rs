@@ -84,6 +84,8 @@ fn label_bucket_and_tail_draws_teach_the_teacher_on_held_out_shards() {
     let out = tmp.path().join("refused");
     let e = err(train(&drawn_set, &out, &["--steps", "1", "--renormalized-topk"]));
     assert!(e.contains("forward KL on buckets only"), "{e}");
+    // Top-k shards with draws serve every loss: reverse KL trains on their top-k buckets.
+    ok(train(&adaptive_set, &out, &["--steps", "2", "--loss", "reverse-kl"]));
 }
 
 #[test]

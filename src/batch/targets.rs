@@ -20,9 +20,12 @@ use crate::shards::row::ShardRow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetOptions {
-    /// Give a label outside the top-k its own bucket (ignored for shards with draws,
-    /// whose draws already carry the tail).
+    /// Give a label outside the top-k its own bucket (ignored where draws are used:
+    /// they already carry the tail).
     pub label_bucket: bool,
+    /// Use the shards' tail draws (forward KL at temperature 1); otherwise the top-k and
+    /// the tail bucket of the same shards.
+    pub use_draws: bool,
 }
 
 /// One position's entries and rest, in float64.
@@ -40,7 +43,7 @@ pub fn teacher_targets(rows: &[ShardRow], opts: TargetOptions) -> TeacherTargets
     for row in rows {
         let labels = labels(row);
         let t = &row.topk;
-        let mut draws = t.draws.as_ref().map(|d| d.per_position());
+        let mut draws = t.draws.as_ref().filter(|_| opts.use_draws).map(|d| d.per_position());
         for (i, (&label, (top_ids, top_lps))) in labels.iter().zip(t.per_position()).enumerate() {
             let tail = f64::from(t.tail_logmass[i]);
             let mut listing = Listing {
@@ -135,13 +138,13 @@ mod tests {
             draws: None,
         };
         let rows = [row(vec![9, 7, 1], topk)];
-        let t = teacher_targets(&rows, TargetOptions { label_bucket: true });
+        let t = teacher_targets(&rows, TargetOptions { label_bucket: true, use_draws: true });
         assert_eq!(Vec::<i64>::try_from(t.ids.reshape([-1])).unwrap(), vec![1, 2, 7, 1, 3, 1]);
         let lps = values(&t.logprobs);
         assert!((lps[2] - 0.05f64.ln()).abs() < 1e-6 && lps[5] == f64::NEG_INFINITY, "{lps:?}");
         let rest = values(&t.tail_logmass);
         assert!((rest[0] - 0.15f64.ln()).abs() < 1e-6 && (rest[1] - 0.2f64.ln()).abs() < 1e-6, "{rest:?}");
-        let plain = teacher_targets(&rows, TargetOptions { label_bucket: false });
+        let plain = teacher_targets(&rows, TargetOptions { label_bucket: false, use_draws: true });
         assert_eq!(plain.ids.size(), [2, 2]);
     }
 
@@ -156,7 +159,7 @@ mod tests {
             target_logprob: vec![0.1f32.ln()],
             draws: Some(TailDraws { lengths: vec![2], ids: vec![0, 5], counts: vec![3, 1] }),
         };
-        let t = teacher_targets(&[row(vec![9, 5], topk)], TargetOptions { label_bucket: true });
+        let t = teacher_targets(&[row(vec![9, 5], topk)], TargetOptions { label_bucket: true, use_draws: true });
         assert_eq!(Vec::<i64>::try_from(t.ids.reshape([-1])).unwrap(), vec![4, 0, 5]);
         let p: Vec<f64> = values(&t.logprobs).iter().map(|x| x.exp()).collect();
         assert!((p[1] - 0.3).abs() < 1e-6 && (p[2] - 0.1).abs() < 1e-6, "{p:?}");

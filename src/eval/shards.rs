@@ -42,7 +42,8 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
     );
     let feed = Feed::new(stream, batching);
     // The plain (k+1) buckets: one measure for students trained on any kind of targets.
-    let content = BatchContent { teacher: Some(TargetOptions { label_bucket: false }), hidden_layers: vec![] };
+    let content =
+        BatchContent { teacher: Some(TargetOptions { label_bucket: false, use_draws: false }), hidden_layers: vec![] };
     let loader = BatchLoader::new(feed, content, device, 2);
     let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(device));
     let sum = |t: Tensor| t.sum(Kind::Double);

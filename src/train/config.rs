@@ -147,23 +147,21 @@ impl TrainConfig {
 
     /// How the teacher targets of shards captured as `capture` are built for the loss,
     /// or `None` when no divergence is trained (alpha 1). Tail draws estimate the forward
-    /// KL's gradient without bias, and nothing else: any other divergence or mode on them
-    /// is refused.
+    /// KL's gradient (bucket mode, temperature 1) without bias, and nothing else: any
+    /// other loss trains on the top-k and the tail bucket of the same shards, and on
+    /// shards without top-k ids it is refused.
     pub fn target_options(&self, capture: &CaptureInfo) -> Result<Option<TargetOptions>> {
         if self.alpha >= 1.0 {
             return Ok(None);
         }
         let bucket = self.kd.mode == TopKMode::Bucket;
         let forward_kl_t1 = bucket && self.kd.divergence == Divergence::ForwardKl && self.kd.temperature == 1.0;
-        if capture.draws.is_some() && !forward_kl_t1 {
+        if capture.top_k == 0 && !forward_kl_t1 {
             bail!(
-                "these shards hold tail draws (precompute --sample), which give an unbiased estimate of the forward KL on buckets only, at temperature 1: train them with --loss forward-kl, without --renormalized-topk or --temperature"
+                "these shards hold tail draws but no top-k ids (precompute --top-k 0 --sample), and draws give an unbiased estimate of the forward KL on buckets only, at temperature 1: train them with --loss forward-kl, without --renormalized-topk or --temperature, or precompute a top-k"
             );
         }
-        if capture.top_k == 0 && !bucket {
-            bail!("these shards hold no top-k ids, so there is no top-k to renormalise over");
-        }
-        Ok(Some(TargetOptions { label_bucket: self.label_bucket && bucket }))
+        Ok(Some(TargetOptions { label_bucket: self.label_bucket && bucket, use_draws: forward_kl_t1 }))
     }
 
     pub fn schedule(&self) -> LrSchedule {
