@@ -42,6 +42,8 @@ def precompute(binary, teacher, data, out, devices, **opts):
     shutil.rmtree(out, ignore_errors=True)
     args = [binary, "precompute", "--teacher", str(teacher), "--input", str(data), "--output", str(out),
             "--devices", devices, "--no-progress"]
+    # The top-k targets alone (no tail draws), as the transformers baseline computes them.
+    opts = {"sample": 0, **opts}
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()

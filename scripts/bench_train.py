@@ -77,7 +77,7 @@ def tiny_setup(a):
     a.shards = a.work / "train-shards"
     shutil.rmtree(a.shards, ignore_errors=True)
     measure([a.binary, "precompute", "--teacher", models / "llama", "--input", data, "--output", a.shards,
-             "--top-k", "16", "--devices", "cpu", "--no-progress"])
+             "--top-k", "16", "--sample", "0", "--devices", "cpu", "--no-progress"])
     a.student = models / "qwen3"
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The main job: set up, get the default teacher (SmolLM2-135M-Instruct) and real data,
-# make a student from the teacher's layers, precompute the teacher's top-k targets,
+# make a student from the teacher's layers, precompute the teacher's targets (the
+# top-16 plus 16 draws from the tail, precompute's default; held-out shards at top-64,
+# the yardstick of every table),
 # train one student with KD and one with plain SFT on the same tokens and steps,
 # evaluate the teacher, the initial student and both students on held-out data, print
 # the table (also in RUN_DIR/results.md) and write the loss plots.
 #
 # Usage: scripts/run.sh [--gpu]     (--gpu: cuda:0 and a larger budget)
-# Budget knobs (environment): TRAIN_DOCS HELDOUT_DOCS STEPS BATCH_TOKENS LAYERS TOP_K LR
+# Budget knobs (environment): TRAIN_DOCS HELDOUT_DOCS STEPS BATCH_TOKENS LAYERS TOP_K SAMPLE LR
 # KD_ALPHA (share of hard-label CE in the KD run; 0.5 by default: pure KD, 0, wins on KL
 # but loses perplexity at this budget, see README.md).
 set -euo pipefail
@@ -18,7 +20,7 @@ if [[ "${1:-}" == "--gpu" ]]; then
 fi
 # The 2-CPU default: about 33k training tokens, 16 steps of 2048 tokens per run.
 : "${TRAIN_DOCS:=270}" "${HELDOUT_DOCS:=50}" "${STEPS:=16}" "${BATCH_TOKENS:=2048}"
-: "${LAYERS:=15}" "${TOP_K:=64}" "${LR:=3e-4}" "${MAX_LEN:=256}" "${KD_ALPHA:=0.5}"
+: "${LAYERS:=15}" "${TOP_K:=16}" "${SAMPLE:=16}" "${LR:=3e-4}" "${MAX_LEN:=256}" "${KD_ALPHA:=0.5}"
 cache=.cache/real
 run=${RUN_DIR:-.cache/runs/main}
 started=$(date +%s)
@@ -44,35 +46,40 @@ $distill student init --teacher $cache/teacher --output "$run/student-init" --nu
   --overwrite  # the job's own student from an earlier run
 # Named by the data's content, so new data never meets shards of the old (which a
 # resuming precompute would refuse).
-shards=$cache/shards-$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)-k$TOP_K-$MAX_LEN
-for split in train heldout; do
-  stamp "precompute $split (top-$TOP_K)"
-  # Resumes by default: a finished set with the same settings is kept as is.
-  $distill precompute --teacher $cache/teacher --input "$data/$split.jsonl" --output "$shards/$split" \
-    --top-k "$TOP_K" --max-len "$MAX_LEN" --devices "$device" --no-progress | grep -E "tokens|time"
-done
+hash=$(cat "$data"/*.jsonl | sha256sum | cut -c1-12)
+train_shards=$cache/shards-$hash-k$TOP_K-s$SAMPLE-$MAX_LEN/train
+heldout_shards=$cache/shards-$hash-k64-$MAX_LEN/heldout
+# Resumes by default: a finished set with the same settings is kept as is.
+stamp "precompute train (top-$TOP_K + $SAMPLE draws from the tail)"
+$distill precompute --teacher $cache/teacher --input "$data/train.jsonl" --output "$train_shards" \
+  --top-k "$TOP_K" --sample "$SAMPLE" --max-len "$MAX_LEN" --devices "$device" --no-progress | grep -E "tokens|time"
+stamp "precompute heldout (top-64)"
+$distill precompute --teacher $cache/teacher --input "$data/heldout.jsonl" --output "$heldout_shards" \
+  --top-k 64 --sample 0 --max-len "$MAX_LEN" --devices "$device" --no-progress | grep -E "tokens|time"
 # The shards are plain Parquet: pyarrow and DuckDB read them without distill.
-python - "$shards/train" <<'PY'
+python - "$train_shards" <<'PY'
 import glob, sys, duckdb, pyarrow.parquet as pq
 d = sys.argv[1]
 rows = pq.read_table(sorted(glob.glob(f"{d}/shard-*.parquet")), columns=["num_tokens"]).num_rows
-n, tokens, top1 = duckdb.connect().execute(f"""
+n, tokens, top1, drawn = duckdb.connect().execute(f"""
     SELECT count(*), sum(num_tokens),
-           (SELECT avg(exp(p[1])) FROM (SELECT unnest(topk_logprobs) AS p FROM read_parquet('{d}/shard-*.parquet')))
+           (SELECT avg(exp(p[1])) FROM (SELECT unnest(topk_logprobs) AS p FROM read_parquet('{d}/shard-*.parquet'))),
+           (SELECT avg(len(c)) FROM (SELECT unnest(draw_counts) AS c FROM read_parquet('{d}/shard-*.parquet')))
     FROM read_parquet('{d}/shard-*.parquet')""").fetchone()
-print(f"pyarrow reads {rows} rows; duckdb: {n} rows, {tokens} tokens, mean teacher top-1 probability {top1:.3f}")
+print(f"pyarrow reads {rows} rows; duckdb: {n} rows, {tokens} tokens, mean teacher top-1 probability {top1:.3f}, "
+      f"{drawn:.1f} distinct ids among the draws of a position")
 PY
 for mode in kd sft; do
   alpha=$KD_ALPHA; [[ $mode == sft ]] && alpha=1
   stamp "train $mode ($STEPS steps of $BATCH_TOKENS tokens, alpha $alpha)"
   rm -rf "$run/$mode"
-  $distill train --student "$run/student-init" --shards "$shards/train" --output "$run/$mode" \
+  $distill train --student "$run/student-init" --shards "$train_shards" --output "$run/$mode" \
     --device "$device" --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" \
     --lr "$LR" --warmup-steps 2 --alpha "$alpha" --save-every "$STEPS" --keep-last 1 2>&1 | tail -2
 done
 ckpt=$(printf "checkpoint-%07d" "$STEPS")
 stamp "evaluate on held-out text and shards"
-$distill eval --device "$device" --text "$data/heldout.jsonl" --shards "$shards/heldout" \
+$distill eval --device "$device" --text "$data/heldout.jsonl" --shards "$heldout_shards" \
   --model teacher=$cache/teacher --model student-init="$run/student-init" \
   --model sft="$run/sft/$ckpt" --model kd="$run/kd/$ckpt" --json > "$run/results.json"
 python - "$run" <<'PY'

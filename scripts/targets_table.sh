@@ -23,15 +23,15 @@ distill=target/release/distill
 
 # name | precompute flags | train flags
 rows=(
-  "sft|--top-k 64|--alpha 1"
-  "top64|--top-k 64|--alpha 0"
-  "top64-label|--top-k 64|--alpha 0 --label-bucket"
+  "sft|--top-k 64 --sample 0|--alpha 1"
+  "top64|--top-k 64 --sample 0|--alpha 0"
+  "top64-label|--top-k 64 --sample 0|--alpha 0 --label-bucket"
   "sample12|--top-k 0 --sample 12|--alpha 0"
   "sample48|--top-k 0 --sample 48|--alpha 0"
   "top16-tail16|--top-k 16 --sample 16|--alpha 0"
   "topp0.9-tail8|--top-k 64 --top-p 0.9 --sample 8|--alpha 0"
-  "top64-a0.5|--top-k 64|--alpha 0.5"
-  "top64-label-a0.5|--top-k 64|--alpha 0.5 --label-bucket"
+  "top64-a0.5|--top-k 64 --sample 0|--alpha 0.5"
+  "top64-label-a0.5|--top-k 64 --sample 0|--alpha 0.5 --label-bucket"
   "sample12-a0.5|--top-k 0 --sample 12|--alpha 0.5"
   "top16-tail16-a0.5|--top-k 16 --sample 16|--alpha 0.5"
 )
@@ -58,7 +58,7 @@ evaluate() {  # NAME MODEL_DIR: held-out text and top-64 shards, kept in evals/N
     > "$run/evals/$1.json.tmp" && mv "$run/evals/$1.json.tmp" "$run/evals/$1.json"
 }
 stamp "precompute heldout (top-64)"
-precompute heldout "$base/heldout-k64" --top-k 64
+precompute heldout "$base/heldout-k64" --top-k 64 --sample 0
 evaluate teacher $cache/teacher
 evaluate student-init "$run/student-init"
 ckpt=$(printf "checkpoint-%07d" "$STEPS")

@@ -104,10 +104,20 @@ fn pick(rows: &[ShardRow], rng: &mut Rng) -> (usize, usize, usize) {
 fn corrupted_fields_are_refused_by_name_or_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    ok(precompute("llama", &sample(), &base, &["--top-k", "8", "--hidden-layers", "2", "--row-group-rows", "4"]));
+    ok(precompute(
+        "llama",
+        &sample(),
+        &base,
+        &["--top-k", "8", "--sample", "0", "--hidden-layers", "2", "--row-group-rows", "4"],
+    ));
     let baseline = ok(eval(&base));
     let other_k = tmp.path().join("other-k");
-    ok(precompute("llama", &sample(), &other_k, &["--top-k", "4", "--hidden-layers", "2", "--row-group-rows", "4"]));
+    ok(precompute(
+        "llama",
+        &sample(),
+        &other_k,
+        &["--top-k", "4", "--sample", "0", "--hidden-layers", "2", "--row-group-rows", "4"],
+    ));
 
     const K: usize = 8;
     let cases: Vec<(&str, Corruption, &[&str])> = vec![
@@ -403,7 +413,7 @@ fn corrupted_fields_are_refused_by_name_or_change_nothing() {
 fn train_and_inspect_refuse_a_corrupted_row_too() {
     let tmp = tempfile::tempdir().unwrap();
     let set: PathBuf = tmp.path().join("set");
-    ok(precompute("llama", &sample(), &set, &["--top-k", "8"]));
+    ok(precompute("llama", &sample(), &set, &["--top-k", "8", "--sample", "0"]));
     rewrite_rows(&set, |rows| rows[3].topk.ids[5] = 50_000);
     let (student, out) = (model_dir("qwen3"), tmp.path().join("run"));
     let train = || {
@@ -417,6 +427,44 @@ fn train_and_inspect_refuse_a_corrupted_row_too() {
     // A set that lists no shard once made the trainer spin forever on empty epochs.
     rewrite_manifest(&set, |m| m["shards"] = json!([]));
     assert!(err(train()).contains("no rows"));
+}
+
+/// Tail draws that break their rules (counts not summing to the draws per position, an
+/// id drawn from the tail that is in the top-k, ids out of order) are refused by name.
+#[test]
+fn corrupted_tail_draws_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    ok(precompute("llama", &sample(), &base, &["--top-k", "8", "--sample", "6"]));
+    let cases: [(&str, fn(&mut Vec<ShardRow>), &str); 3] = [
+        ("a count too many", |r| r[2].topk.draws.as_mut().unwrap().counts[4] += 1, "draw_counts"),
+        (
+            "a top-k id among the draws",
+            |r| {
+                let top = r[1].topk.ids[0];
+                let d = r[1].topk.draws.as_mut().unwrap();
+                d.ids[0] = top;
+            },
+            "draw_ids",
+        ),
+        (
+            "ids out of order",
+            |r| {
+                let d = r[0].topk.draws.as_mut().unwrap();
+                let at = d.lengths.iter().position(|&n| n >= 2).unwrap();
+                let start: usize = d.lengths[..at].iter().map(|&n| n as usize).sum();
+                d.ids.swap(start, start + 1);
+            },
+            "draw_ids",
+        ),
+    ];
+    for (what, corrupt, column) in cases {
+        let set = tmp.path().join(what.replace(' ', "-"));
+        copy_dir(&base, &set);
+        rewrite_rows(&set, corrupt);
+        let e = err(eval(&set));
+        assert!(e.contains("shard-00000.parquet") && e.contains(column), "{what}: {e}");
+    }
 }
 
 /// A merge links the shards its inputs list: a name leading outside an input is refused

@@ -46,7 +46,7 @@ fn packed_rows_match_each_document_alone() {
 fn full_vocabulary_top_k_leaves_no_tail() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("shards");
-    ok(precompute("qwen3", &sample(), &out, &["--top-k", "384"]));
+    ok(precompute("qwen3", &sample(), &out, &["--top-k", "384", "--sample", "0"]));
     check_shards(&out, "qwen3", &sample());
 }
 
@@ -195,7 +195,7 @@ fn slices_merge_into_the_whole() {
 fn written_schema_matches_the_documented_definition() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("shards");
-    ok(precompute("qwen3", &sample(), &out, &["--top-k", "5", "--hidden-layers", "0,3"]));
+    ok(precompute("qwen3", &sample(), &out, &["--top-k", "5", "--sample", "0", "--hidden-layers", "0,3"]));
     let def: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(repo().join("schemas/shard.schema.json")).unwrap()).unwrap();
     let file = std::fs::File::open(out.join("shard-00000.parquet")).unwrap();

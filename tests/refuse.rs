@@ -256,7 +256,10 @@ fn options_outside_their_range_or_without_effect_are_refused_before_any_write() 
         (&["--zstd-level", "99"], "--zstd-level"),
         (&["--batch-tokens", "0"], "--batch-tokens"),
         (&["--max-len", "1"], "--max-len"),
-        (&["--top-k", "0"], "--top-k"),
+        (&["--top-k", "0", "--sample", "0"], "--top-k"),
+        (&["--sample", "300"], "--sample"),
+        (&["--top-p", "1.5"], "--top-p"),
+        (&["--top-k", "384"], "--sample 0"),
         (&["--hidden-layers", "1,1"], "--hidden-layers"),
         (&["--shard-index", "2", "--num-shards", "2"], "--shard-index"),
     ];

@@ -43,7 +43,7 @@ pub struct PrecomputeArgs {
     /// Pack several examples into each row of max-len tokens.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pack: Option<bool>,
-    /// Teacher token ids kept per position; 0 with --sample keeps none [default: 64].
+    /// Teacher token ids kept per position; 0 with --sample keeps none [default: 16].
     #[arg(long)]
     top_k: Option<usize>,
     /// Mass-adaptive top-k: keep the fewest of the top-k ids whose probabilities reach
@@ -51,7 +51,7 @@ pub struct PrecomputeArgs {
     #[arg(long)]
     top_p: Option<f64>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (the
-    /// whole distribution with --top-k 0), stored with their counts [default: 0, none].
+    /// whole distribution with --top-k 0), stored with their counts; 0: none [default: 16].
     #[arg(long)]
     sample: Option<usize>,
     /// Seed of --sample's draws [default: 0].

@@ -36,8 +36,11 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         bail!("--hidden-layers: layer {bad} does not exist (the teacher has {n_layers} layers; valid: 0..={n_layers})");
     }
     let vocab = tokenizer.max_id() as usize + 1;
-    if cfg.top_k > vocab || (cfg.sample > 0 && cfg.top_k >= vocab) {
-        bail!("--top-k {} must be below the vocabulary size {vocab} (at most equal without --sample)", cfg.top_k);
+    if cfg.top_k > vocab {
+        bail!("--top-k {} must be at most the vocabulary size {vocab}", cfg.top_k);
+    }
+    if cfg.sample > 0 && cfg.top_k >= vocab {
+        bail!("--top-k {} covers the whole vocabulary: no tail is left to draw from; add --sample 0", cfg.top_k);
     }
     let (slice_index, slice_count) = (cfg.slice.index, cfg.slice.count);
 
