@@ -436,7 +436,8 @@ fn corrupted_tail_draws_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     ok(precompute("llama", &sample(), &base, &["--top-k", "8", "--sample", "6"]));
-    let cases: [(&str, fn(&mut Vec<ShardRow>), &str); 3] = [
+    type Corrupt = fn(&mut Vec<ShardRow>);
+    let cases: [(&str, Corrupt, &str); 3] = [
         ("a count too many", |r| r[2].topk.draws.as_mut().unwrap().counts[4] += 1, "draw_counts"),
         (
             "a top-k id among the draws",
