@@ -26,6 +26,6 @@ for r in t.slice(0, 3).to_pylist():
 PY
 echo
 echo "# distill train --student .cache/tiny-models/llama --shards .cache/shards/tiny --steps 20"
-rm -rf .cache/runs/tiny-kd
+remove_train_run .cache/runs/tiny-kd
 $distill train --student .cache/tiny-models/llama --shards .cache/shards/tiny --output .cache/runs/tiny-kd \
   --device cpu --steps 20 --batch-tokens 1024 --lr 3e-3 --save-every 20 --hidden-map 2:2 --hidden-weight 0.1

@@ -16,8 +16,17 @@ if [[ ! -x "$DISTILL_VENV/bin/python" ]]; then
   python3 -m venv "$DISTILL_VENV"
 fi
 if ! cmp -s "$req" "$stamp" 2>/dev/null; then
-  echo "setup: installing $(grep -vc '^#' "$req") pinned packages (torch is ~4.6 GB the first time)"
-  "$DISTILL_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+  # The first install holds the downloaded wheels (~4 GB) and the installed packages
+  # (~5.2 GB) at once (about 9 GB); say so up front rather than let pip fail half way with ENOSPC.
+  free_kb=$(df -Pk "$DISTILL_VENV" | awk 'NR == 2 { print $4 }')
+  echo "setup: installing $(grep -vc '^#' "$req") pinned packages (torch is ~4.6 GB the first time;" \
+    "$((free_kb / 1024 / 1024)) GB free at $DISTILL_VENV, ~9 GB needed during the install)"
+  if (( free_kb < 9 * 1024 * 1024 )) && ! compgen -G "$DISTILL_VENV/lib/python3*/site-packages/torch" >/dev/null; then
+    echo "setup: not enough disk for torch at $DISTILL_VENV ($((free_kb / 1024)) MB free, ~9 GB needed);" \
+      "free some space or set DISTILL_VENV to a larger disk" >&2
+    exit 1
+  fi
+  "$DISTILL_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
   cp "$req" "$stamp"
 fi
 
