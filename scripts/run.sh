@@ -4,8 +4,9 @@
 # top-16 plus 16 draws from the tail, precompute's default; held-out shards at top-64,
 # the yardstick of every table),
 # train one student with KD and one with plain SFT on the same tokens and steps,
-# evaluate the teacher, the initial student and both students on held-out data, print
-# the table (also in RUN_DIR/results.md) and write the loss plots.
+# evaluate the teacher, the initial student and both students on held-out data (text,
+# shards, and greedy replies to the held-out math prompts), print the table (also in
+# RUN_DIR/results.md; replies side by side in RUN_DIR/replies.md) and write the loss plots.
 #
 # Usage: scripts/run.sh [--gpu]     (--gpu: cuda:0 and a larger budget)
 # Budget knobs (environment): TRAIN_DOCS HELDOUT_DOCS STEPS BATCH_TOKENS LAYERS TOP_K SAMPLE LR
@@ -72,26 +73,35 @@ PY
 for mode in kd sft; do
   alpha=$KD_ALPHA; [[ $mode == sft ]] && alpha=1
   stamp "train $mode ($STEPS steps of $BATCH_TOKENS tokens, alpha $alpha)"
-  rm -rf "$run/$mode"
+  remove_train_run "$run/$mode"
   $distill train --student "$run/student-init" --shards "$train_shards" --output "$run/$mode" \
     --device "$device" --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" \
     --lr "$LR" --warmup-steps 2 --alpha "$alpha" --save-every "$STEPS" --keep-last 1 2>&1 | tail -2
 done
 ckpt=$(printf "checkpoint-%07d" "$STEPS")
-stamp "evaluate on held-out text and shards"
-$distill eval --device "$device" --text "$data/heldout.jsonl" --shards "$heldout_shards" \
+stamp "evaluate on held-out text and shards, and greedy replies to the held-out math prompts"
+python - "$data/heldout.jsonl" "$run/heldout-prompts.jsonl" <<'PY'
+import sys
+with open(sys.argv[2], "w") as out:
+    out.writelines(l for l in open(sys.argv[1]) if '"messages"' in l)
+PY
+$distill eval --device "$device" --text "$data/heldout.jsonl" --shards "$heldout_shards" --teacher $cache/teacher \
+  --generate "$run/heldout-prompts.jsonl" --max-new-tokens 32 --side-by-side "$run/replies.md" \
   --model teacher=$cache/teacher --model student-init="$run/student-init" \
   --model sft="$run/sft/$ckpt" --model kd="$run/kd/$ckpt" --json > "$run/results.json"
 python - "$run" <<'PY'
 import json, sys
 run = sys.argv[1]
 rows = json.load(open(f"{run}/results.json"))
-lines = ["| model | held-out text PPL | held-out shard PPL | KL to teacher | top-1 agreement |", "|---|---|---|---|---|"]
+n = rows[0]["generation"]["with_reference"]
+lines = ["| model | held-out text PPL | held-out shard PPL | KL to teacher (full vocabulary) | KL to teacher (top-64 buckets) | top-1 agreement "
+         f"| exact match ({n} math prompts) | teacher NLL of its replies |", "|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    t, s = r["text"], r["shards"]
-    lines.append(f"| {r['name']} | {t['perplexity']:.2f} | {s['perplexity']:.2f} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% |")
+    t, s, g = r["text"], r["shards"], r["generation"]
+    lines.append(f"| {r['name']} | {t['perplexity']:.2f} | {s['perplexity']:.2f} | {t['kl_to_teacher']:.4f} | {s['kl_to_teacher']:.4f} "
+                 f"| {100 * s['top1_agreement']:.1f}% | {100 * g['exact_match']:.0f}% | {g['teacher_nll']:.3f} |")
 table = "\n".join(lines)
 open(f"{run}/results.md", "w").write(table + "\n")
 print(table)
 PY
-stamp "done: $run/results.md; loss plots $run/kd/loss.png, $run/sft/loss.png"
+stamp "done: $run/results.md; replies side by side $run/replies.md; loss plots $run/kd/loss.png, $run/sft/loss.png"

@@ -51,11 +51,12 @@ precompute() {  # SPLIT DIR FLAGS...
   $distill precompute --teacher $cache/teacher --input "$data/$split.jsonl" --output "$dir" \
     --max-len "$MAX_LEN" --devices cpu --no-progress "$@" | grep -E "time"
 }
-evaluate() {  # NAME MODEL_DIR: held-out text and top-64 shards, kept in evals/NAME.json
-  [[ -f $run/evals/$1.json ]] && return
+evaluate() {  # NAME MODEL_DIR: held-out text (full-vocabulary KL to the teacher) and top-64
+  # shards, kept in evals/NAME.json (redone when written before the full-vocabulary KL)
+  [[ $(grep -cs '"kl_to_teacher"' "$run/evals/$1.json") == 2 ]] && return
   stamp "evaluate $1"
-  $distill eval --device cpu --text "$data/heldout.jsonl" --shards "$base/heldout-k64" --model "$1=$2" --json \
-    > "$run/evals/$1.json.tmp" && mv "$run/evals/$1.json.tmp" "$run/evals/$1.json"
+  $distill eval --device cpu --text "$data/heldout.jsonl" --shards "$base/heldout-k64" --model "$1=$2" \
+    --teacher $cache/teacher --json > "$run/evals/$1.json.tmp" && mv "$run/evals/$1.json.tmp" "$run/evals/$1.json"
 }
 stamp "precompute heldout (top-64)"
 precompute heldout "$base/heldout-k64" --top-k 64 --sample 0
@@ -72,9 +73,9 @@ for row in "${rows[@]}"; do
   echo "$shards" > "$run/$name.shards"
   if [[ ! -d $run/$name/$ckpt ]]; then
     stamp "train $name ($STEPS steps of $BATCH_TOKENS tokens, $tflags)"
-    rm -rf "${run:?}/$name"
+    # --resume: an interrupted row goes on from its last checkpoint (none: from the start)
     # shellcheck disable=SC2086
-    $distill train --student "$run/student-init" --shards "$shards" --output "$run/$name" --device cpu \
+    $distill train --resume --student "$run/student-init" --shards "$shards" --output "$run/$name" --device cpu \
       --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --pack --seq-len "$MAX_LEN" --lr "$LR" --warmup-steps 2 \
       --save-every "$STEPS" --keep-last 1 $tflags 2>&1 | tail -1
   fi
@@ -89,14 +90,16 @@ def bytes_per_token(name):
     m = json.load(open(open(f"{run}/{name}.shards").read().strip() + "/manifest.json"))
     return sum(s["bytes"] for s in m["shards"]) / sum(s["tokens"] for s in m["shards"])
 teacher, sft = evals["teacher"]["text"]["perplexity"], evals.get("sft", {}).get("text", {}).get("perplexity")
-lines = ["| row | precompute | train | bytes/token | held-out PPL | KL to teacher (top-64 buckets) | top-1 agreement | SFT-to-teacher gap closed |",
-         "|---|---|---|---|---|---|---|---|"]
+lines = ["| row | precompute | train | bytes/token | held-out PPL | KL to teacher (full vocabulary) | KL to teacher (top-64 buckets) | top-1 agreement | SFT-to-teacher gap closed |",
+         "|---|---|---|---|---|---|---|---|---|"]
 for name, r in evals.items():
     ppl, s = r["text"]["perplexity"], r["shards"]
     p, t = flags.get(name, ["", ""])
     b = f"{bytes_per_token(name):.1f}" if name in flags and name != "sft" else ""
-    gap = f"{100 * (sft - ppl) / (sft - teacher):.1f}%" if sft and name not in ("teacher", "sft") else ""
-    lines.append(f"| {name} | `{p}` | `{t}` | {b} | {ppl:.2f} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% | {gap} |".replace("``", ""))
+    gap = f"{100 * (sft - ppl) / (sft - teacher):.1f}%" if sft and name not in ("teacher", "student-init", "sft") else ""
+    full = r["text"].get("kl_to_teacher")
+    full = f"{full:.4f}" if full is not None else "-"
+    lines.append(f"| {name} | `{p}` | `{t}` | {b} | {ppl:.2f} | {full} | {s['kl_to_teacher']:.4f} | {100 * s['top1_agreement']:.1f}% | {gap} |".replace("``", ""))
 table = "\n".join(lines)
 open(f"{run}/targets.md", "w").write(table + "\n")
 print(table)

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod dataset;
 pub mod eval;
 pub mod files;
+pub mod generate;
 pub mod losses;
 pub mod model;
 pub mod precompute;

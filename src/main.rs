@@ -27,6 +27,8 @@ enum Command {
     Train(Box<commands::train::TrainArgs>),
     /// Held-out cross-entropy, perplexity, KL to the teacher and top-1 agreement of models.
     Eval(commands::eval::EvalArgs),
+    /// Continue dataset rows (chat, prompt or text) with a model; write them as JSONL.
+    Generate(Box<commands::generate::GenerateArgs>),
     /// Make a student model from a teacher.
     Student(commands::student::StudentArgs),
     /// Measure how fast the shard reader decodes a shard set.
@@ -35,11 +37,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    // Training only: precompute runs the teacher beside tokenising and writing threads,
-    // which spinning OpenMP workers starve (the main job's teacher on 2 cores: 437
-    // tokens/s with sleeping workers, 243 with spinning ones).
-    if matches!(cli.command, Command::Train(_)) {
-        distill::runtime::tune_for_training_on_cpu();
+    // Training and generation only: precompute runs the teacher beside tokenising and
+    // writing threads, which spinning OpenMP workers starve (the main job's teacher on 2
+    // cores: 437 tokens/s with sleeping workers, 243 with spinning ones).
+    if matches!(cli.command, Command::Train(_) | Command::Generate(_)) {
+        distill::runtime::tune_for_torch_loops_on_cpu();
     }
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),
@@ -49,6 +51,7 @@ fn main() {
         Command::MergeShards(args) => commands::merge::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Generate(args) => commands::generate::run(*args),
         Command::Student(args) => commands::student::run(args),
         Command::BenchReader(args) => commands::bench_reader::run(args),
     };

@@ -148,3 +148,36 @@ fn tail_draws_and_the_label_bucket_on_cuda_follow_cpu() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn generation_on_cuda_follows_cpu() {
+    use distill::generate::{generate, GenerateOptions, Hooks, SamplingOptions};
+    // Prompts of different lengths (left padding), past the Mistral model's window;
+    // rows of two so that waiting prompts join a batch in flight.
+    let prompts: Vec<Vec<u32>> =
+        [5usize, 19, 3, 11].iter().map(|&n| (0..n as u32).map(|i| 3 + (i * 37) % 380).collect()).collect();
+    let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+    for name in ["llama", "mistral", "qwen3"] {
+        for sampling in
+            [SamplingOptions::default(), SamplingOptions { temperature: 1.0, seed: 4, ..Default::default() }]
+        {
+            let opts = GenerateOptions {
+                max_new_tokens: 24,
+                stop_ids: vec![1],
+                sampling,
+                max_batch_tokens: 10_000,
+                max_batch_rows: 2,
+            };
+            let run = |device| {
+                let model = distill::model::CausalLm::load(&model_dir(name), device, Kind::Float).unwrap();
+                generate(&model, &prompts, &keys, &opts, &Hooks::default()).unwrap()
+            };
+            let (cpu, cuda) = (run(Device::Cpu), run(Device::Cuda(0)));
+            // TF32 matmuls may flip a near tie; count, and require nearly all to agree.
+            let same = cpu.iter().zip(&cuda).filter(|(a, b)| a == b).count();
+            eprintln!("{name} {sampling:?}: {same} of {} replies identical on CUDA and CPU", cpu.len());
+            assert!(same + 1 >= cpu.len(), "{name}: CUDA replies differ from the CPU's: {cpu:?} vs {cuda:?}");
+        }
+    }
+}

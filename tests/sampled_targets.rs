@@ -17,7 +17,8 @@
 use distill::batch::targets::{teacher_targets, TargetOptions};
 use distill::dataset::sequence::Sequence;
 use distill::losses::{Divergence, KdLoss, TopKMode};
-use distill::precompute::capture::{draw_from_logits, draw_uniforms, tail_draws};
+use distill::model::sampling::{draw_from_logits, draw_uniforms};
+use distill::precompute::capture::tail_draws;
 use distill::shards::row::{ShardRow, TopKTargets};
 use half::f16;
 use tch::{Kind, Tensor};

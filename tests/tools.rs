@@ -108,9 +108,28 @@ fn eval_gives_the_teacher_zero_kl_and_full_agreement() {
     let text = repo().join("tests/data/heldout.jsonl");
     let mut args = vec!["eval", "--model", &spec, "--model", &student, "--text", text.to_str().unwrap()];
     args.extend(["--shards", set.to_str().unwrap(), "--device", "cpu", "--json"]);
+    args.extend(["--teacher", teacher.to_str().unwrap()]);
     let json: serde_json::Value = serde_json::from_str(&ok(distill(&args))).unwrap();
     let (t, s) = (&json[0], &json[1]);
     assert_eq!(t["name"], "teacher");
+    // On text, against the teacher's whole distribution (float32 softmaxes: ~1e-7).
+    assert!(t["text"]["kl_to_teacher"].as_f64().unwrap().abs() < 1e-6, "{t}");
+    assert_eq!(t["text"]["top1_agreement"].as_f64().unwrap(), 1.0, "{t}");
+    assert!(s["text"]["kl_to_teacher"].as_f64().unwrap() > 0.05, "{s}");
+    // A model with another vocabulary size has no full-vocabulary KL to the teacher.
+    let padded = model_dir("qwen2");
+    let e = err(distill(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--model",
+        padded.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--teacher",
+        teacher.to_str().unwrap(),
+    ]));
+    assert!(e.contains("same vocabulary"), "{e}");
     // The stored targets are the teacher's own, rounded to float16.
     assert!(t["shards"]["kl_to_teacher"].as_f64().unwrap() < 1e-3, "{t}");
     assert!(t["shards"]["top1_agreement"].as_f64().unwrap() > 0.99, "{t}");

@@ -6,17 +6,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use distill::batch::feed::FeedOptions;
+use distill::chat::ChatTemplate;
+use distill::dataset::read::{read_raw_rows, resolve_inputs};
 use distill::dataset::FieldNames;
+use distill::eval::generation::{judge_replies, GenerationMetrics};
 use distill::eval::shards::evaluate;
 use distill::eval::text::{check_tokenizer_fits, text_metrics, ScoreOptions, TextMetrics};
 use distill::files::checksum_file;
+use distill::generate::prompts::prompt_rows;
+use distill::generate::stop_ids_of;
 use distill::model::{parse_kind, CausalLm, ModelConfig};
 use distill::runtime::parse_device;
 use distill::shards::reader::ShardSet;
 
 /// Held-out evaluation of one or more models (students, checkpoints, the teacher):
 /// cross-entropy and perplexity on text, and on teacher shards also KL to the teacher
-/// and top-1 agreement with it.
+/// (on the shards' buckets) and top-1 agreement with it. With `--teacher`, the text is
+/// also scored against the teacher's whole distribution.
 #[derive(Args)]
 pub struct EvalArgs {
     /// Model directories, each optionally named: NAME=DIR.
@@ -28,6 +34,10 @@ pub struct EvalArgs {
     /// Held-out teacher shards (from `distill precompute`).
     #[arg(long)]
     shards: Option<PathBuf>,
+    /// Teacher model directory: on --text, also the KL from the teacher over the whole
+    /// vocabulary and the top-1 agreement (every model must share its tokenizer).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: String,
     /// float32, bfloat16 or float16.
@@ -39,6 +49,17 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Held-out prompts (chat, prompt or text rows): each model's greedy replies, their
+    /// exact match with the rows' reference answers, length, and (with --teacher) the
+    /// teacher's NLL of them.
+    #[arg(long, num_args = 1..)]
+    generate: Vec<String>,
+    /// Reply length limit for --generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Write every prompt with its reference and each model's reply here (markdown).
+    #[arg(long, requires = "generate")]
+    side_by_side: Option<PathBuf>,
     /// Evaluate on shards made with another tokenizer file (same ids) anyway.
     #[arg(long)]
     force_tokenizer: bool,
@@ -50,6 +71,8 @@ struct ModelEval {
     path: PathBuf,
     text: Option<TextMetrics>,
     shards: Option<ShardEval>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<GenerationMetrics>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,12 +85,27 @@ struct ShardEval {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.text.is_empty() && args.shards.is_none() {
-        bail!("give held-out --text files, --shards, or both");
+    if args.text.is_empty() && args.shards.is_none() && args.generate.is_empty() {
+        bail!("give held-out --text files, --shards, --generate prompts, or several");
     }
+    if !args.generate.is_empty() && args.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0 asks for no reply; give at least 1");
+    }
+    let prompt_files = if args.generate.is_empty() { vec![] } else { resolve_inputs(&args.generate)? };
+    // Per prompt: id, prompt text, reference; per model: its replies.
+    let mut prompts_shown: Vec<(String, String, Option<String>)> = vec![];
+    let mut replies_of: Vec<(String, Vec<String>)> = vec![];
     let device = parse_device(&args.device)?;
     let kind = parse_kind(&args.dtype)?;
     let set = args.shards.as_ref().map(|d| ShardSet::open(d, false).map(Arc::new)).transpose()?;
+    let teacher = match &args.teacher {
+        None => None,
+        Some(dir) => {
+            check_tokenizer_fits(dir)?;
+            let hash = checksum_file(&dir.join("tokenizer.json"))?;
+            Some((dir, hash, CausalLm::load(dir, device, kind)?))
+        }
+    };
     let mut results = vec![];
     for spec in &args.models {
         let (name, path) = match spec.split_once('=') {
@@ -81,12 +119,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let hash = checksum_file(&path.join("tokenizer.json"))?;
             set.check_student(&hash, vocab, args.force_tokenizer).with_context(|| format!("model {name}"))?;
         }
+        if let Some((dir, hash, _)) = &teacher {
+            if *hash != checksum_file(&path.join("tokenizer.json"))? && !args.force_tokenizer {
+                bail!(
+                    "model {name}: {} differs from the teacher's {}; the full-vocabulary KL compares the same token ids \
+                     (--force-tokenizer if the ids agree anyway)",
+                    path.join("tokenizer.json").display(),
+                    dir.join("tokenizer.json").display()
+                );
+            }
+        }
         let model = CausalLm::load(&path, device, kind)?;
         let text = if args.text.is_empty() {
             None
         } else {
             let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, ..ScoreOptions::default() };
-            Some(text_metrics(&path, &model, &args.text, &FieldNames::default(), &opts)?)
+            let t = teacher.as_ref().map(|(_, _, m)| m);
+            Some(text_metrics(&path, &model, t, &args.text, &FieldNames::default(), &opts)?)
         };
         let shards = match &set {
             None => None,
@@ -102,26 +151,57 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 })
             }
         };
-        results.push(ModelEval { name, path, text, shards });
+        let generation = if prompt_files.is_empty() {
+            None
+        } else {
+            let tokenizer = check_tokenizer_fits(&path)?;
+            let template = ChatTemplate::load(&path)?;
+            let rows =
+                prompt_rows(read_raw_rows(&prompt_files)?, &FieldNames::default(), &tokenizer, template.as_ref())?;
+            let t = teacher.as_ref().map(|(_, _, m)| m);
+            let replies = judge_replies(&model, &tokenizer, &rows, &stop_ids_of(&path)?, args.max_new_tokens, t)?;
+            if prompts_shown.is_empty() {
+                for r in &rows {
+                    prompts_shown.push((r.id.clone(), tokenizer.decode(&r.ids, false)?, r.reference.clone()));
+                }
+            }
+            replies_of.push((name.clone(), replies.texts));
+            Some(replies.metrics)
+        };
+        results.push(ModelEval { name, path, text, shards, generation });
+    }
+    if let Some(path) = &args.side_by_side {
+        write_side_by_side(path, &prompts_shown, &replies_of)?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(());
     }
     let width = results.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
+    if !args.text.is_empty() || args.shards.is_some() {
+        print_metrics_table(&results, width);
+    }
+    if results.iter().any(|r| r.generation.is_some()) {
+        print_generation_table(&results, width);
+    }
+    Ok(())
+}
+
+fn print_metrics_table(results: &[ModelEval], width: usize) {
     println!(
-        "{:<width$}  {:>9} {:>8} {:>9}  {:>9} {:>8} {:>9} {:>8} {:>7}",
-        "model", "text tok", "text CE", "text PPL", "shard tok", "CE", "PPL", "KL", "top-1"
+        "{:<width$}  {:>9} {:>8} {:>9} {:>8} {:>7}  {:>9} {:>8} {:>9} {:>8} {:>7}",
+        "model", "text tok", "text CE", "text PPL", "full KL", "top-1", "shard tok", "CE", "PPL", "KL", "top-1"
     );
-    let num = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
-    for r in &results {
+    for r in results {
         let (t, s) = (r.text.as_ref(), r.shards.as_ref());
         println!(
-            "{:<width$}  {:>9} {:>8} {:>9}  {:>9} {:>8} {:>9} {:>8} {:>7}",
+            "{:<width$}  {:>9} {:>8} {:>9} {:>8} {:>7}  {:>9} {:>8} {:>9} {:>8} {:>7}",
             r.name,
             t.map_or("-".into(), |t| t.tokens.to_string()),
             num(t.map(|t| t.cross_entropy), 4),
             num(t.map(|t| t.perplexity), 2),
+            num(t.and_then(|t| t.kl_to_teacher), 4),
+            num(t.and_then(|t| t.top1_agreement).map(|a| 100.0 * a), 1),
             s.map_or("-".into(), |s| s.targets.to_string()),
             num(s.map(|s| s.cross_entropy), 4),
             num(s.map(|s| s.perplexity), 2),
@@ -129,5 +209,48 @@ pub fn run(args: EvalArgs) -> Result<()> {
             num(s.map(|s| 100.0 * s.top1_agreement), 1),
         );
     }
-    Ok(())
+}
+
+fn print_generation_table(results: &[ModelEval], width: usize) {
+    println!(
+        "{:<width$}  {:>7} {:>11} {:>9} {:>8} {:>11}",
+        "model", "prompts", "exact match", "mean new", "stopped", "teacher NLL"
+    );
+    for r in results {
+        let Some(g) = &r.generation else { continue };
+        println!(
+            "{:<width$}  {:>7} {:>11} {:>9.1} {:>7.1}% {:>11}",
+            r.name,
+            g.prompts,
+            g.exact_match.map_or("-".into(), |e| format!("{:.1}%", 100.0 * e)),
+            g.mean_new_tokens,
+            100.0 * g.stopped,
+            num(g.teacher_nll, 4),
+        );
+    }
+}
+
+/// A number with `p` decimals, or `-` when not measured.
+fn num(v: Option<f64>, p: usize) -> String {
+    v.map_or("-".to_string(), |x| format!("{x:.p$}"))
+}
+
+/// Every prompt with its reference and each model's reply, as markdown a person reads.
+fn write_side_by_side(
+    path: &std::path::Path,
+    prompts: &[(String, String, Option<String>)],
+    replies: &[(String, Vec<String>)],
+) -> Result<()> {
+    let quote = |text: &str| text.trim_end().lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let mut out = String::new();
+    for (i, (id, prompt, reference)) in prompts.iter().enumerate() {
+        out += &format!("## {} ({id})\n\nprompt:\n\n{}\n", i + 1, quote(prompt));
+        if let Some(reference) = reference {
+            out += &format!("reference:\n\n{}\n", quote(reference));
+        }
+        for (name, texts) in replies {
+            out += &format!("{name}:\n\n{}\n", quote(&texts[i]));
+        }
+    }
+    distill::files::write_atomic(path, out.as_bytes())
 }

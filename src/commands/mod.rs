@@ -3,6 +3,7 @@
 pub mod bench_reader;
 pub mod env;
 pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod precompute;

@@ -50,7 +50,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let fields = FieldNames { text: args.text_field.clone(), ..FieldNames::default() };
     let opts = ScoreOptions { max_batch_tokens: args.batch_tokens, max_len: args.max_len, ..ScoreOptions::default() };
     let started = std::time::Instant::now();
-    let (ids, sums) = score_inputs(&args.model, &model, &args.input, &fields, &opts)?;
+    let (ids, sums) = score_inputs(&args.model, &model, None, &args.input, &fields, &opts)?;
     let elapsed = started.elapsed().as_secs_f64();
     let (per, total) = rows(&ids, &sums);
     match args.format {

@@ -80,6 +80,39 @@ fn format_of(path: &Path) -> Option<Format> {
     }
 }
 
+/// One input row as read: where it is (`FILE:LINE`), its id, and its JSON (or why it
+/// is not JSON).
+pub struct RawRow {
+    pub location: String,
+    pub id: String,
+    pub row: Result<Json>,
+}
+
+/// Every row of `files`, in order, parsed as JSON but not yet read as an example.
+pub fn read_raw_rows(files: &[PathBuf]) -> Result<Vec<RawRow>> {
+    let mut out = vec![];
+    for file in files {
+        let rows = match format_of(file) {
+            Some(Format::Jsonl) => jsonl_rows(file)?,
+            Some(Format::Parquet) => parquet_rows(file)?,
+            None => bail!("{}: unknown input format", file.display()),
+        };
+        if rows.is_empty() {
+            bail!("{}: no examples (the file is empty)", file.display());
+        }
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        for (number, row) in rows {
+            let id = match row.as_ref().ok().and_then(|obj| obj.get("id")) {
+                Some(Json::String(s)) => s.clone(),
+                Some(Json::Number(n)) => n.to_string(),
+                _ => format!("{stem}:{number}"),
+            };
+            out.push(RawRow { location: format!("{}:{number}", file.display()), id, row });
+        }
+    }
+    Ok(out)
+}
+
 /// Reads every row of `files`. With `skip_invalid`, rows that cannot be parsed are
 /// returned in the second list instead of failing the whole read.
 pub fn read_records(
@@ -89,33 +122,13 @@ pub fn read_records(
 ) -> Result<(Vec<Record>, Vec<InvalidRow>)> {
     let mut records = vec![];
     let mut invalid = vec![];
-    for file in files {
-        let before = records.len() + invalid.len();
-        let rows = match format_of(file) {
-            Some(Format::Jsonl) => jsonl_rows(file)?,
-            Some(Format::Parquet) => parquet_rows(file)?,
-            None => bail!("{}: unknown input format", file.display()),
-        };
-        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        for (number, row) in rows {
-            let location = format!("{}:{number}", file.display());
-            let parsed = row.and_then(|obj| {
-                let example = Example::from_json(&obj, fields)?;
-                let id = match obj.get("id") {
-                    Some(Json::String(s)) => s.clone(),
-                    Some(Json::Number(n)) => n.to_string(),
-                    _ => format!("{stem}:{number}"),
-                };
-                Ok(Record { id, location: location.clone(), example })
-            });
-            match parsed {
-                Ok(r) => records.push(r),
-                Err(e) if skip_invalid => invalid.push(InvalidRow { location, error: format!("{e:#}") }),
-                Err(e) => return Err(e.context(location)),
-            }
-        }
-        if records.len() + invalid.len() == before {
-            bail!("{}: no examples (the file is empty)", file.display());
+    for RawRow { location, id, row } in read_raw_rows(files)? {
+        let parsed = row
+            .and_then(|obj| Ok(Record { id, location: location.clone(), example: Example::from_json(&obj, fields)? }));
+        match parsed {
+            Ok(r) => records.push(r),
+            Err(e) if skip_invalid => invalid.push(InvalidRow { location, error: format!("{e:#}") }),
+            Err(e) => return Err(e.context(location)),
         }
     }
     Ok((records, invalid))

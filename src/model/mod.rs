@@ -5,8 +5,10 @@
 //! same layout back (see `save.rs`); `logits` applies the head in chunks of positions.
 pub mod backward;
 pub mod config;
+pub mod decode;
 pub mod logits;
 pub mod rope;
+pub mod sampling;
 pub mod save;
 pub mod transformer;
 pub mod weights;

@@ -95,7 +95,7 @@ pub struct DrawInfo {
     /// Draws per position (the counts of each position sum to it).
     pub per_position: usize,
     /// Seed of the draws: position t of the row with `row_index` r uses the uniform
-    /// numbers `draw_uniforms(seed, r, t)` (see `precompute::capture`), whatever the batch.
+    /// numbers `draw_uniforms(seed, r, t)` (see `model::sampling`), whatever the batch.
     pub seed: u64,
     /// What they were drawn from: the teacher's distribution at temperature 1,
     /// renormalised over the ids outside the top-k.

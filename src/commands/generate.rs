@@ -1,0 +1,180 @@
+//! `distill generate`: continuations of dataset rows by a model, as JSONL rows that
+//! `precompute` and `train` read back (teacher-written answers for sequence-level KD).
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Map};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use distill::chat::ChatTemplate;
+use distill::dataset::read::{read_raw_rows, resolve_inputs};
+use distill::dataset::FieldNames;
+use distill::eval::text::check_tokenizer_fits;
+use distill::generate::prompts::{output_row, prompt_rows};
+use distill::generate::{generate, stop_ids_of, GenerateOptions, Hooks, SamplingOptions};
+use distill::model::{parse_kind, CausalLm};
+use distill::runtime::parse_device;
+
+/// Continue dataset rows with a model: {"messages"} through the chat template and its
+/// generation prompt, {"prompt"}, or {"text"}; greedy or sampled, with a key/value cache.
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL or Parquet files, directories or globs.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<String>,
+    /// The JSONL file to write (refused if it exists, unless --overwrite).
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long)]
+    overwrite: bool,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0: greedy; else sample from softmax(logits / temperature).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens up to this mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// The same seed gives the same samples, whatever the batch or device.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replies per row (sampling; each written as its own row with `sample`).
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// A reply also ends where one of these strings appears (cut before it).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Upper bound on batch * (longest prompt + max new tokens).
+    #[arg(long, default_value_t = 16384)]
+    batch_tokens: usize,
+    /// Upper bound on the rows of a batch.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Also write the reply's token ids (`response_ids`).
+    #[arg(long)]
+    with_ids: bool,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long, default_value = "prompt")]
+    prompt_field: String,
+    #[arg(long, default_value = "response")]
+    response_field: String,
+    #[arg(long, default_value = "messages")]
+    messages_field: String,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0 asks for no reply; give at least 1");
+    }
+    if args.num_samples == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    if args.num_samples > 1 && args.temperature == 0.0 {
+        bail!(
+            "--num-samples {} with greedy decoding gives the same reply each time; set --temperature",
+            args.num_samples
+        );
+    }
+    if args.output.exists() && !args.overwrite {
+        bail!("{} exists; choose another --output or pass --overwrite", args.output.display());
+    }
+    let fields = FieldNames {
+        text: args.text_field.clone(),
+        prompt: args.prompt_field.clone(),
+        response: args.response_field.clone(),
+        messages: args.messages_field.clone(),
+    };
+    let tokenizer = check_tokenizer_fits(&args.model)?;
+    let template = ChatTemplate::load(&args.model)?;
+    let rows = prompt_rows(read_raw_rows(&resolve_inputs(&args.input)?)?, &fields, &tokenizer, template.as_ref())?;
+    let model = CausalLm::load(&args.model, parse_device(&args.device)?, parse_kind(&args.dtype)?)?;
+    if let Some(context) = model.config.max_position_embeddings {
+        if let Some(r) = rows.iter().find(|r| r.ids.len() >= context) {
+            bail!("{}: the prompt has {} tokens; the model's context is {context}", r.location, r.ids.len());
+        }
+    }
+    let n = args.num_samples;
+    let prompts: Vec<Vec<u32>> = rows.iter().flat_map(|r| std::iter::repeat_n(r.ids.clone(), n)).collect();
+    let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        stop_ids: stop_ids_of(&args.model)?,
+        sampling: SamplingOptions {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        max_batch_tokens: args.batch_tokens,
+        max_batch_rows: args.max_batch,
+    };
+    let bar = if args.no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} {human_pos} tokens  {per_sec}").expect("valid"),
+        );
+        bar
+    };
+    // Stop strings: look at the last few tokens only (each token is at least one character).
+    let longest_stop = args.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
+    let stop_hook = |_: usize, ids: &[u32]| {
+        let tail = &ids[ids.len().saturating_sub(longest_stop + 4)..];
+        tokenizer.decode(tail, true).is_ok_and(|text| args.stop.iter().any(|s| text.contains(s.as_str())))
+    };
+    let progress = |count: usize| bar.inc(count as u64);
+    let hooks = Hooks { stop: (!args.stop.is_empty()).then_some(&stop_hook as _), progress: Some(&progress) };
+    let started = Instant::now();
+    let replies = generate(&model, &prompts, &keys, &opts, &hooks)?;
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let tmp = args.output.with_extension("tmp-distill");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+    );
+    let mut new_tokens = 0;
+    for (i, reply) in replies.iter().enumerate() {
+        let row = &rows[i / n];
+        let mut text = tokenizer.decode(&reply.ids, true)?;
+        if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        let mut extra = Map::new();
+        extra.insert("finish_reason".into(), json!(reply.finish));
+        extra.insert("new_tokens".into(), json!(reply.ids.len()));
+        if n > 1 {
+            extra.insert("sample".into(), json!(i % n));
+        }
+        if args.with_ids {
+            extra.insert("response_ids".into(), json!(reply.ids));
+        }
+        new_tokens += reply.ids.len();
+        serde_json::to_writer(&mut out, &output_row(row, &fields, &text, extra))?;
+        out.write_all(b"\n")?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, &args.output).with_context(|| format!("cannot write {}", args.output.display()))?;
+    eprintln!(
+        "generated {new_tokens} tokens for {} rows ({} replies) in {elapsed:.2}s ({:.1} tokens/s) -> {}",
+        rows.len(),
+        replies.len(),
+        new_tokens as f64 / elapsed.max(1e-9),
+        args.output.display()
+    );
+    Ok(())
+}

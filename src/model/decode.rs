@@ -1,0 +1,177 @@
+//! Incremental decoding: the transformer over new tokens only, with the keys and values
+//! of earlier tokens kept per layer (`KvCache`). A batch is left-padded once, at the
+//! prompt; after that every row takes one token per step, so cache slot `i` is the same
+//! step for every row and a row's position is the count of its real tokens before it
+//! (transformers' `generate` numbers positions the same way). Attention masks are built
+//! per call over all slots: causal, a row's padding hidden, sliding windows in slots.
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::transformer::AttentionMask;
+use super::Transformer;
+
+/// Keys and values of the tokens decoded so far, per layer, and which slots hold a real
+/// token (left padding does not).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch, slots]` bool.
+    real: Option<Tensor>,
+    /// `[batch]` int64: the position the next real token of each row takes.
+    next_positions: Option<Tensor>,
+    /// Whether any slot holds padding (known on the host: no mask is needed without).
+    padded: bool,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), real: None, next_positions: None, padded: false }
+    }
+
+    /// Slots filled so far.
+    pub fn len(&self) -> i64 {
+        self.real.as_ref().map_or(0, |r| r.size()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds the rows of `other` below these, aligning the newest slots: the side with
+    /// fewer slots gets empty (not real) slots on the left.
+    pub fn append_rows(&mut self, other: KvCache) {
+        if self.real.as_ref().is_none_or(|r| r.size()[0] == 0) {
+            *self = other;
+            return;
+        }
+        let total = self.len().max(other.len());
+        let pad = |t: &Tensor, dim: i64| {
+            let missing = total - t.size()[dim as usize];
+            if missing == 0 {
+                return t.shallow_clone();
+            }
+            let mut shape = t.size();
+            shape[dim as usize] = missing;
+            Tensor::cat(&[&Tensor::zeros(shape.as_slice(), (t.kind(), t.device())), t], dim)
+        };
+        let rows = |a: &Tensor, b: &Tensor, dim: i64| Tensor::cat(&[pad(a, dim), pad(b, dim)], 0);
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            if let (Some(m), Some(t)) = (mine.as_mut(), theirs) {
+                *m = (rows(&m.0, &t.0, 2), rows(&m.1, &t.1, 2));
+            }
+        }
+        let (real, other_real) = (self.real.take().expect("checked"), other.real.expect("a filled cache"));
+        self.padded |= other.padded || real.size()[1] != other_real.size()[1];
+        self.real = Some(rows(&real, &other_real, 1));
+        let positions = [self.next_positions.take().expect("filled"), other.next_positions.expect("filled")];
+        self.next_positions = Some(Tensor::cat(&positions, 0));
+    }
+
+    /// Drops the oldest slots where no row holds a real token (the rows that needed them
+    /// have left), so the batch's attention spans its live rows only.
+    pub fn drop_unused_slots(&mut self) {
+        let Some(real) = &self.real else { return };
+        if real.size()[0] == 0 {
+            return;
+        }
+        let used = real.any_dims(Some(&[0i64][..]), false);
+        let first = used.to_kind(Kind::Int64).argmax(0, false).int64_value(&[]);
+        if first == 0 {
+            return;
+        }
+        let keep = self.len() - first;
+        for layer in self.layers.iter_mut().flatten() {
+            *layer = (layer.0.narrow(2, first, keep), layer.1.narrow(2, first, keep));
+        }
+        self.real = Some(real.narrow(1, first, keep));
+    }
+
+    /// Keeps only the rows `keep` (int64 indices) of every tensor, as when finished rows leave
+    /// a batch.
+    pub fn select_rows(&mut self, keep: &Tensor) {
+        let pick = |t: &Tensor| t.index_select(0, &keep.to_device(t.device()));
+        for layer in self.layers.iter_mut().flatten() {
+            *layer = (pick(&layer.0), pick(&layer.1));
+        }
+        self.real = self.real.as_ref().map(pick);
+        self.next_positions = self.next_positions.as_ref().map(pick);
+    }
+}
+
+impl Transformer {
+    /// Appends `ids` `[batch, seq]` to `cache` and returns the final (normed) hidden state
+    /// of the last slot of every row, `[batch, hidden]`. `mask` `[batch, seq]` (1 = token,
+    /// 0 = padding) may mark left padding on the first call only.
+    pub fn decode(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        if self.layer_devices.iter().any(|&d| d != self.layer_devices[0]) {
+            bail!("decoding with a model split over several devices is not supported; load it on one device");
+        }
+        let (b, s) = ids.size2()?;
+        let device = ids.device();
+        let mask = mask.to_device(device).ne(0);
+        cache.padded |= mask.logical_not().any().int64_value(&[]) != 0;
+        let before = match &cache.next_positions {
+            Some(p) => p.shallow_clone(),
+            None => Tensor::zeros([b], (Kind::Int64, device)),
+        };
+        let counted = mask.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
+        let positions = (before.unsqueeze(1) + &counted - 1).clamp_min(0);
+        cache.next_positions = Some(before + counted.select(1, s - 1));
+        let real = match cache.real.take() {
+            Some(r) => Tensor::cat(&[r, mask.shallow_clone()], 1),
+            None => mask.shallow_clone(),
+        };
+        let past = real.size()[1] - s;
+        let masks = SlotMasks::new(&real, past, s, cache.padded, device);
+        cache.real = Some(real);
+        let x = self.embed(ids);
+        let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
+        let mut x = x;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(&x, &cos, &sin, &masks.for_window(layer.sliding_window), slot);
+        }
+        Ok(self.final_norm(&x.select(1, s - 1)))
+    }
+}
+
+/// `[batch, 1, seq, slots]` masks of one decoding call: the new tokens (slots
+/// `past..past + seq`) see earlier and equal slots that hold real tokens, within the
+/// layer's window. A padding query also sees itself, so no row of the softmax is empty.
+/// Without padding and with no window cutting in, no mask: plain causal attention for
+/// the prompt, every slot for a one-token step.
+struct SlotMasks {
+    base: Tensor,
+    query_slots: Tensor,
+    key_slots: Tensor,
+    padded: bool,
+    past: i64,
+    total: i64,
+}
+
+impl SlotMasks {
+    fn new(real: &Tensor, past: i64, s: i64, padded: bool, device: Device) -> Self {
+        let total = past + s;
+        let query_slots = Tensor::arange_start(past, total, (Kind::Int64, device)).view([1, 1, s, 1]);
+        let key_slots = Tensor::arange(total, (Kind::Int64, device)).view([1, 1, 1, total]);
+        let causal = key_slots.le_tensor(&query_slots);
+        let base = causal.logical_and(&real.unsqueeze(1).unsqueeze(1));
+        SlotMasks { base, query_slots, key_slots, padded, past, total }
+    }
+
+    fn for_window(&self, window: Option<usize>) -> AttentionMask {
+        let window_cuts = window.is_some_and(|w| self.total > w as i64);
+        if !self.padded && !window_cuts {
+            if self.past == 0 {
+                return AttentionMask::Causal;
+            }
+            if self.total - self.past == 1 {
+                return AttentionMask::All;
+            }
+        }
+        let allowed = match window {
+            None => self.base.shallow_clone(),
+            Some(w) => self.base.logical_and(&(&self.query_slots - &self.key_slots).lt(w as i64)),
+        };
+        AttentionMask::Explicit(allowed.logical_or(&self.key_slots.eq_tensor(&self.query_slots)))
+    }
+}

@@ -1,0 +1,313 @@
+//! Decoding with the key/value cache: greedy continuations against transformers'
+//! `generate(do_sample=False)` on every tiny model, and sampling's reproducibility.
+mod common;
+use common::*;
+use distill::generate::{generate, FinishReason, GenerateOptions, Hooks, SamplingOptions};
+use distill::model::decode::KvCache;
+use distill::model::{CausalLm, ForwardInput};
+use tch::{Device, Kind, Tensor};
+
+/// Prompts of different lengths (left padding inside a batch); 19 + 24 tokens run past
+/// the Mistral model's 8-token window.
+fn prompts() -> Vec<Vec<u32>> {
+    let lengths = [5usize, 19, 3, 11];
+    let mut state = 7u64;
+    lengths
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    3 + ((state >> 33) % 380) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+const NEW_TOKENS: usize = 24;
+
+/// transformers' greedy continuations (left-padded batch, stopping at eos id 1), cut
+/// after the first eos.
+fn transformers_greedy(model: &std::path::Path, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let work = tempfile::tempdir().unwrap();
+    let (input, output) = (work.path().join("prompts.json"), work.path().join("out.json"));
+    std::fs::write(&input, serde_json::to_string(prompts).unwrap()).unwrap();
+    python_ok(
+        r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+prompts = json.load(open(sys.argv[2]))
+width = max(map(len, prompts))
+ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=int(sys.argv[4]),
+                     eos_token_id=1, pad_token_id=2)
+rows = []
+for row in out[:, width:].tolist():
+    rows.append(row[: row.index(1) + 1] if 1 in row else row)
+json.dump(rows, open(sys.argv[3], "w"))
+"#,
+        &[model, &input, &output, std::path::Path::new(&NEW_TOKENS.to_string())],
+    );
+    serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap()
+}
+
+/// Every cached step's final hidden state against the full forward pass over the same
+/// left-padded batch (prompts + 12 more tokens), for plain, sliding-window (past the
+/// window) and q/k-normed attention: float32 rounding only.
+#[test]
+fn cached_steps_equal_the_full_forward() {
+    let prompts = prompts();
+    let width = prompts.iter().map(Vec::len).max().unwrap();
+    let more: Vec<i64> = (0..12).map(|i| 10 + 7 * i).collect();
+    let total = width + more.len();
+    let (mut ids, mut mask) = (vec![], vec![]);
+    for p in &prompts {
+        let pad = width - p.len();
+        ids.extend((0..pad).map(|_| 2i64).chain(p.iter().map(|&x| x as i64)).chain(more.iter().copied()));
+        mask.extend((0..total).map(|t| (t >= pad) as i64));
+    }
+    let shape = [prompts.len() as i64, total as i64];
+    let (ids, mask) = (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape));
+    for name in ["llama", "mistral", "qwen3"] {
+        let model = CausalLm::load(&model_dir(name), Device::Cpu, Kind::Float).unwrap();
+        let full = model.transformer.forward_hidden(&ForwardInput::new(&ids, Some(&mask)), &[]).unwrap().last;
+        let mut cache = KvCache::new(model.config.num_layers);
+        let w = width as i64;
+        let mut got = vec![model.transformer.decode(&ids.narrow(1, 0, w), &mask.narrow(1, 0, w), &mut cache).unwrap()];
+        for t in w..total as i64 {
+            got.push(model.transformer.decode(&ids.narrow(1, t, 1), &mask.narrow(1, t, 1), &mut cache).unwrap());
+        }
+        for (step, h) in got.iter().enumerate() {
+            let want = full.select(1, w - 1 + step as i64);
+            let err = rel_err(h, &want, None);
+            assert!(err < 1e-5, "{name}, step {step}: relative error {err:.2e}");
+        }
+    }
+}
+
+fn options(max_batch_tokens: usize, sampling: SamplingOptions) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: NEW_TOKENS, stop_ids: vec![1], sampling, max_batch_tokens, max_batch_rows: 64 }
+}
+
+#[test]
+fn greedy_matches_transformers_generate_on_every_family() {
+    let prompts = prompts();
+    let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+    for name in ["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral"] {
+        let dir = model_dir(name);
+        let want = transformers_greedy(&dir, &prompts);
+        let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        // One batch of all four, and batches of one or two rows: the same tokens.
+        for budget in [10_000, 60] {
+            let got =
+                generate(&model, &prompts, &keys, &options(budget, SamplingOptions::default()), &Hooks::default())
+                    .unwrap();
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(&g.ids, w, "{name}, row {r}, batch budget {budget}");
+                let stopped = w.last() == Some(&1);
+                assert_eq!(g.finish, if stopped { FinishReason::Stop } else { FinishReason::Length });
+            }
+        }
+        // Rows of two, each stopped (by the hook) after its own number of tokens: waiting
+        // prompts join a batch in flight, with fewer or more slots than it, and the slots
+        // of the rows that left are dropped. Greedy replies are prefixes of the full ones.
+        let stop_after = |i: usize| 6 + 5 * i;
+        let stop = |i: usize, ids: &[u32]| ids.len() >= stop_after(i);
+        let hooks = Hooks { stop: Some(&stop), progress: None };
+        let opts = GenerateOptions { max_batch_rows: 2, ..options(10_000, SamplingOptions::default()) };
+        let got = generate(&model, &prompts, &keys, &opts, &hooks).unwrap();
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let n = stop_after(r).min(w.len());
+            assert_eq!(g.ids, w[..n], "{name}, row {r}, continuous batching");
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_in_any_batch_and_follows_its_filters() {
+    let prompts = prompts();
+    let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+    let model = CausalLm::load(&model_dir("qwen3"), Device::Cpu, Kind::Float).unwrap();
+    let sampling = SamplingOptions { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5 };
+    let together = generate(&model, &prompts, &keys, &options(10_000, sampling), &Hooks::default()).unwrap();
+    let apart = generate(&model, &prompts, &keys, &options(60, sampling), &Hooks::default()).unwrap();
+    assert_eq!(together, apart, "a row samples the same tokens whatever its batch");
+    let other_seed =
+        generate(&model, &prompts, &keys, &options(10_000, SamplingOptions { seed: 6, ..sampling }), &Hooks::default())
+            .unwrap();
+    assert_ne!(together, other_seed);
+    // top-k 1 and a tiny top-p both leave only the most likely token: greedy.
+    let greedy =
+        generate(&model, &prompts, &keys, &options(10_000, SamplingOptions::default()), &Hooks::default()).unwrap();
+    for filtered in [SamplingOptions { top_k: 1, ..sampling }, SamplingOptions { top_p: 1e-9, ..sampling }] {
+        assert_eq!(
+            generate(&model, &prompts, &keys, &options(10_000, filtered), &Hooks::default()).unwrap(),
+            greedy,
+            "{filtered:?}"
+        );
+    }
+}
+
+fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn cli_writes_rows_that_precompute_reads_back() {
+    let work = tempfile::tempdir().unwrap();
+    let (model, out) = (model_dir("qwen3"), work.path().join("replies.jsonl"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let args = ["generate", "--device", "cpu", "--no-progress", "--max-new-tokens", "6"];
+    ok(distill(&[&args[..], &["--model", &s(&model), "--input", &s(&sample()), "--output", &s(&out)]].concat()));
+    let input = read_jsonl(&sample());
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), input.len());
+    for (row, given) in rows.iter().zip(&input) {
+        assert_eq!(row["id"], given["id"]);
+        let new = row["new_tokens"].as_u64().unwrap();
+        assert!((1..=6).contains(&new), "{row}");
+        if let Some(messages) = given["messages"].as_array() {
+            // The trailing assistant turn became the reference; a new one holds the reply.
+            let turns = row["messages"].as_array().unwrap();
+            assert_eq!(turns.len(), messages.len());
+            assert_eq!(turns.last().unwrap()["role"], "assistant");
+            assert_eq!(row["reference"], messages.last().unwrap()["content"]);
+        } else if given.get("prompt").is_some() {
+            assert_eq!(row["reference"], given["response"]);
+            assert!(row["response"].is_string());
+        } else {
+            let (text, more) = (row["text"].as_str().unwrap(), row["continuation"].as_str().unwrap());
+            assert_eq!(text, format!("{}{more}", given["text"].as_str().unwrap()));
+        }
+    }
+    // Refuses to overwrite what exists; the replies read back as training rows.
+    let again =
+        err(distill(&[&args[..], &["--model", &s(&model), "--input", &s(&sample()), "--output", &s(&out)]].concat()));
+    assert!(again.contains("--overwrite"), "{again}");
+    let shards = work.path().join("shards");
+    ok(precompute("qwen3", &out, &shards, &["--top-k", "4", "--sample", "0"]));
+    let m = manifest(&shards);
+    assert_eq!((m["complete"].as_bool(), m["skipped"]["invalid_rows"].as_u64()), (Some(true), Some(0)), "{m}");
+    let rows_in_shards: u64 = m["shards"].as_array().unwrap().iter().map(|s| s["rows"].as_u64().unwrap()).sum();
+    assert_eq!(rows_in_shards, input.len() as u64, "{m}");
+
+    // Stop strings cut the reply before them; several samples per row at temperature 1.
+    let first = rows.iter().find(|r| r["continuation"].as_str().is_some_and(|c| c.chars().count() >= 4)).unwrap();
+    let stop: String = first["continuation"].as_str().unwrap().chars().skip(2).take(2).collect();
+    let one = work.path().join("one.jsonl");
+    std::fs::write(&one, format!("{}\n", serde_json::json!({"text": first["text"].as_str().unwrap().strip_suffix(first["continuation"].as_str().unwrap()).unwrap()}))).unwrap();
+    let cut = work.path().join("cut.jsonl");
+    ok(distill(
+        &[&args[..], &["--model", &s(&model), "--input", &s(&one), "--output", &s(&cut), "--stop", &stop]].concat(),
+    ));
+    let cut = &read_jsonl(&cut)[0];
+    assert_eq!(cut["finish_reason"], "stop", "{cut}");
+    let want: String = first["continuation"].as_str().unwrap().chars().take(2).collect();
+    assert!(
+        cut["continuation"].as_str().unwrap().starts_with(&want)
+            && !cut["continuation"].as_str().unwrap().contains(&stop),
+        "{cut}"
+    );
+    let sampled = work.path().join("sampled.jsonl");
+    let sampling = ["--temperature", "1", "--num-samples", "2", "--seed", "3"];
+    ok(distill(
+        &[&args[..], &sampling, &["--model", &s(&model), "--input", &s(&one), "--output", &s(&sampled)]].concat(),
+    ));
+    let sampled = read_jsonl(&sampled);
+    assert_eq!(sampled.iter().map(|r| r["sample"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1]);
+}
+
+#[test]
+fn cli_refuses_bad_prompts_naming_the_row() {
+    let work = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = |model: &std::path::Path, lines: &str, extra: &[&str]| {
+        let input = work.path().join("in.jsonl");
+        std::fs::write(&input, lines).unwrap();
+        let out = work.path().join("out.jsonl");
+        let base = ["generate", "--device", "cpu", "--no-progress", "--overwrite"];
+        let extra = if extra.is_empty() { &["--max-new-tokens", "4"][..] } else { extra };
+        err(distill(&[&base[..], &["--model", &s(model), "--input", &s(&input), "--output", &s(&out)], extra].concat()))
+    };
+    let qwen3 = model_dir("qwen3");
+    let ok_row = "{\"text\": \"Call me\"}\n";
+    let e = run(&qwen3, &format!("{ok_row}{{\"prompt\": \"\"}}\n"), &[]);
+    assert!(e.contains("in.jsonl:2") && e.contains("empty"), "{e}");
+    let e = run(&qwen3, &format!("{ok_row}{{\"text\": \"{}\"}}\n", "word ".repeat(400)), &[]);
+    assert!(e.contains("in.jsonl:2") && e.contains("context is 256"), "{e}");
+    let e = run(&qwen3, ok_row, &["--max-new-tokens", "0"]);
+    assert!(e.contains("--max-new-tokens 0"), "{e}");
+    let e = run(&qwen3, "{\"messages\": [{\"role\": \"assistant\", \"content\": \"Hi\"}]}\n", &[]);
+    assert!(e.contains("in.jsonl:1") && e.contains("no turn before"), "{e}");
+    // A model without a chat template, given chat rows.
+    let plain = copy_model("llama", work.path());
+    let config = plain.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let e = run(&plain, &format!("{ok_row}{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}\n"), &[]);
+    assert!(e.contains("in.jsonl:2") && e.contains("chat template"), "{e}");
+    assert!(!work.path().join("out.jsonl").exists(), "nothing written on error");
+}
+
+/// `eval --generate`: references equal to the teacher's own greedy replies score as exact
+/// matches (a wrong one does not), the teacher finds its own replies more likely than a
+/// random student's, and the side-by-side file shows every prompt and reply.
+#[test]
+fn eval_generate_scores_replies_against_references_and_the_teacher() {
+    let work = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (teacher, student) = (model_dir("llama"), model_dir("qwen3"));
+    let questions = ["Sort 1, -107, -3.", "What is 2 + 2?", "Name a colour."];
+    let prompts = work.path().join("prompts.jsonl");
+    let rows: String = questions
+        .iter()
+        .map(|q| serde_json::json!({"messages": [{"role": "user", "content": q}]}).to_string() + "\n")
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    let replies = work.path().join("replies.jsonl");
+    let gen = ["generate", "--device", "cpu", "--no-progress", "--max-new-tokens", "6"];
+    ok(distill(&[&gen[..], &["--model", &s(&teacher), "--input", &s(&prompts), "--output", &s(&replies)]].concat()));
+    // References: the teacher's replies for two rows, a wrong answer for the third.
+    let mut rows = read_jsonl(&replies);
+    rows[2]["messages"][1]["content"] = serde_json::json!("not what it says");
+    let held_out = work.path().join("held_out.jsonl");
+    let keep = |r: &serde_json::Value| serde_json::json!({"id": r["id"], "messages": r["messages"]}).to_string() + "\n";
+    std::fs::write(&held_out, rows.iter().map(keep).collect::<String>()).unwrap();
+    let side = work.path().join("side.md");
+    let out = ok(distill(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--json",
+        "--max-new-tokens",
+        "6",
+        "--model",
+        &format!("teacher={}", s(&teacher)),
+        "--model",
+        &format!("student={}", s(&student)),
+        "--teacher",
+        &s(&teacher),
+        "--generate",
+        &s(&held_out),
+        "--side-by-side",
+        &s(&side),
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (t, st) = (&json[0]["generation"], &json[1]["generation"]);
+    assert_eq!((t["prompts"].as_u64(), t["with_reference"].as_u64()), (Some(3), Some(3)), "{t}");
+    assert!((t["exact_match"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12, "{t}");
+    assert!(t["mean_new_tokens"].as_f64().unwrap() <= 6.0);
+    let (own, other) = (t["teacher_nll"].as_f64().unwrap(), st["teacher_nll"].as_f64().unwrap());
+    assert!(own > 0.0 && own < other, "teacher NLL of its own replies {own}, of the student's {other}");
+    let text = std::fs::read_to_string(&side).unwrap();
+    for q in questions {
+        assert!(text.contains(q), "{text}");
+    }
+    assert_eq!(text.matches("\nteacher:\n").count(), 3);
+    assert_eq!(text.matches("\nstudent:\n").count(), 3);
+    assert_eq!(text.matches("\nreference:\n").count(), 3);
+}
