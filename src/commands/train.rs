@@ -96,7 +96,7 @@ pub struct TrainArgs {
     /// Global gradient-norm clip [default: 1.0].
     #[arg(long)]
     clip_norm: Option<f64>,
-    /// Weight of the hard-label cross-entropy (1 = plain SFT, no teacher targets) [default: 0].
+    /// Weight of the hard-label cross-entropy (1 = plain SFT, no teacher targets; 0 = pure KD) [default: 0.5].
     #[arg(long)]
     alpha: Option<f64>,
     /// [default: forward-kl]
