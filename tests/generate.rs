@@ -251,6 +251,22 @@ fn cli_refuses_bad_prompts_naming_the_row() {
     let e = run(&plain, &format!("{ok_row}{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}\n"), &[]);
     assert!(e.contains("in.jsonl:2") && e.contains("chat template"), "{e}");
     assert!(!work.path().join("out.jsonl").exists(), "nothing written on error");
+    // A missing output folder is refused before any work.
+    let input = work.path().join("in.jsonl");
+    std::fs::write(&input, ok_row).unwrap();
+    let missing = work.path().join("no/such/out.jsonl");
+    let e = err(distill(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        &s(&qwen3),
+        "--input",
+        &s(&input),
+        "--output",
+        &s(&missing),
+    ]));
+    assert!(e.contains("does not exist"), "{e}");
 }
 
 /// `eval --generate`: references equal to the teacher's own greedy replies score as exact
@@ -310,4 +326,13 @@ fn eval_generate_scores_replies_against_references_and_the_teacher() {
     assert_eq!(text.matches("\nteacher:\n").count(), 3);
     assert_eq!(text.matches("\nstudent:\n").count(), 3);
     assert_eq!(text.matches("\nreference:\n").count(), 3);
+    // Its own file is replaced on a rerun; a file eval did not write is refused, untouched.
+    let rerun =
+        ["eval", "--device", "cpu", "--model", &s(&student), "--generate", &s(&held_out), "--max-new-tokens", "2"];
+    ok(distill(&[&rerun[..], &["--side-by-side", &s(&side)]].concat()));
+    let foreign = work.path().join("notes.md");
+    std::fs::write(&foreign, "my notes\n").unwrap();
+    let e = err(distill(&[&rerun[..], &["--side-by-side", &s(&foreign)]].concat()));
+    assert!(e.contains("not written by distill eval"), "{e}");
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "my notes\n");
 }

@@ -92,6 +92,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("--max-new-tokens 0 asks for no reply; give at least 1");
     }
     let prompt_files = if args.generate.is_empty() { vec![] } else { resolve_inputs(&args.generate)? };
+    if let Some(path) = &args.side_by_side {
+        check_side_by_side_target(path)?; // before any model runs
+    }
     // Per prompt: id, prompt text, reference; per model: its replies.
     let mut prompts_shown: Vec<(String, String, Option<String>)> = vec![];
     let mut replies_of: Vec<(String, Vec<String>)> = vec![];
@@ -235,6 +238,25 @@ fn num(v: Option<f64>, p: usize) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.p$}"))
 }
 
+/// First line of a side-by-side file: eval replaces only files that carry it.
+const SIDE_BY_SIDE_MARK: &str = "<!-- distill eval --side-by-side -->";
+
+/// The side-by-side file may be written: its folder exists, and any file already there
+/// is one an earlier `eval --side-by-side` wrote.
+fn check_side_by_side_target(path: &std::path::Path) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        bail!("--side-by-side {}: the folder {} does not exist", path.display(), parent.display());
+    }
+    if path.exists() {
+        let first = std::fs::read_to_string(path).ok().and_then(|t| t.lines().next().map(str::to_string));
+        if first.as_deref() != Some(SIDE_BY_SIDE_MARK) {
+            bail!("--side-by-side {} exists and was not written by distill eval; choose another path", path.display());
+        }
+    }
+    Ok(())
+}
+
 /// Every prompt with its reference and each model's reply, as markdown a person reads.
 fn write_side_by_side(
     path: &std::path::Path,
@@ -242,7 +264,7 @@ fn write_side_by_side(
     replies: &[(String, Vec<String>)],
 ) -> Result<()> {
     let quote = |text: &str| text.trim_end().lines().map(|l| format!("    {l}\n")).collect::<String>();
-    let mut out = String::new();
+    let mut out = format!("{SIDE_BY_SIDE_MARK}\n\n");
     for (i, (id, prompt, reference)) in prompts.iter().enumerate() {
         out += &format!("## {} ({id})\n\nprompt:\n\n{}\n", i + 1, quote(prompt));
         if let Some(reference) = reference {

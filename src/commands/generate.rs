@@ -92,6 +92,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.output.exists() && !args.overwrite {
         bail!("{} exists; choose another --output or pass --overwrite", args.output.display());
     }
+    // Checked before any work: a missing folder must not cost the whole generation.
+    let folder = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !folder.is_dir() {
+        bail!("--output {}: the folder {} does not exist", args.output.display(), folder.display());
+    }
+    if args.output.is_dir() {
+        bail!("--output {} is a directory; give a .jsonl file", args.output.display());
+    }
     let fields = FieldNames {
         text: args.text_field.clone(),
         prompt: args.prompt_field.clone(),

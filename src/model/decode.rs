@@ -123,12 +123,19 @@ impl Transformer {
         };
         let past = real.size()[1] - s;
         let masks = SlotMasks::new(&real, past, s, cache.padded, device);
+        // One mask per distinct window per call, not one per layer.
+        let mut windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.sliding_window).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        let per_window: Vec<(Option<usize>, AttentionMask)> =
+            windows.into_iter().map(|w| (w, masks.for_window(w))).collect();
         cache.real = Some(real);
         let x = self.embed(ids);
         let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
         let mut x = x;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(&x, &cos, &sin, &masks.for_window(layer.sliding_window), slot);
+            let mask = &per_window.iter().find(|(w, _)| *w == layer.sliding_window).expect("built above").1;
+            x = layer.forward_cached(&x, &cos, &sin, mask, slot);
         }
         Ok(self.final_norm(&x.select(1, s - 1)))
     }
