@@ -11,6 +11,9 @@
         `text` rows, plus school-math question/answer pairs from DeepMind's
         mathematics_dataset generator as chat `messages` rows. Deterministic: the same
         arguments give the same bytes. Documents go to held-out by a hash of their id.
+    real_data.py math OUT_DIR [--train N] [--heldout N] [--seed S]
+        Math chats alone (prompts for the generation recipes, scripts/recipes_table.sh),
+        from another seed than `data`'s.
 
 Both steps skip their work when their output already exists (a `.done` stamp).
 """
@@ -201,6 +204,22 @@ def data(out: Path, train_docs: int, heldout_docs: int, math_share: float, cache
     mark_done(out, what)
 
 
+def math(out: Path, train: int, heldout: int, seed: int):
+    """Math chats alone (prompts for generation recipes), split train / held-out."""
+    what = json.dumps([train, heldout, seed, "math v1"])
+    if done(out, what):
+        print(f"math: {out} ready")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    chats = list(math_chats(train + heldout, seed=seed))
+    for split, part in (("train", chats[:train]), ("heldout", chats[train:])):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for i, m in part:
+                f.write(json.dumps({"id": i, "messages": m}) + "\n")
+        print(f"math: {out / f'{split}.jsonl'}: {len(part)} chats")
+    mark_done(out, what)
+
+
 def main():
     # mathematics_dataset iterates over sets, whose order follows Python's per-process
     # hash seed: fix it, or two runs write different questions.
@@ -216,9 +235,16 @@ def main():
     d.add_argument("--heldout-docs", type=int, default=200)
     d.add_argument("--math-share", type=float, default=0.2)
     d.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTILL_CACHE", ".cache")) / "npm")
+    m = sub.add_parser("math")
+    m.add_argument("out", type=Path)
+    m.add_argument("--train", type=int, default=256)
+    m.add_argument("--heldout", type=int, default=64)
+    m.add_argument("--seed", type=int, default=1)  # `data` draws its math chats with seed 0
     a = ap.parse_args()
     if a.cmd == "teacher":
         teacher(a.out)
+    elif a.cmd == "math":
+        math(a.out, a.train, a.heldout, a.seed)
     else:
         data(a.out, a.train_docs, a.heldout_docs, a.math_share, a.cache)
 

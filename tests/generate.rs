@@ -116,7 +116,7 @@ fn greedy_matches_transformers_generate_on_every_family() {
         // of the rows that left are dropped. Greedy replies are prefixes of the full ones.
         let stop_after = |i: usize| 6 + 5 * i;
         let stop = |i: usize, ids: &[u32]| ids.len() >= stop_after(i);
-        let hooks = Hooks { stop: Some(&stop), progress: None };
+        let hooks = Hooks { stop: Some(&stop), progress: None, observer: None };
         let opts = GenerateOptions { max_batch_rows: 2, ..options(10_000, SamplingOptions::default()) };
         let got = generate(&model, &prompts, &keys, &opts, &hooks).unwrap();
         for (r, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -319,6 +319,10 @@ fn eval_generate_scores_replies_against_references_and_the_teacher() {
     assert!(t["mean_new_tokens"].as_f64().unwrap() <= 6.0);
     let (own, other) = (t["teacher_nll"].as_f64().unwrap(), st["teacher_nll"].as_f64().unwrap());
     assert!(own > 0.0 && own < other, "teacher NLL of its own replies {own}, of the student's {other}");
+    // The KL at the model's own reply positions (score_sequences_against, tested in
+    // float64 in tests/score.rs): none for the teacher itself.
+    let (own, other) = (t["kl_on_replies"].as_f64().unwrap(), st["kl_on_replies"].as_f64().unwrap());
+    assert!(own.abs() < 1e-6 && other > 1e-3, "KL on replies: teacher {own}, student {other}");
     let text = std::fs::read_to_string(&side).unwrap();
     for q in questions {
         assert!(text.contains(q), "{text}");
@@ -335,4 +339,188 @@ fn eval_generate_scores_replies_against_references_and_the_teacher() {
     let e = err(distill(&[&rerun[..], &["--side-by-side", &s(&foreign)]].concat()));
     assert!(e.contains("not written by distill eval"), "{e}");
     assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "my notes\n");
+}
+
+/// Sequence-level KD in one pass: the targets `generate --capture` takes from the
+/// decoding steps equal those of a separate `precompute --token-ids` over the rows it
+/// wrote. Tolerances: float16 values within one float16 step at their magnitude plus
+/// 1e-4 (a cached step and a full forward differ by float32 rounding, ~1e-6, which can
+/// move a float16 rounding by one step); float32 log-masses within 1e-4; the same top-k
+/// ids and draws wherever no two probabilities are within that tolerance.
+#[test]
+fn captured_replies_equal_a_separate_precompute() {
+    let work = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    for name in ["qwen3", "mistral"] {
+        let (model, out) = (model_dir(name), work.path().join(format!("{name}.jsonl")));
+        let captured = work.path().join(format!("{name}-captured"));
+        let targets = ["--target-top-k", "8", "--target-sample", "6", "--hidden-layers", "1,2"];
+        ok(distill(
+            &[
+                &["generate", "--device", "cpu", "--no-progress", "--max-new-tokens", "12", "--max-batch", "3"][..],
+                &["--temperature", "1", "--seed", "5", "--model", &s(&model), "--input", &s(&sample())],
+                &["--output", &s(&out), "--capture", &s(&captured)],
+                &targets,
+            ]
+            .concat(),
+        ));
+        let rows = read_jsonl(&out);
+        for row in &rows {
+            let (ids, lps) = (row["response_ids"].as_array().unwrap(), row["response_logprobs"].as_array().unwrap());
+            assert_eq!(ids.len(), lps.len(), "{row}");
+            assert!(lps.iter().all(|x| x.as_f64().unwrap() <= 0.0), "{row}");
+        }
+        let separate = work.path().join(format!("{name}-separate"));
+        let max_len = manifest(&captured)["settings"]["data"]["max_len"].to_string();
+        ok(precompute(
+            name,
+            &out,
+            &separate,
+            &["--token-ids", "--top-k", "8", "--sample", "6", "--hidden-layers", "1,2", "--max-len", &max_len],
+        ));
+        let (mc, ms) = (manifest(&captured), manifest(&separate));
+        assert_eq!(mc["settings"], ms["settings"], "the captured set describes itself as the separate run");
+        assert_eq!(mc["complete"], true);
+        let read = |dir: &std::path::Path| {
+            let set = distill::shards::reader::ShardSet::open(dir, false).unwrap();
+            let mut rows = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect::<Vec<_>>();
+            rows.sort_by_key(|r| r.sequence.row_index); // written in batch order
+            rows
+        };
+        let (got, want) = (read(&captured), read(&separate));
+        assert_eq!(got.len(), rows.len());
+        assert_eq!(got.len(), want.len());
+        let close16 = |a: f32, b: f32| (a - b).abs() <= f16_step(a.abs().max(b.abs())) + 1e-4;
+        let (mut positions, mut tied) = (0, 0);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.sequence, w.sequence, "{name}: same tokens, mask, keys and sampler log-probs");
+            // The teacher sampled its own replies: its log-prob of each token is the
+            // label's target log-prob (the softmax over the padded rows aside).
+            if mc["settings"]["teacher"]["model_vocab_size"] == mc["settings"]["tokenizer"]["vocab_size"] {
+                for (a, b) in g.sequence.sampler_logprobs.as_ref().unwrap().iter().zip(&g.topk.target_logprob) {
+                    assert!((a - b).abs() <= 1e-4, "{name}: sampler {a} vs target {b}");
+                }
+            }
+            let (gt, wt) = (&g.topk, &w.topk);
+            for (a, b) in
+                gt.tail_logmass.iter().zip(&wt.tail_logmass).chain(gt.target_logprob.iter().zip(&wt.target_logprob))
+            {
+                assert!((a - b).abs() <= 1e-4, "{name}: {a} vs {b}");
+            }
+            for (((gi, gl), (wi, wl)), (gd, wd)) in gt
+                .per_position()
+                .zip(wt.per_position())
+                .zip(gt.draws.as_ref().unwrap().per_position().zip(wt.draws.as_ref().unwrap().per_position()))
+            {
+                positions += 1;
+                for (a, b) in gl.iter().zip(wl) {
+                    assert!(close16(a.to_f32(), b.to_f32()), "{name}: top-k log-prob {a} vs {b}");
+                }
+                let near_tie = wl.windows(2).any(|p| (p[0].to_f32() - p[1].to_f32()).abs() <= 2e-3);
+                if gi != wi || gd != wd {
+                    assert!(near_tie, "{name}: ids {gi:?} vs {wi:?}, draws {gd:?} vs {wd:?} without a near tie");
+                    tied += 1;
+                }
+            }
+            for (gh, wh) in g.hidden.iter().zip(&w.hidden) {
+                assert_eq!((gh.layer, gh.values.len()), (wh.layer, wh.values.len()));
+                for (a, b) in gh.values.iter().zip(&wh.values) {
+                    assert!(close16(a.to_f32(), b.to_f32()), "{name}: hidden {} {a} vs {b}", gh.layer);
+                }
+                for (a, b) in gh.rms.iter().zip(&wh.rms) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs(), "{name}: rms {a} vs {b}");
+                }
+            }
+        }
+        eprintln!("{name}: {tied} of {positions} positions differ in top-k ids or draws");
+        assert!(positions > 50 && tied * 20 <= positions, "{name}: {tied} of {positions} positions differ");
+    }
+}
+
+/// The spacing of float16 numbers at magnitude `x`.
+fn f16_step(x: f32) -> f32 {
+    let exponent = x.max(6.1e-5).log2().floor();
+    2f32.powf(exponent - 10.0)
+}
+
+/// scripts/onpolicy.sh on tiny models: two rounds (the student samples, the teacher
+/// scores exactly those tokens, training continues from the last checkpoint), the
+/// student's log-probs stored with the shards, and a rerun after a crash redoing only
+/// what was lost.
+#[test]
+fn onpolicy_rounds_run_resume_and_keep_the_sampler_logprobs() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("onpolicy");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = || {
+        let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
+        let script = repo().join("scripts/onpolicy.sh");
+        let args = [
+            "--teacher",
+            &s(&model_dir("qwen3")),
+            "--student",
+            &s(&model_dir("qwen3")),
+            "--prompts",
+            &s(&sample()),
+            "--output",
+            &s(&out),
+            "--rounds",
+            "2",
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--top-k",
+            "4",
+            "--sample",
+            "4",
+            "--",
+            "--batch-tokens",
+            "512",
+        ];
+        let o = std::process::Command::new("bash").arg(script).args(args).env("DISTILL_BIN", bin).output().unwrap();
+        assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    };
+    run();
+    let round = |r: usize| out.join(format!("round-{r}"));
+    let final_ckpt = |r: usize| round(r).join("run/checkpoint-0000002");
+    for r in [1, 2] {
+        assert!(final_ckpt(r).join("model.safetensors").exists(), "round {r} trained");
+        let m = manifest(&round(r).join("shards"));
+        assert_eq!(
+            (m["complete"].as_bool(), m["settings"]["capture"]["sampler_logprobs"].as_bool()),
+            (Some(true), Some(true))
+        );
+    }
+    // Round 2 samples from round 1's student and trains from it.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(round(2).join("run/run.json")).unwrap()).unwrap();
+    assert!(record.to_string().contains(&s(&final_ckpt(1))), "{record}");
+    // The stored sampler log-probs are the student's, token for token.
+    let samples = read_jsonl(&round(1).join("samples.jsonl"));
+    let set = distill::shards::reader::ShardSet::open(&round(1).join("shards"), false).unwrap();
+    let rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
+    assert_eq!(rows.len(), samples.len());
+    for row in rows {
+        let sample = &samples[row.sequence.row_index as usize];
+        let want: Vec<f32> =
+            sample["response_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let ids: Vec<u32> =
+            sample["response_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert!(row.sequence.ids.ends_with(&ids));
+        assert_eq!(row.sequence.sampler_logprobs.as_deref(), Some(&want[..]));
+    }
+    // A crash in round 2 after sampling: its shards and run are lost; the rerun keeps
+    // round 1 and round 2's samples as they were and redoes the rest.
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let kept =
+        [round(1).join("samples.jsonl"), final_ckpt(1).join("model.safetensors"), round(2).join("samples.jsonl")];
+    let before: Vec<_> = kept.iter().map(|p| stamp(p)).collect();
+    std::fs::remove_dir_all(round(2).join("shards")).unwrap();
+    std::fs::remove_dir_all(final_ckpt(2)).unwrap();
+    run();
+    assert_eq!(kept.iter().map(|p| stamp(p)).collect::<Vec<_>>(), before);
+    assert!(final_ckpt(2).join("model.safetensors").exists());
 }

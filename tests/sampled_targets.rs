@@ -59,6 +59,7 @@ fn row(teacher: &Tensor, k: i64, draws: Option<usize>) -> ShardRow {
         doc_lengths: vec![R as u32 + 1],
         ids: vec![0; R + 1],
         loss_mask: (0..=R).map(|t| t > 0).collect(),
+        sampler_logprobs: None,
     };
     let topk = TopKTargets {
         k: k as usize,

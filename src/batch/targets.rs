@@ -115,6 +115,7 @@ mod tests {
             sample_ids: vec!["a".into()],
             doc_lengths: vec![n as u32],
             loss_mask: (0..n).map(|t| t > 0).collect(),
+            sampler_logprobs: None,
             ids,
         };
         ShardRow { sequence, topk, hidden: vec![] }

@@ -216,19 +216,20 @@ fn print_metrics_table(results: &[ModelEval], width: usize) {
 
 fn print_generation_table(results: &[ModelEval], width: usize) {
     println!(
-        "{:<width$}  {:>7} {:>11} {:>9} {:>8} {:>11}",
-        "model", "prompts", "exact match", "mean new", "stopped", "teacher NLL"
+        "{:<width$}  {:>7} {:>11} {:>9} {:>8} {:>11} {:>14}",
+        "model", "prompts", "exact match", "mean new", "stopped", "teacher NLL", "KL on replies"
     );
     for r in results {
         let Some(g) = &r.generation else { continue };
         println!(
-            "{:<width$}  {:>7} {:>11} {:>9.1} {:>7.1}% {:>11}",
+            "{:<width$}  {:>7} {:>11} {:>9.1} {:>7.1}% {:>11} {:>14}",
             r.name,
             g.prompts,
             g.exact_match.map_or("-".into(), |e| format!("{:.1}%", 100.0 * e)),
             g.mean_new_tokens,
             100.0 * g.stopped,
             num(g.teacher_nll, 4),
+            num(g.kl_on_replies, 4),
         );
     }
 }

@@ -9,12 +9,17 @@ use std::time::Instant;
 
 use distill::chat::ChatTemplate;
 use distill::dataset::read::{read_raw_rows, resolve_inputs};
-use distill::dataset::FieldNames;
+use distill::dataset::{FieldNames, TokenIdFields};
 use distill::eval::text::check_tokenizer_fits;
 use distill::generate::prompts::{output_row, prompt_rows};
-use distill::generate::{generate, stop_ids_of, GenerateOptions, Hooks, SamplingOptions};
-use distill::model::{parse_kind, CausalLm};
+use distill::generate::{generate, stop_ids_of, GenerateOptions, Hooks, Observer, SamplingOptions, StepView};
+use distill::model::{parse_kind, CausalLm, ModelConfig};
+use distill::precompute::capture::{CaptureSettings, DrawSettings};
+use distill::precompute::replies::ReplyTargets;
+use distill::precompute::PrecomputeConfig;
 use distill::runtime::parse_device;
+use std::cell::RefCell;
+use tch::{Kind, Tensor};
 
 /// Continue dataset rows with a model: {"messages"} through the chat template and its
 /// generation prompt, {"prompt"}, or {"text"}; greedy or sampled, with a key/value cache.
@@ -61,9 +66,28 @@ pub struct GenerateArgs {
     /// Upper bound on the rows of a batch.
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
-    /// Also write the reply's token ids (`response_ids`).
+    /// Also write the token ids of the prompt (`prompt_ids`) and of the reply
+    /// (`response_ids`, every generated token, also past a --stop string) and the
+    /// model's log-probability of each reply token at temperature 1
+    /// (`response_logprobs`): `precompute --token-ids` reads them back exactly.
     #[arg(long)]
     with_ids: bool,
+    /// Sequence-level KD in one pass: also write the model's targets for its replies
+    /// (the logits each token was chosen from) as a shard set in this directory, the set
+    /// `precompute --token-ids` would write over the --output rows (implies --with-ids).
+    #[arg(long)]
+    capture: Option<PathBuf>,
+    /// Captured targets: top-k ids per reply token (as precompute --top-k).
+    #[arg(long, default_value_t = 16)]
+    target_top_k: usize,
+    /// Captured targets: ids drawn from the tail per reply token (as precompute --sample).
+    #[arg(long, default_value_t = 16)]
+    target_sample: usize,
+    #[arg(long, default_value_t = 0)]
+    target_seed: u64,
+    /// Captured targets: hidden states to keep (as precompute --hidden-layers).
+    #[arg(long, value_delimiter = ',')]
+    hidden_layers: Vec<usize>,
     #[arg(long, default_value = "text")]
     text_field: String,
     #[arg(long, default_value = "prompt")]
@@ -105,7 +129,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         prompt: args.prompt_field.clone(),
         response: args.response_field.clone(),
         messages: args.messages_field.clone(),
+        token_ids: None,
     };
+    let capture = match &args.capture {
+        Some(dir) => Some(capture_config(&args, dir)?),
+        None => None,
+    };
+    let with_ids = args.with_ids || capture.is_some();
     let tokenizer = check_tokenizer_fits(&args.model)?;
     let template = ChatTemplate::load(&args.model)?;
     let rows = prompt_rows(read_raw_rows(&resolve_inputs(&args.input)?)?, &fields, &tokenizer, template.as_ref())?;
@@ -146,7 +176,43 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         tokenizer.decode(tail, true).is_ok_and(|text| args.stop.iter().any(|s| text.contains(s.as_str())))
     };
     let progress = |count: usize| bar.inc(count as u64);
-    let hooks = Hooks { stop: (!args.stop.is_empty()).then_some(&stop_hook as _), progress: Some(&progress) };
+    let recorder = capture.as_ref().map(|cfg| {
+        let settings = CaptureSettings {
+            top_k: cfg.top_k,
+            top_p: None,
+            draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
+            hidden_layers: cfg.hidden_layers.clone(),
+            vocab_limit: tokenizer.max_id() as usize + 1,
+        };
+        ReplyTargets::new(settings, prompts.len())
+    });
+    if let Some(r) = &recorder {
+        r.settings().check(&model)?;
+    }
+    let logprobs: RefCell<Vec<Vec<f32>>> = RefCell::new(vec![vec![]; prompts.len()]);
+    let on_step = |step: &StepView| -> Result<()> {
+        let picked = Tensor::from_slice(&step.tokens.iter().map(|&t| t as i64).collect::<Vec<_>>());
+        let chosen = step.logits.log_softmax(-1, Kind::Float).gather(
+            -1,
+            &picked.to_device(step.logits.device()).unsqueeze(-1),
+            false,
+        );
+        let chosen = Vec::<f32>::try_from(chosen.reshape([-1]).to_device(tch::Device::Cpu))?;
+        let mut all = logprobs.borrow_mut();
+        for (&i, lp) in step.prompts.iter().zip(chosen) {
+            all[i].push(lp);
+        }
+        match &recorder {
+            Some(r) => r.record(step.prompts, step.numbers, step.logits, step.tokens, step.hidden),
+            None => Ok(()),
+        }
+    };
+    let hidden_layers = capture.as_ref().map(|c| c.hidden_layers.clone()).unwrap_or_default();
+    let hooks = Hooks {
+        stop: (!args.stop.is_empty()).then_some(&stop_hook as _),
+        progress: Some(&progress),
+        observer: with_ids.then_some(Observer { hidden_layers: &hidden_layers, on_step: &on_step }),
+    };
     let started = Instant::now();
     let replies = generate(&model, &prompts, &keys, &opts, &hooks)?;
     bar.finish_and_clear();
@@ -168,8 +234,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if n > 1 {
             extra.insert("sample".into(), json!(i % n));
         }
-        if args.with_ids {
+        if with_ids {
+            extra.insert("prompt_ids".into(), json!(row.ids));
             extra.insert("response_ids".into(), json!(reply.ids));
+            extra.insert("response_logprobs".into(), json!(logprobs.borrow()[i]));
         }
         new_tokens += reply.ids.len();
         serde_json::to_writer(&mut out, &output_row(row, &fields, &text, extra))?;
@@ -184,5 +252,50 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         new_tokens as f64 / elapsed.max(1e-9),
         args.output.display()
     );
+    if let (Some(recorder), Some(cfg)) = (recorder, capture) {
+        let summary = recorder.write(&cfg)?;
+        eprintln!(
+            "captured the targets of {} reply tokens in {} shards ({:.1} bytes/token) -> {}",
+            summary.targets,
+            summary.shards,
+            summary.bytes_per_token(),
+            cfg.output.display()
+        );
+    }
     Ok(())
+}
+
+/// The precompute run whose shard set `--capture` writes: `precompute --token-ids` over
+/// the --output rows with the model as teacher. Checked before any decoding.
+fn capture_config(args: &GenerateArgs, dir: &std::path::Path) -> Result<PrecomputeConfig> {
+    let model_config = ModelConfig::from_file(&distill::model::config_path_of(&args.model))?;
+    let longest = model_config.max_position_embeddings.unwrap_or(usize::MAX);
+    let defaults = PrecomputeConfig::default();
+    let cfg = PrecomputeConfig {
+        teacher: args.model.clone(),
+        inputs: vec![args.output.display().to_string()],
+        output: dir.to_path_buf(),
+        fields: FieldNames { token_ids: Some(TokenIdFields::default()), ..FieldNames::default() },
+        // Every reply fits: prompt + reply never pass the context.
+        max_len: longest.min(1 << 20),
+        pack: false,
+        top_k: args.target_top_k,
+        top_p: None,
+        sample: args.target_sample,
+        sample_seed: args.target_seed,
+        hidden_layers: args.hidden_layers.clone(),
+        devices: vec![vec![parse_device(&args.device)?]],
+        dtype: Some(parse_kind(&args.dtype)?),
+        overwrite: args.overwrite,
+        progress: false,
+        ..defaults
+    };
+    cfg.validate()?;
+    if dir.join("manifest.json").exists() && !args.overwrite {
+        bail!(
+            "--capture {}: a shard set is already there; choose another directory or pass --overwrite",
+            dir.display()
+        );
+    }
+    Ok(cfg)
 }

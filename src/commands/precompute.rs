@@ -4,7 +4,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use distill::dataset::FieldNames;
+use distill::dataset::{FieldNames, TokenIdFields};
 use distill::model::parse_kind;
 use distill::precompute::{self, PrecomputeConfig, Summary};
 use distill::runtime::parse_device;
@@ -37,6 +37,11 @@ pub struct PrecomputeArgs {
     response_field: Option<String>,
     #[arg(long)]
     messages_field: Option<String>,
+    /// Read token ids, not text: `prompt_ids` (not trained) and `response_ids` of each
+    /// row, as `distill generate --with-ids` writes them, so the teacher scores exactly
+    /// the sampled tokens (on-policy rounds). Optionally the two field names, comma-separated.
+    #[arg(long, num_args = 0..=1, default_missing_value = "prompt_ids,response_ids")]
+    token_ids: Option<String>,
     /// Longest sequence in tokens [default: 2048].
     #[arg(long)]
     max_len: Option<usize>,
@@ -127,6 +132,19 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
             prompt: a.prompt_field.unwrap_or(d.fields.prompt),
             response: a.response_field.unwrap_or(d.fields.response),
             messages: a.messages_field.unwrap_or(d.fields.messages),
+            token_ids: match a.token_ids.as_deref() {
+                None | Some("false") => None,
+                Some(names) => match names.split_once(',') {
+                    Some((prompt, response)) if !prompt.is_empty() && !response.is_empty() => Some(TokenIdFields {
+                        prompt: prompt.trim().into(),
+                        response: response.trim().into(),
+                        ..TokenIdFields::default()
+                    }),
+                    _ => anyhow::bail!(
+                        "--token-ids takes the prompt and response id fields as `PROMPT,RESPONSE`, not `{names}`"
+                    ),
+                },
+            },
         },
         max_len: a.max_len.unwrap_or(d.max_len),
         pack: a.pack.unwrap_or(d.pack),

@@ -4,7 +4,7 @@
 pub mod read;
 pub mod sequence;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
 use crate::chat::ChatTemplate;
@@ -13,8 +13,20 @@ use crate::tokenizer::{MaskedTokens, TextTokenizer};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
     Text(String),
-    PromptResponse { prompt: String, response: String },
+    PromptResponse {
+        prompt: String,
+        response: String,
+    },
     Chat(Vec<Json>),
+    /// Token ids given by the row (a reply `distill generate --with-ids` wrote): the
+    /// teacher sees exactly the tokens that were sampled, with no re-tokenisation that
+    /// could split them differently. Only the response is trained.
+    /// `logprobs`: the sampling model's log-probability of each response token.
+    Tokens {
+        prompt: Vec<u32>,
+        response: Vec<u32>,
+        logprobs: Option<Vec<f32>>,
+    },
 }
 
 /// Which JSON fields hold each shape.
@@ -24,6 +36,27 @@ pub struct FieldNames {
     pub prompt: String,
     pub response: String,
     pub messages: String,
+    /// Read token ids from these fields instead of text (every row must have them).
+    pub token_ids: Option<TokenIdFields>,
+}
+
+/// The fields of pre-tokenised rows: prompt ids (not trained) and response ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenIdFields {
+    pub prompt: String,
+    pub response: String,
+    /// Optional: the sampler's log-probability of each response token.
+    pub logprobs: String,
+}
+
+impl Default for TokenIdFields {
+    fn default() -> Self {
+        TokenIdFields {
+            prompt: "prompt_ids".into(),
+            response: "response_ids".into(),
+            logprobs: "response_logprobs".into(),
+        }
+    }
 }
 
 impl Default for FieldNames {
@@ -33,6 +66,7 @@ impl Default for FieldNames {
             prompt: "prompt".into(),
             response: "response".into(),
             messages: "messages".into(),
+            token_ids: None,
         }
     }
 }
@@ -49,6 +83,45 @@ impl Example {
     /// Reads the example from one JSON object; the error names the missing field.
     pub fn from_json(obj: &Json, fields: &FieldNames) -> Result<Self> {
         let Json::Object(map) = obj else { bail!("row is not a JSON object") };
+        if let Some(f) = &fields.token_ids {
+            let ids = |name: &str| -> Result<Vec<u32>> {
+                let Some(value) = map.get(name) else { bail!("field `{name}` is missing (token ids were asked for)") };
+                let Json::Array(list) = value else { bail!("field `{name}` is not a list of token ids") };
+                list.iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        x.as_u64()
+                            .and_then(|id| u32::try_from(id).ok())
+                            .with_context(|| format!("field `{name}[{i}]` is not a token id: {x}"))
+                    })
+                    .collect()
+            };
+            let (prompt, response) = (ids(&f.prompt)?, ids(&f.response)?);
+            if response.is_empty() {
+                bail!("field `{}` is empty: no token to train on", f.response);
+            }
+            let logprobs = match map.get(&f.logprobs) {
+                None | Some(Json::Null) => None,
+                Some(Json::Array(list)) => {
+                    if list.len() != response.len() {
+                        bail!(
+                            "field `{}` holds {} values for {} response tokens",
+                            f.logprobs,
+                            list.len(),
+                            response.len()
+                        );
+                    }
+                    let values = list.iter().enumerate().map(|(i, x)| {
+                        x.as_f64().filter(|v| *v <= 0.0).map(|v| v as f32).with_context(|| {
+                            format!("field `{}[{i}]` is not a log-probability (a number <= 0): {x}", f.logprobs)
+                        })
+                    });
+                    Some(values.collect::<Result<Vec<f32>>>()?)
+                }
+                Some(_) => bail!("field `{}` is not a list of log-probabilities", f.logprobs),
+            };
+            return Ok(Example::Tokens { prompt, response, logprobs });
+        }
         let string = |name: &str| -> Result<String> {
             match map.get(name) {
                 Some(Json::String(s)) => Ok(s.clone()),
@@ -129,6 +202,15 @@ impl Example {
             None => Ok(text.len()),
         };
         match (self, template) {
+            (Example::Tokens { prompt, response, .. }, _) => {
+                let vocab = tokenizer.vocab_size();
+                if let Some(&id) = prompt.iter().chain(response).find(|&&id| id as usize >= vocab) {
+                    bail!("token id {id} is outside the tokenizer's vocabulary ({vocab} tokens): the ids come from another model");
+                }
+                let mut loss_mask = vec![false; prompt.len()];
+                loss_mask.resize(prompt.len() + response.len(), true);
+                Ok(MaskedTokens { ids: [prompt.as_slice(), response].concat(), loss_mask })
+            }
             (Example::Text(text), _) => {
                 let ids = tokenizer.encode(&text[..keep(text, true)?], true)?;
                 Ok(MaskedTokens { loss_mask: vec![true; ids.len()], ids })
@@ -170,5 +252,28 @@ mod tests {
         assert!(e.contains("messages[0].role"), "{e}");
         let e = Example::from_json(&json!({"body": "x"}), &f).unwrap_err().to_string();
         assert!(e.contains("none of the fields"), "{e}");
+    }
+
+    #[test]
+    fn token_id_rows_train_the_response_only() {
+        let f = FieldNames { token_ids: Some(TokenIdFields::default()), ..FieldNames::default() };
+        // Text fields are kept for people; the ids are what the teacher sees.
+        let row = json!({"messages": [], "prompt_ids": [5, 6], "response_ids": [7, 8, 9]});
+        let example = Example::from_json(&row, &f).unwrap();
+        assert_eq!(example, Example::Tokens { prompt: vec![5, 6], response: vec![7, 8, 9], logprobs: None });
+        let sampled = json!({"prompt_ids": [5], "response_ids": [7, 8], "response_logprobs": [-0.5, 0]});
+        let example = Example::from_json(&sampled, &f).unwrap();
+        assert_eq!(example, Example::Tokens { prompt: vec![5], response: vec![7, 8], logprobs: Some(vec![-0.5, 0.0]) });
+        for (bad, field) in [
+            (json!({"prompt_ids": [1]}), "`response_ids` is missing"),
+            (json!({"prompt_ids": [1], "response_ids": []}), "`response_ids` is empty"),
+            (json!({"prompt_ids": [1, -2], "response_ids": [3]}), "`prompt_ids[1]` is not a token id"),
+            (json!({"prompt_ids": "1 2", "response_ids": [3]}), "`prompt_ids` is not a list"),
+            (json!({"prompt_ids": [1], "response_ids": [3], "response_logprobs": [0.5]}), "`response_logprobs[0]`"),
+            (json!({"prompt_ids": [1], "response_ids": [3], "response_logprobs": []}), "0 values for 1 response"),
+        ] {
+            let e = Example::from_json(&bad, &f).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use super::read::InvalidRow;
-use super::Record;
+use super::{Example, Record};
 use crate::chat::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
 
@@ -24,6 +24,10 @@ pub struct Sequence {
     pub doc_lengths: Vec<u32>,
     pub ids: Vec<u32>,
     pub loss_mask: Vec<bool>,
+    /// For sampled rows (on-policy rounds): the sampling model's log-probability of
+    /// each trained token, one per target in token order, so a loss can weight stale
+    /// samples (importance weights). `None` for fixed data.
+    pub sampler_logprobs: Option<Vec<f32>>,
 }
 
 impl Sequence {
@@ -57,10 +61,19 @@ impl Sequence {
         self.sample_ids.extend(other.sample_ids);
         self.doc_lengths.extend(other.doc_lengths);
         self.ids.extend(other.ids);
+        let other_first_trained = other.loss_mask.first() == Some(&true);
         self.loss_mask.extend(other.loss_mask);
         if let Some(first) = self.loss_mask.get_mut(start) {
             *first = false;
         }
+        self.sampler_logprobs = match (self.sampler_logprobs.take(), other.sampler_logprobs) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.extend(theirs.into_iter().skip(other_first_trained as usize));
+                Some(mine)
+            }
+            // Rows of one set are all sampled or none (`prepare` checks it).
+            _ => None,
+        };
     }
 }
 
@@ -119,12 +132,23 @@ pub fn build_sequences(
                 bail!("{}: example {} has no target token{why} (every token is masked)", r.location, r.id);
             }
             let n = t.ids.len() as u32;
+            // One value per trained token: the response's, after truncation and masking.
+            let sampler_logprobs = match &r.example {
+                Example::Tokens { prompt, logprobs: Some(lp), .. } => Some(
+                    (0..t.ids.len())
+                        .filter(|&p| t.loss_mask[p])
+                        .map(|p| if p >= prompt.len() { lp[p - prompt.len()] } else { 0.0 })
+                        .collect(),
+                ),
+                _ => None,
+            };
             let seq = Sequence {
                 row_index: first_index + i as u64,
                 sample_ids: vec![r.id.clone()],
                 doc_lengths: vec![n],
                 ids: t.ids,
                 loss_mask: t.loss_mask,
+                sampler_logprobs,
             };
             Ok((seq, cut))
         })
@@ -179,6 +203,7 @@ mod tests {
             doc_lengths: vec![n as u32],
             ids: vec![7; n],
             loss_mask: mask,
+            sampler_logprobs: None,
         }
     }
 

@@ -10,7 +10,7 @@ use crate::generate::{generate, FinishReason, GenerateOptions, Hooks, SamplingOp
 use crate::model::CausalLm;
 use crate::tokenizer::{MaskedTokens, TextTokenizer};
 
-use super::text::{score_sequences, ScoreOptions};
+use super::text::{score_sequences, score_sequences_against, ScoreOptions};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationMetrics {
@@ -24,6 +24,11 @@ pub struct GenerationMetrics {
     /// The teacher's mean negative log-likelihood per reply token (nats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_nll: Option<f64>,
+    /// The mean KL from the teacher to the model over the whole vocabulary at the
+    /// positions of the model's own replies (nats per token): how closely it imitates
+    /// the teacher where it actually goes, the quantity on-policy KD trains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_on_replies: Option<f64>,
 }
 
 /// Replies (text) of one model to every prompt, in order.
@@ -60,8 +65,8 @@ pub fn judge_replies(
         .filter(|(r, t)| r.reference.as_deref().is_some_and(|reference| same_answer(t, reference)))
         .count();
     let n = rows.len().max(1) as f64;
-    let teacher_nll = match teacher {
-        None => None,
+    let (teacher_nll, kl_on_replies) = match teacher {
+        None => (None, None),
         Some(t) => {
             // The reply as the teacher would read it: prompt tokens unscored, reply scored
             // (its eos included: ending there is part of the answer).
@@ -75,7 +80,10 @@ pub fn judge_replies(
                 .collect();
             let sums = score_sequences(t, &seqs, &ScoreOptions::default())?;
             let tokens: usize = sums.iter().map(|s| s.0).sum();
-            Some(sums.iter().map(|s| s.1).sum::<f64>() / tokens.max(1) as f64)
+            let nll = sums.iter().map(|s| s.1).sum::<f64>() / tokens.max(1) as f64;
+            let against = score_sequences_against(model, Some(t), &seqs, &ScoreOptions::default())?;
+            let kl = against.iter().map(|s| s.kl).sum::<f64>() / tokens.max(1) as f64;
+            (Some(nll), Some(kl))
         }
     };
     let metrics = GenerationMetrics {
@@ -85,6 +93,7 @@ pub fn judge_replies(
         mean_new_tokens: replies.iter().map(|r| r.ids.len()).sum::<usize>() as f64 / n,
         stopped: replies.iter().filter(|r| r.finish == FinishReason::Stop).count() as f64 / n,
         teacher_nll,
+        kl_on_replies,
     };
     Ok(Replies { texts, metrics })
 }

@@ -161,6 +161,7 @@ pub fn score_sequences_against(
                 doc_lengths: vec![n as u32],
                 ids: s.ids[..n].to_vec(),
                 loss_mask: s.loss_mask[..n].to_vec(),
+                sampler_logprobs: None,
             }
         })
         .collect();

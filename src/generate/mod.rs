@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::decode::KvCache;
 use crate::model::sampling::{draw_from_logits, draw_uniforms};
+use crate::model::transformer::Hidden;
 use crate::model::CausalLm;
 
 pub mod prompts;
@@ -68,6 +69,28 @@ pub struct Hooks<'a> {
     pub stop: Option<StopCheck<'a>>,
     /// After each decoding step, the number of tokens it produced.
     pub progress: Option<&'a dyn Fn(usize)>,
+    /// Sees every step's logits, tokens and chosen hidden states (capturing targets).
+    pub observer: Option<Observer<'a>>,
+}
+
+/// One decoding step as an observer sees it: batch row r decodes prompt `prompts[r]`,
+/// whose token number `numbers[r]` (0 = the first of the reply) is `tokens[r]`, chosen
+/// from `logits[r]` (float32, the model's whole vocabulary, temperature 1).
+pub struct StepView<'a> {
+    pub prompts: &'a [usize],
+    pub numbers: &'a [u64],
+    pub logits: &'a Tensor,
+    pub tokens: &'a [u32],
+    /// `[rows, hidden]` per layer of `Observer::hidden_layers`, at the slot whose
+    /// logits these are.
+    pub hidden: &'a [Tensor],
+}
+
+#[derive(Clone, Copy)]
+pub struct Observer<'a> {
+    /// Hidden states to hand over, in transformers' numbering (0 = embeddings).
+    pub hidden_layers: &'a [usize],
+    pub on_step: &'a dyn Fn(&StepView) -> Result<()>,
 }
 
 /// The continuation of each prompt, in input order. `keys[i]` names prompt i in the
@@ -129,8 +152,12 @@ impl Decoder<'_> {
                 let joining: Vec<usize> = self.waiting.drain(..take).collect();
                 let (ids, mask) = left_padded(&joining.iter().map(|&i| self.prompts[i].as_slice()).collect::<Vec<_>>());
                 let mut fresh = KvCache::new(self.model.config.num_layers);
-                let hidden =
-                    self.model.transformer.decode(&ids.to_device(device), &mask.to_device(device), &mut fresh)?;
+                let hidden = self.model.transformer.decode_capturing(
+                    &ids.to_device(device),
+                    &mask.to_device(device),
+                    &mut fresh,
+                    self.observed_layers(),
+                )?;
                 let (go_on, tokens) = self.step(&hidden, &joining, &mut results)?;
                 fresh.select_rows(&Tensor::from_slice(&go_on.iter().map(|&r| r as i64).collect::<Vec<_>>()));
                 cache.append_rows(fresh);
@@ -142,7 +169,12 @@ impl Decoder<'_> {
                 return Ok(results);
             }
             let input = Tensor::from_slice(&next).view([active.len() as i64, 1]).to_device(device);
-            let hidden = self.model.transformer.decode(&input, &input.ones_like(), &mut cache)?;
+            let hidden = self.model.transformer.decode_capturing(
+                &input,
+                &input.ones_like(),
+                &mut cache,
+                self.observed_layers(),
+            )?;
             let (go_on, tokens) = self.step(&hidden, &active, &mut results)?;
             if go_on.len() < active.len() {
                 cache.select_rows(&Tensor::from_slice(&go_on.iter().map(|&r| r as i64).collect::<Vec<_>>()));
@@ -153,13 +185,28 @@ impl Decoder<'_> {
         }
     }
 
+    fn observed_layers(&self) -> &[usize] {
+        self.hooks.observer.map_or(&[], |o| o.hidden_layers)
+    }
+
     /// Chooses the next token of each row (`batch[r]` is row r's prompt) from its final
     /// hidden state, records it, and returns the rows that go on and the tokens.
-    fn step(&self, hidden: &Tensor, batch: &[usize], results: &mut [Generated]) -> Result<(Vec<usize>, Vec<u32>)> {
-        let logits = self.model.transformer.logits(hidden).to_kind(Kind::Float);
+    fn step(&self, hidden: &Hidden, batch: &[usize], results: &mut [Generated]) -> Result<(Vec<usize>, Vec<u32>)> {
+        let logits = self.model.transformer.logits(&hidden.last).to_kind(Kind::Float);
         // A row's n-th token takes the n-th number of its stream, whatever the batch.
         let streams: Vec<(u64, u64)> = batch.iter().map(|&i| (self.keys[i], results[i].ids.len() as u64)).collect();
         let tokens = choose(&logits, &self.opts.sampling, &streams)?;
+        if let Some(observer) = self.hooks.observer {
+            let numbers: Vec<u64> = streams.iter().map(|s| s.1).collect();
+            let view = StepView {
+                prompts: batch,
+                numbers: &numbers,
+                logits: &logits,
+                tokens: &tokens,
+                hidden: &hidden.captured,
+            };
+            (observer.on_step)(&view)?;
+        }
         if let Some(progress) = self.hooks.progress {
             progress(tokens.len());
         }

@@ -7,13 +7,62 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::transformer::AttentionMask;
+use super::transformer::{AttentionMask, Hidden};
 use super::Transformer;
+
+/// One layer's keys and values `[batch, kv_heads, capacity, head_dim]`, of which the
+/// first `len` slots are filled. A step writes its slot in place; the buffers grow by
+/// doubling, so a step copies one slot, not the whole cache (a `cat` per step copied
+/// 37 MB per step at 100 slots for the main job's teacher in batches of 8).
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: i64,
+}
+
+impl LayerKv {
+    /// Writes `k`, `v` `[batch, kv_heads, seq, head_dim]` after the filled slots and
+    /// returns views of every filled slot.
+    pub fn append(cache: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let s = k.size()[2];
+        let c = cache.get_or_insert_with(|| LayerKv::with_capacity(k, v, 0, s + 64));
+        let capacity = c.k.size()[2];
+        if c.len + s > capacity {
+            *c = LayerKv::with_capacity(&c.k, &c.v, c.len, (2 * capacity).max(c.len + s));
+        }
+        c.k.narrow(2, c.len, s).copy_(k);
+        c.v.narrow(2, c.len, s).copy_(v);
+        c.len += s;
+        c.filled()
+    }
+
+    /// New buffers of `capacity` slots holding the first `len` slots of `k`, `v`.
+    fn with_capacity(k: &Tensor, v: &Tensor, len: i64, capacity: i64) -> LayerKv {
+        let fresh = |t: &Tensor| {
+            let mut shape = t.size();
+            shape[2] = capacity;
+            let buffer = Tensor::zeros(shape.as_slice(), (t.kind(), t.device()));
+            if len > 0 {
+                buffer.narrow(2, 0, len).copy_(&t.narrow(2, 0, len));
+            }
+            buffer
+        };
+        LayerKv { k: fresh(k), v: fresh(v), len }
+    }
+
+    fn filled(&self) -> (Tensor, Tensor) {
+        (self.k.narrow(2, 0, self.len), self.v.narrow(2, 0, self.len))
+    }
+
+    fn map(&mut self, f: impl Fn(&Tensor) -> Tensor) {
+        (self.k, self.v) = (f(&self.k), f(&self.v));
+    }
+}
 
 /// Keys and values of the tokens decoded so far, per layer, and which slots hold a real
 /// token (left padding does not).
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// `[batch, slots]` bool.
     real: Option<Tensor>,
     /// `[batch]` int64: the position the next real token of each row takes.
@@ -56,7 +105,9 @@ impl KvCache {
         let rows = |a: &Tensor, b: &Tensor, dim: i64| Tensor::cat(&[pad(a, dim), pad(b, dim)], 0);
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             if let (Some(m), Some(t)) = (mine.as_mut(), theirs) {
-                *m = (rows(&m.0, &t.0, 2), rows(&m.1, &t.1, 2));
+                let ((mk, mv), (tk, tv)) = (m.filled(), t.filled());
+                let (k, v) = (rows(&mk, &tk, 2), rows(&mv, &tv, 2));
+                *m = LayerKv::with_capacity(&k, &v, total, total + 64);
             }
         }
         let (real, other_real) = (self.real.take().expect("checked"), other.real.expect("a filled cache"));
@@ -80,7 +131,10 @@ impl KvCache {
         }
         let keep = self.len() - first;
         for layer in self.layers.iter_mut().flatten() {
-            *layer = (layer.0.narrow(2, first, keep), layer.1.narrow(2, first, keep));
+            // The free slots after the filled ones stay.
+            let capacity = layer.k.size()[2];
+            layer.map(|t| t.narrow(2, first, capacity - first));
+            layer.len = keep;
         }
         self.real = Some(real.narrow(1, first, keep));
     }
@@ -90,7 +144,7 @@ impl KvCache {
     pub fn select_rows(&mut self, keep: &Tensor) {
         let pick = |t: &Tensor| t.index_select(0, &keep.to_device(t.device()));
         for layer in self.layers.iter_mut().flatten() {
-            *layer = (pick(&layer.0), pick(&layer.1));
+            layer.map(pick);
         }
         self.real = self.real.as_ref().map(pick);
         self.next_positions = self.next_positions.as_ref().map(pick);
@@ -102,7 +156,20 @@ impl Transformer {
     /// of the last slot of every row, `[batch, hidden]`. `mask` `[batch, seq]` (1 = token,
     /// 0 = padding) may mark left padding on the first call only.
     pub fn decode(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.decode_capturing(ids, mask, cache, &[])?.last)
+    }
+
+    /// `decode`, also returning the hidden states numbered `capture` (transformers'
+    /// numbering, as `forward_hidden`) of the last slot of every row, `[batch, hidden]`.
+    pub fn decode_capturing(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        capture: &[usize],
+    ) -> Result<Hidden> {
         let _guard = tch::no_grad_guard();
+        let n = self.check_capture(capture)?;
         if self.layer_devices.iter().any(|&d| d != self.layer_devices[0]) {
             bail!("decoding with a model split over several devices is not supported; load it on one device");
         }
@@ -130,14 +197,31 @@ impl Transformer {
         let per_window: Vec<(Option<usize>, AttentionMask)> =
             windows.into_iter().map(|w| (w, masks.for_window(w))).collect();
         cache.real = Some(real);
-        let x = self.embed(ids);
+        let mut x = self.embed(ids);
         let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
-        let mut x = x;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
+        let mut keep = |index: usize, t: &Tensor| {
+            for (slot, &want) in captured.iter_mut().zip(capture) {
+                if want == index {
+                    *slot = Some(t.select(1, s - 1));
+                }
+            }
+        };
+        keep(0, &x);
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let mask = &per_window.iter().find(|(w, _)| *w == layer.sliding_window).expect("built above").1;
             x = layer.forward_cached(&x, &cos, &sin, mask, slot);
+            if i + 1 < n {
+                keep(i + 1, &x);
+            }
         }
-        Ok(self.final_norm(&x.select(1, s - 1)))
+        let last = self.final_norm(&x.select(1, s - 1));
+        for (slot, &want) in captured.iter_mut().zip(capture) {
+            if want == n {
+                *slot = Some(last.shallow_clone());
+            }
+        }
+        Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
+use super::decode::LayerKv;
 use super::rope::{apply_rotary, RotaryEmbedding};
 use super::weights::{Init, VarBuilder};
 
@@ -102,16 +103,11 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
     ) -> Tensor {
         let (q, k, v) = self.project(x, cos, sin);
-        let (k, v) = match cache.take() {
-            None => (k, v),
-            Some((past_k, past_v)) => (Tensor::cat(&[past_k, k], 2), Tensor::cat(&[past_v, v], 2)),
-        };
-        let out = self.attend(&q, &k, &v, mask);
-        *cache = Some((k, v));
-        out
+        let (k, v) = LayerKv::append(cache, &k, &v);
+        self.attend(&q, &k, &v, mask)
     }
 
     /// Queries, keys and values `[batch, heads, seq, head_dim]`, normed (Qwen3) and rotated.
@@ -227,7 +223,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
     ) -> Tensor {
         let h = x + self.self_attn.forward_cached(&self.input_layernorm.forward(x), cos, sin, mask, cache);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
@@ -338,7 +334,7 @@ impl Transformer {
     }
 
     /// The number of layers, after checking that every hidden state in `capture` exists.
-    pub(super) fn check_capture(&self, capture: &[usize]) -> Result<usize> {
+    pub fn check_capture(&self, capture: &[usize]) -> Result<usize> {
         let n = self.layers.len();
         if let Some(&bad) = capture.iter().find(|&&i| i > n) {
             bail!("hidden state {bad} requested but the model has {n} layers (valid: 0..={n})");

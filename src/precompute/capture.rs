@@ -38,20 +38,7 @@ pub struct CaptureSettings {
 /// Runs the teacher on `rows` (one padded batch) and returns them with their targets.
 pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<ShardRow>> {
     let _guard = tch::no_grad_guard();
-    let k = settings.top_k as i64;
-    let sampled_out = settings.draws.is_some() && settings.top_k >= settings.vocab_limit;
-    if settings.top_k + settings.draws.map_or(0, |d| d.per_position) == 0
-        || settings.vocab_limit < settings.top_k
-        || sampled_out
-        || settings.vocab_limit > model.config.vocab_size
-    {
-        bail!(
-            "top_k {} must be between 1 (0 with draws) and the vocabulary (below it with draws; {} tokens, model rows {})",
-            settings.top_k,
-            settings.vocab_limit,
-            model.config.vocab_size
-        );
-    }
+    settings.check(model)?;
     let batch = PaddedBatch::new(rows, model.device());
     let hidden = model.transformer.forward_hidden(&batch.input(), &settings.hidden_layers)?;
     let width = hidden.last.size()[2];
@@ -59,25 +46,81 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
     let flat = |t: &Tensor| t.reshape([-1, width]).index_select(0, &batch.predicting.to_device(t.device()));
     let next_tokens = batch.next_tokens.to_device(model.output_device());
     let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(model.output_device()));
-    // The uniform numbers of every position's draws, keyed by row and position alone.
-    let uniforms = settings.draws.map(|d| {
-        let mut u = Vec::new();
-        for (row, &count) in rows.iter().zip(&batch.targets_per_row) {
-            for t in 0..count as u64 {
-                u.extend(draw_uniforms(d.seed, row.row_index, t, d.per_position));
-            }
-        }
-        Tensor::from_slice(&u).view([-1, d.per_position as i64]).to_device(model.output_device())
-    });
-
-    let (mut ids, mut logprobs, mut tails, mut targets, mut drawn) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut kept = vec![];
+    // The draws of a row's t-th target are keyed by the row and t alone.
+    let keys: Vec<(u64, u64)> = rows
+        .iter()
+        .zip(&batch.targets_per_row)
+        .flat_map(|(row, &count)| (0..count as u64).map(|t| (row.row_index, t)))
+        .collect();
+    let uniforms = settings.uniforms(&keys, model.output_device());
+    let mut parts = TargetParts::default();
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
+        let u = uniforms.as_ref().map(|u| u.narrow(0, r.start, r.end - r.start));
+        parts.push(logits, &next_tokens.narrow(0, r.start, r.end - r.start), u.as_ref(), settings);
+        Ok(())
+    })?;
+    let states: Vec<Tensor> = hidden.captured.iter().map(flat).collect();
+    let targets = parts.to_host(settings)?.split(&batch.targets_per_row, settings);
+    let hidden = hidden_targets(&states, settings)?.split(&batch.targets_per_row);
+    let mut out = Vec::with_capacity(rows.len());
+    for ((&row, topk), hidden) in rows.iter().zip(targets).zip(hidden) {
+        let captured = ShardRow { sequence: row.clone(), topk, hidden };
+        check_finite(&captured)?;
+        out.push(captured);
+    }
+    Ok(out)
+}
+
+impl CaptureSettings {
+    /// Refuses settings the model cannot give.
+    pub fn check(&self, model: &CausalLm) -> Result<()> {
+        let sampled_out = self.draws.is_some() && self.top_k >= self.vocab_limit;
+        if self.top_k + self.draws.map_or(0, |d| d.per_position) == 0
+            || self.vocab_limit < self.top_k
+            || sampled_out
+            || self.vocab_limit > model.config.vocab_size
+        {
+            bail!(
+                "top_k {} must be between 1 (0 with draws) and the vocabulary (below it with draws; {} tokens, model rows {})",
+                self.top_k,
+                self.vocab_limit,
+                model.config.vocab_size
+            );
+        }
+        model.transformer.check_capture(&self.hidden_layers)?;
+        Ok(())
+    }
+
+    /// The uniform numbers `[positions, draws]` of the draws at positions keyed
+    /// (row index, target number), when the settings draw.
+    pub fn uniforms(&self, keys: &[(u64, u64)], device: Device) -> Option<Tensor> {
+        self.draws.map(|d| {
+            let u: Vec<f64> = keys.iter().flat_map(|&(row, t)| draw_uniforms(d.seed, row, t, d.per_position)).collect();
+            Tensor::from_slice(&u).view([-1, d.per_position as i64]).to_device(device)
+        })
+    }
+}
+
+/// The targets of positions computed chunk by chunk on the device; only k values per
+/// position travel to the host (`to_host`).
+#[derive(Default)]
+pub struct TargetParts {
+    ids: Vec<Tensor>,
+    logprobs: Vec<Tensor>,
+    tails: Vec<Tensor>,
+    targets: Vec<Tensor>,
+    drawn: Vec<Tensor>,
+    kept: Vec<Tensor>,
+}
+
+impl TargetParts {
+    /// The targets of the positions whose logits are `logits` `[n, model vocab]`, whose
+    /// next tokens are `next` `[n]` and whose draws take `uniforms` `[n, draws]`.
+    pub fn push(&mut self, logits: &Tensor, next: &Tensor, uniforms: Option<&Tensor>, settings: &CaptureSettings) {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
-        let (top, idx) = logits.topk(k, -1, true, true);
-        let next = next_tokens.narrow(0, r.start, r.end - r.start).unsqueeze(-1);
-        targets.push((logits.gather(-1, &next, false) - &lse).squeeze_dim(-1));
+        let (top, idx) = logits.topk(settings.top_k as i64, -1, true, true);
+        self.targets.push((logits.gather(-1, &next.unsqueeze(-1), false) - &lse).squeeze_dim(-1));
         let top = top - &lse;
         // Mass-adaptive: an id is kept while the ids before it hold less than top_p; the
         // first id stands in for the dropped ones where the kept ids are masked below.
@@ -86,90 +129,139 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
                 let probs = top.to_kind(Kind::Double).exp();
                 let keep = (probs.cumsum(-1, Kind::Double) - &probs).lt(p);
                 let masked = idx.where_self(&keep, &idx.narrow(1, 0, 1).expand_as(&idx));
-                kept.push(keep);
+                self.kept.push(keep);
                 masked
             }
             None => idx.shallow_clone(),
         };
-        logprobs.push(top.to_kind(Kind::Half));
+        self.logprobs.push(top.to_kind(Kind::Half));
         // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even
         // when the top-k hold nearly all the mass.
         let _ = logits.scatter_value_(-1, &masked_ids, f64::NEG_INFINITY);
-        tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
-        ids.push(idx.to_kind(Kind::Int));
-        if let Some(u) = &uniforms {
-            drawn.push(draw_from_logits(&logits, &u.narrow(0, r.start, r.end - r.start)));
+        self.tails.push((logits.logsumexp([-1], false) - lse.squeeze_dim(-1)).clamp_max(0.0));
+        self.ids.push(idx.to_kind(Kind::Int));
+        if let Some(u) = uniforms {
+            self.drawn.push(draw_from_logits(&logits, u));
         }
-        Ok(())
-    })?;
-    let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
-    let mut ids = Vec::<i32>::try_from(host(&ids).reshape([-1]))?;
-    let mut logprobs = half_values(&host(&logprobs))?;
-    // Mass-adaptive: each position's count, and only the kept entries.
-    let lengths = match settings.top_p {
-        Some(_) => {
-            let keep = Vec::<i8>::try_from(host(&kept).to_kind(Kind::Int8).reshape([-1]))?;
-            let mut flags = keep.iter().map(|&x| x != 0);
-            ids.retain(|_| flags.next().unwrap_or(false));
-            let mut flags = keep.iter().map(|&x| x != 0);
-            logprobs.retain(|_| flags.next().unwrap_or(false));
-            Some(keep.chunks(settings.top_k).map(|c| c.iter().filter(|&&x| x != 0).count() as u32).collect::<Vec<_>>())
-        }
-        None => None,
-    };
-    let tails = Vec::<f32>::try_from(host(&tails))?;
-    let targets = Vec::<f32>::try_from(host(&targets))?;
-    let drawn = match settings.draws {
-        Some(d) => Some((Vec::<i64>::try_from(host(&drawn).reshape([-1]))?, d.per_position)),
-        None => None,
-    };
+    }
 
-    let hidden_host: Vec<(Vec<f16>, Vec<f32>)> = hidden
-        .captured
+    pub fn to_host(&self, settings: &CaptureSettings) -> Result<HostTargets> {
+        let host = |parts: &[Tensor]| Tensor::cat(parts, 0).to_device(Device::Cpu);
+        let mut ids = Vec::<i32>::try_from(host(&self.ids).reshape([-1]))?;
+        let mut logprobs = half_values(&host(&self.logprobs))?;
+        // Mass-adaptive: each position's count, and only the kept entries.
+        let lengths = match settings.top_p {
+            Some(_) => {
+                let keep = Vec::<i8>::try_from(host(&self.kept).to_kind(Kind::Int8).reshape([-1]))?;
+                let mut flags = keep.iter().map(|&x| x != 0);
+                ids.retain(|_| flags.next().unwrap_or(false));
+                let mut flags = keep.iter().map(|&x| x != 0);
+                logprobs.retain(|_| flags.next().unwrap_or(false));
+                let counts = keep.chunks(settings.top_k).map(|c| c.iter().filter(|&&x| x != 0).count() as u32);
+                Some(counts.collect())
+            }
+            None => None,
+        };
+        let drawn = match settings.draws {
+            Some(_) => Some(Vec::<i64>::try_from(host(&self.drawn).reshape([-1]))?),
+            None => None,
+        };
+        Ok(HostTargets {
+            ids,
+            logprobs,
+            lengths,
+            tails: Vec::<f32>::try_from(host(&self.tails))?,
+            targets: Vec::<f32>::try_from(host(&self.targets))?,
+            drawn,
+        })
+    }
+}
+
+/// The targets of consecutive positions on the host.
+pub struct HostTargets {
+    ids: Vec<i32>,
+    logprobs: Vec<f16>,
+    lengths: Option<Vec<u32>>,
+    tails: Vec<f32>,
+    targets: Vec<f32>,
+    drawn: Option<Vec<i64>>,
+}
+
+impl HostTargets {
+    /// One `TopKTargets` per row, row r holding the next `counts[r]` positions.
+    pub fn split(&self, counts: &[usize], settings: &CaptureSettings) -> Vec<TopKTargets> {
+        let (mut offset, mut entry) = (0, 0);
+        let mut out = Vec::with_capacity(counts.len());
+        for &count in counts {
+            let range = offset..offset + count;
+            let row_lengths = self.lengths.as_ref().map(|l| l[range.clone()].to_vec());
+            let entries = row_lengths.as_ref().map_or(count * settings.top_k, |l| l.iter().map(|&n| n as usize).sum());
+            let held = entry..entry + entries;
+            entry = held.end;
+            out.push(TopKTargets {
+                k: settings.top_k,
+                lengths: row_lengths,
+                ids: self.ids[held.clone()].iter().map(|&i| i as u32).collect(),
+                logprobs: self.logprobs[held].to_vec(),
+                tail_logmass: self.tails[range.clone()].to_vec(),
+                target_logprob: self.targets[range.clone()].to_vec(),
+                draws: self.drawn.as_ref().zip(settings.draws).map(|(d, s)| {
+                    let m = s.per_position;
+                    tail_draws(&d[range.start * m..range.end * m], m)
+                }),
+            });
+            offset = range.end;
+        }
+        out
+    }
+}
+
+/// Captured hidden states of consecutive positions on the host, per layer: values
+/// divided by their per-position RMS (float16) and the RMS (float32).
+pub struct HostHidden {
+    layers: Vec<usize>,
+    width: usize,
+    per_layer: Vec<(Vec<f16>, Vec<f32>)>,
+}
+
+/// `states[i]` `[positions, width]` is hidden state `settings.hidden_layers[i]`.
+pub fn hidden_targets(states: &[Tensor], settings: &CaptureSettings) -> Result<HostHidden> {
+    let per_layer = states
         .iter()
         .map(|h| {
-            let h = flat(h).to_kind(Kind::Float);
+            let h = h.to_kind(Kind::Float);
             let rms = h.square().mean_dim(-1, true, Kind::Float).sqrt().clamp_min(f64::from(f32::MIN_POSITIVE));
             let values = (&h / &rms).to_kind(Kind::Half).to_device(Device::Cpu);
             Ok((half_values(&values)?, Vec::<f32>::try_from(rms.reshape([-1]).to_device(Device::Cpu))?))
         })
         .collect::<Result<_>>()?;
+    let width = states.first().map_or(0, |h| h.size()[1] as usize);
+    Ok(HostHidden { layers: settings.hidden_layers.clone(), width, per_layer })
+}
 
-    let (ku, wu) = (settings.top_k, width as usize);
-    let mut out = Vec::with_capacity(rows.len());
-    let (mut offset, mut entry) = (0, 0);
-    for (&row, &count) in rows.iter().zip(&batch.targets_per_row) {
-        let range = offset..offset + count;
-        let row_lengths = lengths.as_ref().map(|l| l[range.clone()].to_vec());
-        let entries = row_lengths.as_ref().map_or(count * ku, |l| l.iter().map(|&n| n as usize).sum());
-        let held = entry..entry + entries;
-        entry = held.end;
-        let topk = TopKTargets {
-            k: ku,
-            lengths: row_lengths,
-            ids: ids[held.clone()].iter().map(|&i| i as u32).collect(),
-            logprobs: logprobs[held].to_vec(),
-            tail_logmass: tails[range.clone()].to_vec(),
-            target_logprob: targets[range.clone()].to_vec(),
-            draws: drawn.as_ref().map(|(d, m)| tail_draws(&d[range.start * m..range.end * m], *m)),
-        };
-        let hidden = settings
-            .hidden_layers
+impl HostHidden {
+    /// Each row's captured states, row r holding the next `counts[r]` positions.
+    pub fn split(&self, counts: &[usize]) -> Vec<Vec<HiddenTargets>> {
+        let w = self.width;
+        let mut offset = 0;
+        counts
             .iter()
-            .zip(&hidden_host)
-            .map(|(&layer, (values, rms))| HiddenTargets {
-                layer,
-                width: wu,
-                values: values[range.start * wu..range.end * wu].to_vec(),
-                rms: rms[range.clone()].to_vec(),
+            .map(|&count| {
+                let range = offset..offset + count;
+                offset = range.end;
+                self.layers
+                    .iter()
+                    .zip(&self.per_layer)
+                    .map(|(&layer, (values, rms))| HiddenTargets {
+                        layer,
+                        width: w,
+                        values: values[range.start * w..range.end * w].to_vec(),
+                        rms: rms[range.clone()].to_vec(),
+                    })
+                    .collect()
             })
-            .collect();
-        let captured = ShardRow { sequence: row.clone(), topk, hidden };
-        check_finite(&captured)?;
-        out.push(captured);
-        offset += count;
+            .collect()
     }
-    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -201,7 +293,7 @@ pub fn tail_draws(drawn: &[i64], m: usize) -> TailDraws {
 
 /// Refuses targets that are not numbers: a teacher with NaN weights or an impossible
 /// config yields them, and shards full of NaN must never be listed as complete.
-fn check_finite(row: &ShardRow) -> Result<()> {
+pub fn check_finite(row: &ShardRow) -> Result<()> {
     let t = &row.topk;
     let nan = t.logprobs.iter().any(|x| x.is_nan())
         || t.tail_logmass.iter().chain(&t.target_logprob).any(|x| x.is_nan() || *x > 0.0)

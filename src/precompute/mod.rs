@@ -8,12 +8,14 @@ pub mod capture;
 pub mod config;
 pub mod pipeline;
 pub mod plan;
+pub mod replies;
 
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
 use crate::model::CausalLm;
 use crate::shards::dir::OutputPlan;
+use crate::shards::manifest::Manifest;
 use capture::{CaptureSettings, DrawSettings};
 pub use config::PrecomputeConfig;
 use pipeline::{jobs_for, Pass};
@@ -37,6 +39,32 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The run that left `manifest` as it is, after resuming at shard `resumed_shards`
+    /// holding `resumed_tokens`.
+    pub fn of(
+        manifest: &Manifest,
+        resumed_shards: usize,
+        resumed_tokens: usize,
+        wall: Duration,
+        teacher_busy: Duration,
+        devices: usize,
+    ) -> Self {
+        Summary {
+            rows: manifest.shards.iter().map(|s| s.rows).sum(),
+            tokens: manifest.total_tokens(),
+            targets: manifest.shards.iter().map(|s| s.targets).sum(),
+            shards: manifest.shards.len(),
+            resumed_shards,
+            tokens_this_run: manifest.total_tokens() - resumed_tokens,
+            bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
+            wall,
+            teacher_busy,
+            devices,
+            invalid_rows: manifest.skipped.invalid_rows,
+            truncated_examples: manifest.skipped.truncated_examples,
+        }
+    }
+
     pub fn bytes_per_token(&self) -> f64 {
         self.bytes as f64 / self.tokens.max(1) as f64
     }
@@ -105,20 +133,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
     if manifest.complete {
         out.finish()?;
     }
-    Ok(Summary {
-        rows: manifest.shards.iter().map(|s| s.rows).sum(),
-        tokens: manifest.total_tokens(),
-        targets: manifest.shards.iter().map(|s| s.targets).sum(),
-        shards: manifest.shards.len(),
-        resumed_shards: done,
-        tokens_this_run: manifest.total_tokens() - resumed_tokens,
-        bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
-        wall: stats.wall,
-        teacher_busy: stats.teacher_busy,
-        devices: cfg.devices.len(),
-        invalid_rows: manifest.skipped.invalid_rows,
-        truncated_examples: manifest.skipped.truncated_examples,
-    })
+    Ok(Summary::of(&manifest, done, resumed_tokens, stats.wall, stats.teacher_busy, cfg.devices.len()))
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {

@@ -66,11 +66,21 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         truncated_tokens: stats.truncated_tokens,
     };
 
+    // Sampled rows carry their sampler's log-probabilities; a set holds them for every
+    // row or for none.
+    let sampler_logprobs = rows.iter().any(|r| r.sampler_logprobs.is_some());
+    if let Some(row) = rows.iter().find(|r| r.sampler_logprobs.is_some() != sampler_logprobs) {
+        bail!(
+            "example {}: has no `response_logprobs`, unlike other rows; a shard set holds the sampler's log-probabilities for every row or none",
+            row.sample_ids.join(", ")
+        );
+    }
     let id_type = IdType::for_vocab(vocab);
     let layout = ShardLayout {
         top_k: cfg.top_k,
         draws: cfg.sample > 0,
         adaptive: cfg.top_p.is_some(),
+        sampler_logprobs,
         id_type,
         hidden: cfg.hidden_layers.iter().map(|&l| (l, teacher_config.hidden_size)).collect(),
     };
@@ -102,6 +112,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
                 seed: cfg.sample_seed,
                 from: "the teacher's distribution at temperature 1 renormalised over the ids outside the top-k".into(),
             }),
+            sampler_logprobs,
         },
         data: DataInfo {
             sources: files
@@ -109,10 +120,17 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
                 .map(|f| Ok(SourceFile { path: f.display().to_string(), bytes: std::fs::metadata(f)?.len() }))
                 .collect::<Result<_>>()?,
             hash: data_hash,
-            fields: serde_json::json!({
-                "text": cfg.fields.text, "prompt": cfg.fields.prompt,
-                "response": cfg.fields.response, "messages": cfg.fields.messages,
-            }),
+            fields: {
+                let mut f = serde_json::json!({
+                    "text": cfg.fields.text, "prompt": cfg.fields.prompt,
+                    "response": cfg.fields.response, "messages": cfg.fields.messages,
+                });
+                // Only when used, so that shard sets made before keep their settings.
+                if let Some(ids) = &cfg.fields.token_ids {
+                    f["token_ids"] = serde_json::json!([ids.prompt, ids.response]);
+                }
+                f
+            },
             max_len: cfg.max_len,
             packing: cfg.pack,
             train_on_all_tokens: cfg.train_on_all_tokens,
@@ -181,6 +199,7 @@ mod tests {
                 doc_lengths: vec![n as u32],
                 ids: vec![1; n],
                 loss_mask: vec![true; n],
+                sampler_logprobs: None,
             })
             .collect()
     }

@@ -32,6 +32,7 @@ impl Settings {
             top_k: c.top_k,
             draws: c.draws.is_some(),
             adaptive: c.top_p.is_some(),
+            sampler_logprobs: c.sampler_logprobs,
             id_type: c.id_type,
             hidden: c.hidden_layers.iter().map(|&l| (l, self.teacher.hidden_size)).collect(),
         }
@@ -87,6 +88,10 @@ pub struct CaptureInfo {
     /// Tail draws (format version 2); absent when the set holds none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draws: Option<DrawInfo>,
+    /// The rows are samples of a model (on-policy rounds) and the `sampler_logprob`
+    /// column holds its log-probability of each trained token (format version 2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampler_logprobs: bool,
 }
 
 /// How the `draw_ids` / `draw_counts` columns were drawn.

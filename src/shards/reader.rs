@@ -188,6 +188,7 @@ impl ShardSet {
         let (tail, target) = (list(TAIL_LOGMASS)?, list(TARGET_LOGPROB)?);
         let topk = if cap.top_k > 0 { Some((list(TOPK_IDS)?, list(TOPK_LOGPROBS)?)) } else { None };
         let draws = if cap.draws.is_some() { Some((list(DRAW_IDS)?, list(DRAW_COUNTS)?)) } else { None };
+        let sampled = if cap.sampler_logprobs { Some(list(SAMPLER_LOGPROB)?) } else { None };
         let hidden: Vec<(usize, ListArray, ListArray)> = cap
             .hidden_layers
             .iter()
@@ -212,6 +213,7 @@ impl ShardSet {
                 doc_lengths: i32s(&docs.value(r))?.into_iter().map(|x| x as u32).collect(),
                 ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
                 loss_mask: bools(&mask.value(r))?,
+                sampler_logprobs: sampled.as_ref().map(|l| f32s(&l.value(r))).transpose()?,
             };
             let (lengths, ids, logprobs) = match &topk {
                 Some((ids, lps)) if cap.top_p.is_some() => {

@@ -202,6 +202,14 @@ impl ShardRow {
             start += len as usize;
         }
         let targets = s.num_targets();
+        if let Some(l) = &s.sampler_logprobs {
+            if l.len() != targets {
+                bail!("column `{SAMPLER_LOGPROB}`: {} entries for the row's {targets} trained positions", l.len());
+            }
+            if let Some(x) = l.iter().find(|x| x.is_nan() || **x > 0.0) {
+                bail!("column `{SAMPLER_LOGPROB}`: {x} is not a log-probability");
+            }
+        }
         let t = &self.topk;
         for (column, len) in [(TAIL_LOGMASS, t.tail_logmass.len()), (TARGET_LOGPROB, t.target_logprob.len())] {
             if len != targets {

@@ -50,6 +50,8 @@ pub struct ShardLayout {
     pub draws: bool,
     /// Mass-adaptive top-k: the top-k columns hold lists of 1..=k entries per position.
     pub adaptive: bool,
+    /// The `sampler_logprob` column is present (rows sampled from a model).
+    pub sampler_logprobs: bool,
     pub id_type: IdType,
     /// (layer number, width) of each captured hidden state.
     pub hidden: Vec<(usize, usize)>,
@@ -70,6 +72,7 @@ pub mod columns {
     pub const TARGET_LOGPROB: &str = "target_logprob";
     pub const DRAW_IDS: &str = "draw_ids";
     pub const DRAW_COUNTS: &str = "draw_counts";
+    pub const SAMPLER_LOGPROB: &str = "sampler_logprob";
 }
 
 pub fn hidden_column(layer: usize) -> String {
@@ -91,7 +94,7 @@ fn fixed_list_of(item: DataType, n: usize) -> DataType {
 impl ShardLayout {
     /// The format version a set of this layout is written as.
     pub fn format_version(&self) -> u32 {
-        if self.draws || self.adaptive || self.top_k == 0 {
+        if self.draws || self.adaptive || self.top_k == 0 || self.sampler_logprobs {
             FORMAT_VERSION
         } else {
             1
@@ -122,6 +125,9 @@ impl ShardLayout {
         if self.draws {
             fields.push(Field::new(DRAW_IDS, list_of(list_of(self.id_type.data_type())), false));
             fields.push(Field::new(DRAW_COUNTS, list_of(list_of(DataType::UInt8)), false));
+        }
+        if self.sampler_logprobs {
+            fields.push(Field::new(SAMPLER_LOGPROB, list_of(DataType::Float32), false));
         }
         for &(layer, width) in &self.hidden {
             fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));

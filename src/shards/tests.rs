@@ -29,6 +29,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             hidden_layers: layout.hidden.iter().map(|h| h.0).collect(),
             hidden_dtype: "float16".into(),
             draws: layout.draws.then(|| DrawInfo { per_position: DRAWS, seed: 1, from: "tail".into() }),
+            sampler_logprobs: layout.sampler_logprobs,
         },
         data: DataInfo {
             sources: vec![],
@@ -53,6 +54,12 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
             doc_lengths: vec![n],
             ids: (0..n).map(|t| (index as u32 * 7919 + t * 104_729) % max_id).collect(),
             loss_mask: (0..n).map(|t| t > 0 && !(t + d as u32).is_multiple_of(3)).collect(),
+            sampler_logprobs: None,
+        };
+        let targets = doc.num_targets();
+        let doc = Sequence {
+            sampler_logprobs: layout.sampler_logprobs.then(|| (0..targets).map(|i| -0.125 * i as f32).collect()),
+            ..doc
         };
         match sequence.as_mut() {
             Some(s) => s.append(doc),
@@ -132,24 +139,87 @@ fn round_trip(layout: ShardLayout, max_id: u32) {
 #[test]
 fn rows_read_back_as_written() {
     round_trip(
-        ShardLayout { top_k: 3, draws: false, adaptive: false, id_type: IdType::Uint16, hidden: vec![(1, 4), (3, 4)] },
+        ShardLayout {
+            top_k: 3,
+            draws: false,
+            adaptive: false,
+            sampler_logprobs: false,
+            id_type: IdType::Uint16,
+            hidden: vec![(1, 4), (3, 4)],
+        },
         65_000,
     );
-    round_trip(ShardLayout { top_k: 2, draws: false, adaptive: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
+    round_trip(
+        ShardLayout {
+            top_k: 2,
+            draws: false,
+            adaptive: false,
+            sampler_logprobs: false,
+            id_type: IdType::Int32,
+            hidden: vec![],
+        },
+        70_000,
+    );
 }
 
 #[test]
 fn rows_with_draws_read_back_as_written() {
     round_trip(
-        ShardLayout { top_k: 3, draws: true, adaptive: false, id_type: IdType::Uint16, hidden: vec![(2, 4)] },
+        ShardLayout {
+            top_k: 3,
+            draws: true,
+            adaptive: false,
+            sampler_logprobs: false,
+            id_type: IdType::Uint16,
+            hidden: vec![(2, 4)],
+        },
         65_000,
     );
     // Draws alone (format version 2 without top-k columns).
-    round_trip(ShardLayout { top_k: 0, draws: true, adaptive: false, id_type: IdType::Int32, hidden: vec![] }, 70_000);
-    // Mass-adaptive top-k, with and without draws.
-    round_trip(ShardLayout { top_k: 4, draws: false, adaptive: true, id_type: IdType::Uint16, hidden: vec![] }, 65_000);
     round_trip(
-        ShardLayout { top_k: 3, draws: true, adaptive: true, id_type: IdType::Int32, hidden: vec![(1, 4)] },
+        ShardLayout {
+            top_k: 0,
+            draws: true,
+            adaptive: false,
+            sampler_logprobs: false,
+            id_type: IdType::Int32,
+            hidden: vec![],
+        },
         70_000,
+    );
+    // Mass-adaptive top-k, with and without draws.
+    round_trip(
+        ShardLayout {
+            top_k: 4,
+            draws: false,
+            adaptive: true,
+            sampler_logprobs: false,
+            id_type: IdType::Uint16,
+            hidden: vec![],
+        },
+        65_000,
+    );
+    round_trip(
+        ShardLayout {
+            top_k: 3,
+            draws: true,
+            adaptive: true,
+            sampler_logprobs: false,
+            id_type: IdType::Int32,
+            hidden: vec![(1, 4)],
+        },
+        70_000,
+    );
+    // Sampled rows with their sampler's log-probabilities (packed: they follow the targets).
+    round_trip(
+        ShardLayout {
+            top_k: 3,
+            draws: true,
+            adaptive: false,
+            sampler_logprobs: true,
+            id_type: IdType::Uint16,
+            hidden: vec![],
+        },
+        65_000,
     );
 }

@@ -154,7 +154,11 @@ impl ShardWriter {
                         && d.counts.len() == d.ids.len()
                         && d.lengths.iter().map(|&n| n as usize).sum::<usize>() == d.ids.len()
                 })
-                && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p);
+                && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p)
+                && r.sequence
+                    .sampler_logprobs
+                    .as_ref()
+                    .map_or(!self.layout.sampler_logprobs, |l| self.layout.sampler_logprobs && l.len() == p);
             if !agree {
                 bail!("row {}: its per-token or per-target values disagree in length", r.sequence.row_index);
             }
@@ -200,6 +204,10 @@ impl ShardWriter {
             columns.push(by_target(list(ids, &lengths)));
             let counts = UInt8Array::from_iter_values(draws.iter().flat_map(|d| d.counts.iter().copied()));
             columns.push(by_target(list(Arc::new(counts), &lengths)));
+        }
+        if self.layout.sampler_logprobs {
+            let values = rows.iter().flat_map(|r| r.sequence.sampler_logprobs.iter().flatten().copied());
+            columns.push(by_target(f32_array(values)));
         }
         for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
             let values = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.hidden[i].values.iter().copied()));

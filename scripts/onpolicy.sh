@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# On-policy distillation in rounds (GKD / MiniLLM style), offline: the teacher is never
+# in memory next to the student. Round r:
+#   1. the student (round r-1's last checkpoint; --student in round 1) samples replies
+#      to the prompts: `distill generate --with-ids` keeps the exact token ids and the
+#      student's own log-prob of each sampled token (`response_logprobs`);
+#   2. the teacher precomputes its targets on exactly those tokens
+#      (`distill precompute --token-ids`: no re-tokenisation);
+#   3. training continues from that student on the round's shards (`distill train`).
+# Each round keeps its samples, shards and run under OUTPUT/round-R. Every stage resumes
+# after a crash: a generation that finished is kept (its file is written atomically,
+# so an interrupted one starts again), precompute continues after its last complete
+# shard, training continues from its newest checkpoint (`--resume`), a finished round
+# is skipped.
+#
+#   scripts/onpolicy.sh --teacher DIR --student DIR --prompts FILES --output DIR
+#       [--rounds 1] [--steps 8] [--samples 2] [--temperature 1] [--max-new-tokens 64]
+#       [--top-k 16] [--sample 16] [--device cpu] [-- more `distill train` flags]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+rounds=1 steps=8 samples=2 temperature=1 max_new=64 top_k=16 draws=16 device=cpu
+teacher="" student="" prompts="" output=""
+train_args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --teacher) teacher=$2; shift 2 ;;
+    --student) student=$2; shift 2 ;;
+    --prompts) prompts=$2; shift 2 ;;
+    --output) output=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --samples) samples=$2; shift 2 ;;
+    --temperature) temperature=$2; shift 2 ;;
+    --max-new-tokens) max_new=$2; shift 2 ;;
+    --top-k) top_k=$2; shift 2 ;;
+    --sample) draws=$2; shift 2 ;;
+    --device) device=$2; shift 2 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) echo "onpolicy.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+for need in teacher student prompts output; do
+  [[ -n ${!need} ]] || { echo "onpolicy.sh: --$need is required" >&2; exit 2; }
+done
+source scripts/env.sh
+distill=${DISTILL_BIN:-target/release/distill}
+mkdir -p "$output"
+current=$student
+for ((r = 1; r <= rounds; r++)); do
+  dir=$output/round-$r
+  final=$dir/run/$(printf "checkpoint-%07d" "$steps")
+  mkdir -p "$dir"
+  if [[ ! -d $final ]]; then
+    if [[ ! -f $dir/samples.jsonl ]]; then
+      echo "round $r: $current samples $samples replies per prompt"
+      $distill generate --model "$current" --input $prompts --output "$dir/samples.jsonl" --with-ids \
+        --temperature "$temperature" --num-samples "$samples" --seed "$r" --max-new-tokens "$max_new" \
+        --device "$device" --no-progress
+    fi
+    echo "round $r: the teacher scores the samples"
+    $distill precompute --teacher "$teacher" --input "$dir/samples.jsonl" --token-ids --output "$dir/shards" \
+      --top-k "$top_k" --sample "$draws" --devices "$device" --no-progress | { grep -E "tokens|time" || true; }
+    echo "round $r: training $steps steps from $current"
+    $distill train --student "$current" --shards "$dir/shards" --output "$dir/run" --resume --device "$device" \
+      --steps "$steps" --save-every "$steps" --keep-last 1 "${train_args[@]}" 2>&1 | tail -2
+  fi
+  current=$final
+done
+echo "on-policy: $rounds rounds done; the student is $current"

@@ -1,0 +1,126 @@
+//! Sequence-level KD in one teacher pass (`distill generate --capture`): the logits the
+//! teacher chose each reply token from are that token's targets, captured step by step
+//! with precompute's own code (`capture::TargetParts`), so no second teacher pass runs.
+//!
+//! The shard set is the one `precompute --token-ids` would write over the rows
+//! `generate --with-ids` wrote: the same `PrecomputeConfig`, the same planned rows
+//! (prompt ids untrained, reply ids trained), the same manifest; the draws take the
+//! same uniform numbers (keyed by output row and reply token number). Only the numbers
+//! differ, by the rounding between a cached decoding step and a full forward pass
+//! (tests/generate.rs measures it against a separate precompute).
+use anyhow::{bail, Result};
+use std::cell::RefCell;
+use tch::{Kind, Tensor};
+
+use super::capture::{check_finite, hidden_targets, CaptureSettings, TargetParts};
+use super::plan::{plan_shards, prepare};
+use super::{PrecomputeConfig, Summary};
+use crate::shards::dir::OutputPlan;
+use crate::shards::row::{HiddenTargets, ShardRow, TopKTargets};
+use crate::shards::writer::ShardWriter;
+
+/// The targets of every reply, gathered as the replies are written.
+pub struct ReplyTargets {
+    settings: CaptureSettings,
+    /// Per output row: the targets of its reply tokens so far.
+    rows: RefCell<Vec<(TopKTargets, Vec<HiddenTargets>)>>,
+}
+
+impl ReplyTargets {
+    pub fn new(settings: CaptureSettings, rows: usize) -> Self {
+        let empty = (TopKTargets::empty(settings.top_k), vec![]);
+        ReplyTargets { settings, rows: RefCell::new(vec![empty; rows]) }
+    }
+
+    pub fn settings(&self) -> &CaptureSettings {
+        &self.settings
+    }
+
+    /// One decoding step: row r of `logits` `[rows, vocab]` (and of each `hidden`
+    /// `[rows, width]`) chose `tokens[r]`, token number `numbers[r]` of output row
+    /// `out_rows[r]`'s reply.
+    pub fn record(
+        &self,
+        out_rows: &[usize],
+        numbers: &[u64],
+        logits: &Tensor,
+        tokens: &[u32],
+        hidden: &[Tensor],
+    ) -> Result<()> {
+        let s = &self.settings;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= s.vocab_limit) {
+            bail!(
+                "the model chose id {id}, a padded row outside its tokenizer's {} tokens: no target can be stored for it",
+                s.vocab_limit
+            );
+        }
+        let device = logits.device();
+        let keys: Vec<(u64, u64)> = out_rows.iter().zip(numbers).map(|(&row, &n)| (row as u64, n)).collect();
+        let next = Tensor::from_slice(&tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device);
+        let mut parts = TargetParts::default();
+        parts.push(&logits.to_kind(Kind::Float), &next, s.uniforms(&keys, device).as_ref(), s);
+        let ones = vec![1; out_rows.len()];
+        let topk = parts.to_host(s)?.split(&ones, s);
+        let states = hidden_targets(hidden, s)?.split(&ones);
+        let mut rows = self.rows.borrow_mut();
+        for ((&row, &n), (t, h)) in out_rows.iter().zip(numbers).zip(topk.into_iter().zip(states)) {
+            let (mine, my_hidden) = &mut rows[row];
+            if mine.positions() as u64 != n {
+                bail!("reply {row}: token {n} arrived after {} captured ones", mine.positions());
+            }
+            mine.append(t);
+            if my_hidden.is_empty() {
+                *my_hidden = h;
+            } else {
+                for (m, h) in my_hidden.iter_mut().zip(h) {
+                    m.append(h);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the shard set of `cfg` (whose input is the rows written with their ids)
+    /// from the captured targets.
+    pub fn write(self, cfg: &PrecomputeConfig) -> Result<Summary> {
+        let started = std::time::Instant::now();
+        cfg.validate()?;
+        let prepared = prepare(cfg)?;
+        let shards = plan_shards(&prepared.rows, cfg.shard_tokens);
+        let plan = OutputPlan::check(&cfg.output, &prepared.settings, cfg.slice, cfg.overwrite)?;
+        let done = plan.listed_shards();
+        let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
+        manifest.planned_shards = shards.len();
+        let settings_json = serde_json::to_string(&prepared.settings)?;
+        let mut captured = self.rows.into_inner();
+        let resumed_tokens = manifest.total_tokens();
+        for (j, range) in shards.iter().enumerate().skip(done) {
+            let mut writer = ShardWriter::create(&out.dir, j, prepared.layout.clone(), &cfg.parquet, &settings_json)?;
+            let mut rows = Vec::with_capacity(range.len());
+            for sequence in &prepared.rows[range.clone()] {
+                let (topk, hidden) =
+                    std::mem::replace(&mut captured[sequence.row_index as usize], (TopKTargets::empty(0), vec![]));
+                if topk.positions() != sequence.num_targets() {
+                    bail!(
+                        "row {}: {} reply tokens were captured but the row trains {}",
+                        sequence.row_index,
+                        topk.positions(),
+                        sequence.num_targets()
+                    );
+                }
+                let row = ShardRow { sequence: sequence.clone(), topk, hidden };
+                check_finite(&row)?;
+                rows.push(row);
+            }
+            writer.write(&rows)?;
+            manifest.shards.push(writer.finish()?);
+            manifest.save(&out.dir)?;
+        }
+        manifest.complete = manifest.shards.len() == shards.len();
+        manifest.save(&out.dir)?;
+        out.finish()?;
+        // The teacher's time is the generation's (the command reports it).
+        let wall = started.elapsed();
+        Ok(Summary::of(&manifest, done, resumed_tokens, wall, std::time::Duration::ZERO, 1))
+    }
+}
