@@ -9,6 +9,8 @@
 #               while it wrote them (`generate --capture`: one teacher pass)
 #   onpolicy    the base student's own samples for those prompts, scored by the teacher
 #               (one round of scripts/onpolicy.sh)
+#   onpolicy-2x2  the same budget in two rounds of half the steps (round 2 samples from
+#               round 1's student)
 # and every model is judged on held-out math prompts by its greedy replies (the
 # teacher's NLL of them, exact match, length) and on held-out text (perplexity, full
 # KL to the teacher). Prints the table (also in RUN_DIR/recipes.md). Run scripts/run.sh
@@ -73,14 +75,24 @@ DISTILL_BIN=$distill scripts/onpolicy.sh --teacher $teacher --student "$base" --
   --output "$run/onpolicy" --rounds 1 --steps "$STEPS" --samples "$SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" \
   -- --lr "$CONT_LR" "${train_flags[@]:2}"
 
+half=$((STEPS / 2))
+stamp "on-policy: two rounds of $half steps from the base student"
+DISTILL_BIN=$distill scripts/onpolicy.sh --teacher $teacher --student "$base" --prompts "$math/train.jsonl" \
+  --output "$run/onpolicy-2x$half" --rounds 2 --steps "$half" --samples "$SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" \
+  -- --lr "$CONT_LR" "${train_flags[@]:2}"
+
 stamp "evaluate: held-out text, and greedy replies to the $MATH_HELDOUT held-out math prompts"
-if [[ ! -f $run/results.json ]]; then
+models=(--model teacher=$teacher --model base="$base" --model token="$(ckpt token "$STEPS")"
+  --model token-math="$(ckpt token-math "$STEPS")" --model seq="$(ckpt seq "$STEPS")"
+  --model onpolicy="$run/onpolicy/round-1/run/$(printf "checkpoint-%07d" "$STEPS")"
+  --model onpolicy-2x$half="$run/onpolicy-2x$half/round-2/run/$(printf "checkpoint-%07d" "$half")")
+# Evaluated again when the list of models changes.
+if [[ ! -f $run/results.json ]] || [[ "$(cat "$run/results.models" 2>/dev/null)" != "${models[*]}" ]]; then
   $distill eval --device cpu --text "$data/heldout.jsonl" --teacher $teacher \
     --generate "$math/heldout.jsonl" --max-new-tokens 32 --side-by-side "$run/replies.md" \
-    --model teacher=$teacher --model base="$base" --model token="$(ckpt token "$STEPS")" \
-    --model token-math="$(ckpt token-math "$STEPS")" --model seq="$(ckpt seq "$STEPS")" \
-    --model onpolicy="$run/onpolicy/round-1/run/$(printf "checkpoint-%07d" "$STEPS")" --json > "$run/results.tmp"
+    "${models[@]}" --json > "$run/results.tmp"
   mv "$run/results.tmp" "$run/results.json"
+  echo "${models[*]}" > "$run/results.models"
 fi
 python - "$run" <<'PY'
 import json, sys

@@ -267,6 +267,15 @@ fn cli_refuses_bad_prompts_naming_the_row() {
         &s(&missing),
     ]));
     assert!(e.contains("does not exist"), "{e}");
+    // --capture into a folder of something else: refused before any decoding, untouched.
+    let notes = work.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("mine.txt"), "mine").unwrap();
+    let out = work.path().join("out.jsonl");
+    let args = ["generate", "--device", "cpu", "--model", &s(&qwen3), "--input", &s(&input), "--output", &s(&out)];
+    let e = err(distill(&[&args[..], &["--capture", &s(&notes)]].concat()));
+    assert!(e.contains("not a shard set"), "{e}");
+    assert!(!out.exists() && std::fs::read_to_string(notes.join("mine.txt")).unwrap() == "mine");
 }
 
 /// `eval --generate`: references equal to the teacher's own greedy replies score as exact

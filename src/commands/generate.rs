@@ -297,5 +297,10 @@ fn capture_config(args: &GenerateArgs, dir: &std::path::Path) -> Result<Precompu
             dir.display()
         );
     }
+    // Checked before decoding (the shard set is written after it): what is there stays.
+    let foreign = dir.is_dir() && !dir.join("manifest.json").exists() && std::fs::read_dir(dir)?.next().is_some();
+    if foreign || dir.is_file() {
+        bail!("--capture {}: exists and is not a shard set; choose an empty or new directory", dir.display());
+    }
     Ok(cfg)
 }
