@@ -7,6 +7,9 @@
 #   2. the teacher precomputes its targets on exactly those tokens
 #      (`distill precompute --token-ids`: no re-tokenisation);
 #   3. training continues from that student on the round's shards (`distill train`).
+# With --mix FILE --mix-rows N, each round also trains on N rows of fixed data (FILE's
+# rows, a different seeded choice per round), precomputed into the same shard set (their
+# `sampler_logprob` is null): GKD's mixture of on-policy and fixed data.
 # Each round keeps its samples, shards and run under OUTPUT/round-R. Every stage resumes
 # after a crash: a generation that finished is kept (its file is written atomically,
 # so an interrupted one starts again), precompute continues after its last complete
@@ -15,11 +18,12 @@
 #
 #   scripts/onpolicy.sh --teacher DIR --student DIR --prompts FILES --output DIR
 #       [--rounds 1] [--steps 8] [--samples 2] [--temperature 1] [--max-new-tokens 64]
-#       [--top-k 16] [--sample 16] [--device cpu] [-- more `distill train` flags]
+#       [--top-k 16] [--sample 16] [--mix FILE --mix-rows N] [--device cpu]
+#       [-- more `distill train` flags]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rounds=1 steps=8 samples=2 temperature=1 max_new=64 top_k=16 draws=16 device=cpu
-teacher="" student="" prompts="" output=""
+teacher="" student="" prompts="" output="" mix="" mix_rows=0
 train_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -35,6 +39,8 @@ while [[ $# -gt 0 ]]; do
     --top-k) top_k=$2; shift 2 ;;
     --sample) draws=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
+    --mix) mix=$2; shift 2 ;;
+    --mix-rows) mix_rows=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     *) echo "onpolicy.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -57,8 +63,23 @@ for ((r = 1; r <= rounds; r++)); do
         --temperature "$temperature" --num-samples "$samples" --seed "$r" --max-new-tokens "$max_new" \
         --device "$device" --no-progress
     fi
+    inputs=("$dir/samples.jsonl")
+    if [[ -n $mix && $mix_rows -gt 0 ]]; then
+      if [[ ! -f $dir/mix.jsonl ]]; then
+        python - "$mix" "$mix_rows" "$r" "$dir/mix.jsonl" <<'PY'
+import os, random, sys
+path, n, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rows = [l for l in open(path) if l.strip()]
+chosen = random.Random(seed).sample(rows, min(n, len(rows)))
+with open(out + ".tmp", "w") as f:
+    f.writelines(l if l.endswith("\n") else l + "\n" for l in chosen)
+os.replace(out + ".tmp", out)
+PY
+      fi
+      inputs+=("$dir/mix.jsonl")
+    fi
     echo "round $r: the teacher scores the samples"
-    $distill precompute --teacher "$teacher" --input "$dir/samples.jsonl" --token-ids --output "$dir/shards" \
+    $distill precompute --teacher "$teacher" --input "${inputs[@]}" --token-ids --output "$dir/shards" \
       --top-k "$top_k" --sample "$draws" --devices "$device" --no-progress | { grep -E "tokens|time" || true; }
     echo "round $r: training $steps steps from $current"
     $distill train --student "$current" --shards "$dir/shards" --output "$dir/run" --resume --device "$device" \

@@ -9,8 +9,10 @@
 #               while it wrote them (`generate --capture`: one teacher pass)
 #   onpolicy    the base student's own samples for those prompts, scored by the teacher
 #               (one round of scripts/onpolicy.sh)
-#   onpolicy-2x2  the same budget in two rounds of half the steps (round 2 samples from
+#   onpolicy-2x4  the same budget in two rounds of half the steps (round 2 samples from
 #               round 1's student)
+#   onpolicy-mix  one round whose shards also hold MIX_ROWS of the math chats with their
+#               reference answers (GKD's mixture of on-policy and fixed data)
 # and every model is judged on held-out math prompts by its greedy replies (the
 # teacher's NLL of them, exact match, length) and on held-out text (perplexity, full
 # KL to the teacher). Prints the table (also in RUN_DIR/recipes.md). Run scripts/run.sh
@@ -18,11 +20,11 @@
 #
 # Knobs (environment): MATH_TRAIN MATH_HELDOUT BASE_STEPS STEPS BATCH_TOKENS LR (the base's)
 # CONT_LR (the rows', from the base) LAYERS MAX_NEW_TOKENS (teacher replies and student
-# samples) SAMPLES (student samples per prompt)
+# samples) SAMPLES (student samples per prompt) MIX_ROWS (fixed rows in onpolicy-mix)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${MATH_TRAIN:=256}" "${MATH_HELDOUT:=64}" "${BASE_STEPS:=16}" "${STEPS:=8}" "${BATCH_TOKENS:=2048}"
-: "${LR:=1e-3}" "${CONT_LR:=3e-4}" "${LAYERS:=15}" "${MAX_NEW_TOKENS:=48}" "${SAMPLES:=1}"
+: "${LR:=1e-3}" "${CONT_LR:=3e-4}" "${LAYERS:=15}" "${MAX_NEW_TOKENS:=48}" "${SAMPLES:=1}" "${MIX_ROWS:=128}"
 cache=.cache/real
 run=${RUN_DIR:-.cache/runs/recipes}
 started=$(date +%s)
@@ -81,11 +83,17 @@ DISTILL_BIN=$distill scripts/onpolicy.sh --teacher $teacher --student "$base" --
   --output "$run/onpolicy-2x$half" --rounds 2 --steps "$half" --samples "$SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" \
   -- --lr "$CONT_LR" "${train_flags[@]:2}"
 
+stamp "on-policy with fixed data: one round, $MIX_ROWS math chats with reference answers mixed in"
+DISTILL_BIN=$distill scripts/onpolicy.sh --teacher $teacher --student "$base" --prompts "$math/train.jsonl" \
+  --output "$run/onpolicy-mix" --rounds 1 --steps "$STEPS" --samples "$SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" \
+  --mix "$math/train.jsonl" --mix-rows "$MIX_ROWS" -- --lr "$CONT_LR" "${train_flags[@]:2}"
+
 stamp "evaluate: held-out text, and greedy replies to the $MATH_HELDOUT held-out math prompts"
 models=(--model teacher=$teacher --model base="$base" --model token="$(ckpt token "$STEPS")"
   --model token-math="$(ckpt token-math "$STEPS")" --model seq="$(ckpt seq "$STEPS")"
   --model onpolicy="$run/onpolicy/round-1/run/$(printf "checkpoint-%07d" "$STEPS")"
-  --model onpolicy-2x$half="$run/onpolicy-2x$half/round-2/run/$(printf "checkpoint-%07d" "$half")")
+  --model onpolicy-2x$half="$run/onpolicy-2x$half/round-2/run/$(printf "checkpoint-%07d" "$half")"
+  --model onpolicy-mix="$run/onpolicy-mix/round-1/run/$(printf "checkpoint-%07d" "$STEPS")")
 # Evaluated again when the list of models changes.
 if [[ ! -f $run/results.json ]] || [[ "$(cat "$run/results.models" 2>/dev/null)" != "${models[*]}" ]]; then
   $distill eval --device cpu --text "$data/heldout.jsonl" --teacher $teacher \

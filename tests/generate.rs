@@ -444,6 +444,11 @@ fn captured_replies_equal_a_separate_precompute() {
         eprintln!("{name}: {tied} of {positions} positions differ in top-k ids or draws");
         assert!(positions > 50 && tied * 20 <= positions, "{name}: {tied} of {positions} positions differ");
     }
+    // --token-ids over rows that hold no ids at all: a clear error, nothing written.
+    let none = work.path().join("none");
+    let e = err(precompute("qwen3", &sample(), &none, &["--token-ids"]));
+    assert!(e.contains("no input row has the fields `prompt_ids` and `response_ids`"), "{e}");
+    assert!(!none.exists());
 }
 
 /// The spacing of float16 numbers at magnitude `x`.
@@ -453,9 +458,9 @@ fn f16_step(x: f32) -> f32 {
 }
 
 /// scripts/onpolicy.sh on tiny models: two rounds (the student samples, the teacher
-/// scores exactly those tokens, training continues from the last checkpoint), the
-/// student's log-probs stored with the shards, and a rerun after a crash redoing only
-/// what was lost.
+/// scores exactly those tokens, training continues from the last checkpoint) with 4 rows
+/// of fixed data mixed into each, the student's log-probs stored with the shards (null
+/// for the fixed rows), and a rerun after a crash redoing only what was lost.
 #[test]
 fn onpolicy_rounds_run_resume_and_keep_the_sampler_logprobs() {
     let work = tempfile::tempdir().unwrap();
@@ -485,6 +490,10 @@ fn onpolicy_rounds_run_resume_and_keep_the_sampler_logprobs() {
             "4",
             "--sample",
             "4",
+            "--mix",
+            &s(&sample()),
+            "--mix-rows",
+            "4",
             "--",
             "--batch-tokens",
             "512",
@@ -511,16 +520,28 @@ fn onpolicy_rounds_run_resume_and_keep_the_sampler_logprobs() {
     let samples = read_jsonl(&round(1).join("samples.jsonl"));
     let set = distill::shards::reader::ShardSet::open(&round(1).join("shards"), false).unwrap();
     let rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
-    assert_eq!(rows.len(), samples.len());
+    assert_eq!(rows.len(), samples.len() + 4, "the samples and 4 fixed rows");
+    let ids =
+        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let mut sampled = 0;
     for row in rows {
-        let sample = &samples[row.sequence.row_index as usize];
-        let want: Vec<f32> =
-            sample["response_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-        let ids: Vec<u32> =
-            sample["response_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert!(row.sequence.ids.ends_with(&ids));
-        assert_eq!(row.sequence.sampler_logprobs.as_deref(), Some(&want[..]));
+        let found =
+            samples.iter().find(|s| [ids(&s["prompt_ids"]), ids(&s["response_ids"])].concat() == row.sequence.ids);
+        match found {
+            Some(sample) => {
+                let want: Vec<f32> = sample["response_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                assert_eq!(row.sequence.sampler_logprobs.as_deref(), Some(&want[..]));
+                sampled += 1;
+            }
+            None => assert_eq!(row.sequence.sampler_logprobs, None, "a fixed row has no sampler"),
+        }
     }
+    assert_eq!(sampled, samples.len());
     // A crash in round 2 after sampling: its shards and run are lost; the rerun keeps
     // round 1 and round 2's samples as they were and redoes the rest.
     let stamp = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();

@@ -36,7 +36,8 @@ pub struct FieldNames {
     pub prompt: String,
     pub response: String,
     pub messages: String,
-    /// Read token ids from these fields instead of text (every row must have them).
+    /// Read token ids from these fields instead of text; a row with neither field is
+    /// read as text (fixed data mixed into an on-policy round).
     pub token_ids: Option<TokenIdFields>,
 }
 
@@ -83,7 +84,8 @@ impl Example {
     /// Reads the example from one JSON object; the error names the missing field.
     pub fn from_json(obj: &Json, fields: &FieldNames) -> Result<Self> {
         let Json::Object(map) = obj else { bail!("row is not a JSON object") };
-        if let Some(f) = &fields.token_ids {
+        let has_ids = |f: &TokenIdFields| map.contains_key(&f.prompt) || map.contains_key(&f.response);
+        if let Some(f) = fields.token_ids.as_ref().filter(|f| has_ids(f)) {
             let ids = |name: &str| -> Result<Vec<u32>> {
                 let Some(value) = map.get(name) else { bail!("field `{name}` is missing (token ids were asked for)") };
                 let Json::Array(list) = value else { bail!("field `{name}` is not a list of token ids") };
@@ -264,6 +266,8 @@ mod tests {
         let sampled = json!({"prompt_ids": [5], "response_ids": [7, 8], "response_logprobs": [-0.5, 0]});
         let example = Example::from_json(&sampled, &f).unwrap();
         assert_eq!(example, Example::Tokens { prompt: vec![5], response: vec![7, 8], logprobs: Some(vec![-0.5, 0.0]) });
+        // A row without ids is fixed data, read as text.
+        assert_eq!(Example::from_json(&json!({"text": "a"}), &f).unwrap(), Example::Text("a".into()));
         for (bad, field) in [
             (json!({"prompt_ids": [1]}), "`response_ids` is missing"),
             (json!({"prompt_ids": [1], "response_ids": []}), "`response_ids` is empty"),

@@ -58,6 +58,7 @@ impl Sequence {
     /// boundary. Packing at precompute and at training time both join rows this way.
     pub fn append(&mut self, other: Sequence) {
         let start = self.ids.len();
+        let (mine_targets, other_targets) = (self.num_targets(), other.num_targets());
         self.sample_ids.extend(other.sample_ids);
         self.doc_lengths.extend(other.doc_lengths);
         self.ids.extend(other.ids);
@@ -66,13 +67,16 @@ impl Sequence {
         if let Some(first) = self.loss_mask.get_mut(start) {
             *first = false;
         }
+        // A sampled document packed with fixed text: the fixed targets get 0 (given, not
+        // sampled), as prompt tokens trained with `train_on_all_tokens` do.
         self.sampler_logprobs = match (self.sampler_logprobs.take(), other.sampler_logprobs) {
-            (Some(mut mine), Some(theirs)) => {
-                mine.extend(theirs.into_iter().skip(other_first_trained as usize));
-                Some(mine)
+            (None, None) => None,
+            (mine, theirs) => {
+                let mut all = mine.unwrap_or_else(|| vec![0.0; mine_targets]);
+                let theirs = theirs.unwrap_or_else(|| vec![0.0; other_targets]);
+                all.extend(theirs.into_iter().skip(other_first_trained as usize));
+                Some(all)
             }
-            // Rows of one set are all sampled or none (`prepare` checks it).
-            _ => None,
         };
     }
 }

@@ -66,14 +66,16 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         truncated_tokens: stats.truncated_tokens,
     };
 
-    // Sampled rows carry their sampler's log-probabilities; a set holds them for every
-    // row or for none.
+    // Sampled rows carry their sampler's log-probabilities (fixed rows mixed in: null).
     let sampler_logprobs = rows.iter().any(|r| r.sampler_logprobs.is_some());
-    if let Some(row) = rows.iter().find(|r| r.sampler_logprobs.is_some() != sampler_logprobs) {
-        bail!(
-            "example {}: has no `response_logprobs`, unlike other rows; a shard set holds the sampler's log-probabilities for every row or none",
-            row.sample_ids.join(", ")
-        );
+    if let Some(f) = &cfg.fields.token_ids {
+        if !records.iter().any(|r| matches!(r.example, crate::dataset::Example::Tokens { .. })) {
+            bail!(
+                "--token-ids: no input row has the fields `{}` and `{}` (write them with `distill generate --with-ids`)",
+                f.prompt,
+                f.response
+            );
+        }
     }
     let id_type = IdType::for_vocab(vocab);
     let layout = ShardLayout {

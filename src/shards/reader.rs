@@ -213,7 +213,7 @@ impl ShardSet {
                 doc_lengths: i32s(&docs.value(r))?.into_iter().map(|x| x as u32).collect(),
                 ids: i32s(&ids.value(r))?.into_iter().map(|x| x as u32).collect(),
                 loss_mask: bools(&mask.value(r))?,
-                sampler_logprobs: sampled.as_ref().map(|l| f32s(&l.value(r))).transpose()?,
+                sampler_logprobs: sampled.as_ref().filter(|l| l.is_valid(r)).map(|l| f32s(&l.value(r))).transpose()?,
             };
             let (lengths, ids, logprobs) = match &topk {
                 Some((ids, lps)) if cap.top_p.is_some() => {

@@ -127,7 +127,8 @@ impl ShardLayout {
             fields.push(Field::new(DRAW_COUNTS, list_of(list_of(DataType::UInt8)), false));
         }
         if self.sampler_logprobs {
-            fields.push(Field::new(SAMPLER_LOGPROB, list_of(DataType::Float32), false));
+            // Null for a row of fixed data mixed into a round of samples.
+            fields.push(Field::new(SAMPLER_LOGPROB, list_of(DataType::Float32), true));
         }
         for &(layer, width) in &self.hidden {
             fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));

@@ -58,7 +58,10 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
         };
         let targets = doc.num_targets();
         let doc = Sequence {
-            sampler_logprobs: layout.sampler_logprobs.then(|| (0..targets).map(|i| -0.125 * i as f32).collect()),
+            // Sampled rows, fixed rows (null) and rows packing both (index % 3 == 1: fixed
+            // alone; document 1 of the others: fixed, packed with sampled ones).
+            sampler_logprobs: (layout.sampler_logprobs && index % 3 != 1 && d != 1)
+                .then(|| (0..targets).map(|i| -0.125 * i as f32).collect()),
             ..doc
         };
         match sequence.as_mut() {

@@ -6,8 +6,8 @@ use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
     StringArray, UInt16Array, UInt64Array, UInt8Array,
 };
-use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{Field, Schema};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -155,10 +155,7 @@ impl ShardWriter {
                         && d.lengths.iter().map(|&n| n as usize).sum::<usize>() == d.ids.len()
                 })
                 && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p)
-                && r.sequence
-                    .sampler_logprobs
-                    .as_ref()
-                    .map_or(!self.layout.sampler_logprobs, |l| self.layout.sampler_logprobs && l.len() == p);
+                && r.sequence.sampler_logprobs.as_ref().is_none_or(|l| self.layout.sampler_logprobs && l.len() == p);
             if !agree {
                 bail!("row {}: its per-token or per-target values disagree in length", r.sequence.row_index);
             }
@@ -206,8 +203,12 @@ impl ShardWriter {
             columns.push(by_target(list(Arc::new(counts), &lengths)));
         }
         if self.layout.sampler_logprobs {
-            let values = rows.iter().flat_map(|r| r.sequence.sampler_logprobs.iter().flatten().copied());
-            columns.push(by_target(f32_array(values)));
+            // Null for a row of fixed data mixed into a round of samples.
+            let values = f32_array(rows.iter().flat_map(|r| r.sequence.sampler_logprobs.iter().flatten().copied()));
+            let field = Arc::new(Field::new("item", DataType::Float32, false));
+            let lengths = rows.iter().map(|r| r.sequence.sampler_logprobs.as_ref().map_or(0, Vec::len));
+            let valid = NullBuffer::from_iter(rows.iter().map(|r| r.sequence.sampler_logprobs.is_some()));
+            columns.push(Arc::new(ListArray::new(field, OffsetBuffer::from_lengths(lengths), values, Some(valid))));
         }
         for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
             let values = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.hidden[i].values.iter().copied()));
