@@ -18,6 +18,7 @@ use distill::precompute::capture::{CaptureSettings, DrawSettings};
 use distill::precompute::replies::ReplyTargets;
 use distill::precompute::PrecomputeConfig;
 use distill::runtime::parse_device;
+use distill::shards::dir::holds_shard_set;
 use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
@@ -192,11 +193,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let logprobs: RefCell<Vec<Vec<f32>>> = RefCell::new(vec![vec![]; prompts.len()]);
     let on_step = |step: &StepView| -> Result<()> {
         let picked = Tensor::from_slice(&step.tokens.iter().map(|&t| t as i64).collect::<Vec<_>>());
-        let chosen = step.logits.log_softmax(-1, Kind::Float).gather(
-            -1,
-            &picked.to_device(step.logits.device()).unsqueeze(-1),
-            false,
-        );
+        let picked = step.logits.gather(-1, &picked.to_device(step.logits.device()).unsqueeze(-1), false);
+        let chosen = (picked - step.logits.logsumexp([-1], true)).to_kind(Kind::Float);
         let chosen = Vec::<f32>::try_from(chosen.reshape([-1]).to_device(tch::Device::Cpu))?;
         let mut all = logprobs.borrow_mut();
         for (&i, lp) in step.prompts.iter().zip(chosen) {
@@ -291,16 +289,14 @@ fn capture_config(args: &GenerateArgs, dir: &std::path::Path) -> Result<Precompu
         ..defaults
     };
     cfg.validate()?;
-    if dir.join("manifest.json").exists() && !args.overwrite {
+    // Checked before decoding (the shard set is written after it): a directory that is
+    // not a shard set is refused untouched, a shard set is replaced only with --overwrite.
+    let holds_set = holds_shard_set(dir).with_context(|| format!("--capture {}", dir.display()))?;
+    if holds_set && !args.overwrite {
         bail!(
             "--capture {}: a shard set is already there; choose another directory or pass --overwrite",
             dir.display()
         );
-    }
-    // Checked before decoding (the shard set is written after it): what is there stays.
-    let foreign = dir.is_dir() && !dir.join("manifest.json").exists() && std::fs::read_dir(dir)?.next().is_some();
-    if foreign || dir.is_file() {
-        bail!("--capture {}: exists and is not a shard set; choose an empty or new directory", dir.display());
     }
     Ok(cfg)
 }

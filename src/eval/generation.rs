@@ -10,7 +10,7 @@ use crate::generate::{generate, FinishReason, GenerateOptions, Hooks, SamplingOp
 use crate::model::CausalLm;
 use crate::tokenizer::{MaskedTokens, TextTokenizer};
 
-use super::text::{score_sequences, score_sequences_against, ScoreOptions};
+use super::text::{score_sequences_against, ScoreOptions, TokenSums};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationMetrics {
@@ -78,12 +78,11 @@ pub fn judge_replies(
                     loss_mask: [vec![false; row.ids.len()], vec![true; reply.ids.len()]].concat(),
                 })
                 .collect();
-            let sums = score_sequences(t, &seqs, &ScoreOptions::default())?;
-            let tokens: usize = sums.iter().map(|s| s.0).sum();
-            let nll = sums.iter().map(|s| s.1).sum::<f64>() / tokens.max(1) as f64;
-            let against = score_sequences_against(model, Some(t), &seqs, &ScoreOptions::default())?;
-            let kl = against.iter().map(|s| s.kl).sum::<f64>() / tokens.max(1) as f64;
-            (Some(nll), Some(kl))
+            // One pass of both models: the teacher's NLL and its KL to the model.
+            let sums = score_sequences_against(model, Some(t), &seqs, &ScoreOptions::default())?;
+            let tokens = sums.iter().map(|s| s.tokens).sum::<usize>().max(1) as f64;
+            let total = |f: fn(&TokenSums) -> f64| sums.iter().map(f).sum::<f64>() / tokens;
+            (Some(total(|s| s.teacher_nll)), Some(total(|s| s.kl)))
         }
     };
     let metrics = GenerationMetrics {

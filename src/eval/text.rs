@@ -56,6 +56,8 @@ pub type TokenNll = (usize, f64);
 pub struct TokenSums {
     pub tokens: usize,
     pub nll: f64,
+    /// The teacher's NLL of the same tokens (0 without a teacher).
+    pub teacher_nll: f64,
     pub kl: f64,
     pub agree: f64,
 }
@@ -198,15 +200,17 @@ fn score_batch(model: &CausalLm, teacher: Option<&CausalLm>, rows: &[&Sequence],
     let (batch, h) = trained_states(model)?;
     let teacher_h = teacher.map(|t| trained_states(t).map(|(_, h)| (t, h))).transpose()?;
     let next = batch.next_tokens.to_device(h.device());
-    let (mut nll, mut kl, mut agree) = (vec![], vec![], vec![]);
+    let (mut nll, mut teacher_nll, mut kl, mut agree) = (vec![], vec![], vec![], vec![]);
     model.transformer.logits_in_chunks(&h, chunk, |logits, r| {
         let logp = logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        let picked = logp.gather(-1, &next.narrow(0, r.start, r.end - r.start).unsqueeze(-1), false);
+        let labels = next.narrow(0, r.start, r.end - r.start).unsqueeze(-1);
+        let picked = logp.gather(-1, &labels, false);
         nll.push(-picked.squeeze_dim(-1).to_kind(Kind::Double));
         if let Some((t, th)) = &teacher_h {
             let teacher_logits = t.transformer.logits(&th.narrow(0, r.start, r.end - r.start));
             let logq = teacher_logits.to_device(logp.device()).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
             kl.push((logq.exp() * (&logq - &logp)).sum_dim_intlist(-1, false, Kind::Double));
+            teacher_nll.push(-logq.gather(-1, &labels, false).squeeze_dim(-1).to_kind(Kind::Double));
             agree.push(logq.argmax(-1, false).eq_tensor(&logp.argmax(-1, false)).to_kind(Kind::Double));
         }
         Ok(())
@@ -214,7 +218,7 @@ fn score_batch(model: &CausalLm, teacher: Option<&CausalLm>, rows: &[&Sequence],
     let host = |parts: Vec<Tensor>| -> Result<Vec<f64>> {
         Ok(if parts.is_empty() { vec![] } else { Vec::<f64>::try_from(Tensor::cat(&parts, 0).to_device(Device::Cpu))? })
     };
-    let (nll, kl, agree) = (host(nll)?, host(kl)?, host(agree)?);
+    let (nll, teacher_nll, kl, agree) = (host(nll)?, host(teacher_nll)?, host(kl)?, host(agree)?);
     let sum = |v: &[f64], range: std::ops::Range<usize>| if v.is_empty() { 0.0 } else { v[range].iter().sum() };
     let mut sums = Vec::with_capacity(rows.len());
     let mut offset = 0;
@@ -223,6 +227,7 @@ fn score_batch(model: &CausalLm, teacher: Option<&CausalLm>, rows: &[&Sequence],
         sums.push(TokenSums {
             tokens: count,
             nll: sum(&nll, range.clone()),
+            teacher_nll: sum(&teacher_nll, range.clone()),
             kl: sum(&kl, range.clone()),
             agree: sum(&agree, range),
         });

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::transformer::{AttentionMask, Hidden};
+use super::transformer::{AttentionMask, Captures, Hidden};
 use super::Transformer;
 
 /// One layer's keys and values `[batch, kv_heads, capacity, head_dim]`, of which the
@@ -199,29 +199,18 @@ impl Transformer {
         cache.real = Some(real);
         let mut x = self.embed(ids);
         let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
-        let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
-        let mut keep = |index: usize, t: &Tensor| {
-            for (slot, &want) in captured.iter_mut().zip(capture) {
-                if want == index {
-                    *slot = Some(t.select(1, s - 1));
-                }
-            }
-        };
-        keep(0, &x);
+        let mut captured = Captures::new(capture);
+        captured.keep(0, || x.select(1, s - 1));
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let mask = &per_window.iter().find(|(w, _)| *w == layer.sliding_window).expect("built above").1;
             x = layer.forward_cached(&x, &cos, &sin, mask, slot);
             if i + 1 < n {
-                keep(i + 1, &x);
+                captured.keep(i + 1, || x.select(1, s - 1));
             }
         }
         let last = self.final_norm(&x.select(1, s - 1));
-        for (slot, &want) in captured.iter_mut().zip(capture) {
-            if want == n {
-                *slot = Some(last.shallow_clone());
-            }
-        }
-        Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
+        captured.keep(n, || last.shallow_clone());
+        Ok(Hidden { captured: captured.into_states(), last })
     }
 }
 

@@ -265,6 +265,31 @@ pub struct Hidden {
     pub captured: Vec<Tensor>,
 }
 
+/// The hidden states a pass was asked for, filled as the pass reaches them.
+pub(super) struct Captures<'a> {
+    wanted: &'a [usize],
+    states: Vec<Option<Tensor>>,
+}
+
+impl<'a> Captures<'a> {
+    pub(super) fn new(wanted: &'a [usize]) -> Self {
+        Captures { wanted, states: wanted.iter().map(|_| None).collect() }
+    }
+
+    /// Hidden state `index` (transformers' numbering), made by `state` only if wanted.
+    pub(super) fn keep(&mut self, index: usize, state: impl Fn() -> Tensor) {
+        for (slot, &want) in self.states.iter_mut().zip(self.wanted) {
+            if want == index {
+                *slot = Some(state());
+            }
+        }
+    }
+
+    pub(super) fn into_states(self) -> Vec<Tensor> {
+        self.states.into_iter().map(|t| t.expect("every capture index is filled")).collect()
+    }
+}
+
 impl Transformer {
     /// Builds the model on `devices`: one device, or several to split the layers in
     /// contiguous, equal runs (embeddings on the first, final norm and head on the last).
@@ -313,24 +338,17 @@ impl Transformer {
         let n = self.check_capture(capture)?;
         let mut x = self.embed(input.input_ids);
         let mut ctx = self.layer_context(input, x.kind())?;
-        let mut captured: Vec<Option<Tensor>> = capture.iter().map(|_| None).collect();
-        let mut keep = |index: usize, t: &Tensor| {
-            for (slot, &want) in captured.iter_mut().zip(capture) {
-                if want == index {
-                    *slot = Some(t.shallow_clone());
-                }
-            }
-        };
-        keep(0, &x);
+        let mut captured = Captures::new(capture);
+        captured.keep(0, || x.shallow_clone());
         for i in 0..n {
             x = self.layer_forward(i, &x, &mut ctx);
             if i + 1 < n {
-                keep(i + 1, &x);
+                captured.keep(i + 1, || x.shallow_clone());
             }
         }
         let last = self.final_norm(&x);
-        keep(n, &last);
-        Ok(Hidden { last, captured: captured.into_iter().map(|t| t.expect("every capture index is filled")).collect() })
+        captured.keep(n, || last.shallow_clone());
+        Ok(Hidden { captured: captured.into_states(), last })
     }
 
     /// The number of layers, after checking that every hidden state in `capture` exists.

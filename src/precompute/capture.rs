@@ -116,6 +116,8 @@ pub struct TargetParts {
 impl TargetParts {
     /// The targets of the positions whose logits are `logits` `[n, model vocab]`, whose
     /// next tokens are `next` `[n]` and whose draws take `uniforms` `[n, draws]`.
+    /// Float32 `logits` are overwritten (the top-k masked out for the tail): pass a
+    /// tensor nothing reads afterwards.
     pub fn push(&mut self, logits: &Tensor, next: &Tensor, uniforms: Option<&Tensor>, settings: &CaptureSettings) {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
 use crate::model::CausalLm;
-use crate::shards::dir::OutputPlan;
+use crate::shards::dir::{OutputPlan, ShardDir};
 use crate::shards::manifest::Manifest;
 use capture::{CaptureSettings, DrawSettings};
 pub use config::PrecomputeConfig;
@@ -128,12 +128,19 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
     };
     let stats = pass.run(jobs_for(pending), first_replica, dir, &mut manifest)?;
     bar.finish_and_clear();
-    manifest.complete = manifest.shards.len() == shards.len();
-    manifest.save(dir)?;
+    close(&out, &mut manifest, shards.len())?;
+    Ok(Summary::of(&manifest, done, resumed_tokens, stats.wall, stats.teacher_busy, cfg.devices.len()))
+}
+
+/// Records whether all `planned` shards are written and, when they are, moves a staged
+/// set into place: only a complete set replaces an old one.
+fn close(out: &ShardDir, manifest: &mut Manifest, planned: usize) -> Result<()> {
+    manifest.complete = manifest.shards.len() == planned;
+    manifest.save(&out.dir)?;
     if manifest.complete {
         out.finish()?;
     }
-    Ok(Summary::of(&manifest, done, resumed_tokens, stats.wall, stats.teacher_busy, cfg.devices.len()))
+    Ok(())
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {

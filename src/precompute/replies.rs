@@ -58,7 +58,8 @@ impl ReplyTargets {
         let keys: Vec<(u64, u64)> = out_rows.iter().zip(numbers).map(|(&row, &n)| (row as u64, n)).collect();
         let next = Tensor::from_slice(&tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device);
         let mut parts = TargetParts::default();
-        parts.push(&logits.to_kind(Kind::Float), &next, s.uniforms(&keys, device).as_ref(), s);
+        // A copy: `push` overwrites float32 logits, and these are the step's own.
+        parts.push(&logits.to_kind(Kind::Float).copy(), &next, s.uniforms(&keys, device).as_ref(), s);
         let ones = vec![1; out_rows.len()];
         let topk = parts.to_host(s)?.split(&ones, s);
         let states = hidden_targets(hidden, s)?.split(&ones);
@@ -116,9 +117,7 @@ impl ReplyTargets {
             manifest.shards.push(writer.finish()?);
             manifest.save(&out.dir)?;
         }
-        manifest.complete = manifest.shards.len() == shards.len();
-        manifest.save(&out.dir)?;
-        out.finish()?;
+        super::close(&out, &mut manifest, shards.len())?;
         // The teacher's time is the generation's (the command reports it).
         let wall = started.elapsed();
         Ok(Summary::of(&manifest, done, resumed_tokens, wall, std::time::Duration::ZERO, 1))
