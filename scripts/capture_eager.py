@@ -6,7 +6,10 @@ them (per shard, longest first, up to BATCH_TOKENS padded tokens), and per posit
 top-k log-probs, the tail's log-mass and the true next token's log-prob. Nothing is
 written: the targets are only moved to the host, as a writer would need them.
 
-    capture_eager.py TEACHER_DIR SHARD_DIR BATCH_TOKENS TOP_K DEVICE
+    capture_eager.py TEACHER_DIR SHARD_DIR BATCH_TOKENS TOP_K DEVICE [EXPERTS]
+
+EXPERTS picks transformers' experts implementation for a mixture-of-experts teacher
+(`grouped_mm`, its default, or `eager`, its loop over experts).
 
 Prints `tokens=N seconds=S tokens_per_s=R` (the teacher's loading not included).
 """
@@ -52,7 +55,8 @@ def capture(model, batch, k, device):
 
 def main():
     teacher, shards, batch_tokens, k, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    model = transformers.AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
+    experts = {"experts_implementation": sys.argv[6]} if len(sys.argv) > 6 else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, **experts).to(device).eval()
     tokens = 0
     t0 = time.perf_counter()
     for batch in batches(shards, batch_tokens):

@@ -8,11 +8,14 @@
     tiny_models.py logits MODEL_DIR INPUTS OUT
                                     transformers' logits of MODEL_DIR for the input_ids /
                                     attention_mask in INPUTS (safetensors)
-    tiny_models.py bench-model OUT_DIR [small|qwen2-7b]
+    tiny_models.py bench-model OUT_DIR [small|qwen2-7b|qwen3-moe]
                                     a random Qwen2-shaped teacher with a realistic
                                     vocabulary (151,936 ids: the tiny BPE padded with
                                     added tokens) for benchmarks: `small` (hidden 128,
-                                    2 layers) or Qwen2-7B's shape in bfloat16
+                                    2 layers) or Qwen2-7B's shape in bfloat16; or
+                                    `qwen3-moe`, a Qwen3-MoE (hidden 256, 4 layers, 16
+                                    experts, top 4) with the tiny BPE's 384 ids, so
+                                    that the experts dominate the time
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -81,6 +84,18 @@ MODELS = {
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False), dict(jinja=True)),
     # sliding window shorter than the test sequences.
     "mistral": ("MistralConfig", dict(sliding_window=8), dict()),
+    # Mixture of experts: 8 experts, top 2 renormalised, layer 1 dense (mlp_only_layers),
+    # a sliding window on every layer; router rows of uneven scale (uneven routing).
+    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1], use_sliding_window=True,
+        sliding_window=8), dict()),
+    # Shared expert with its sigmoid gate, top-2 of 6 not renormalised, qkv bias, first layer
+    # dense, stored in bfloat16.
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
+        shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[0]),
+        dict(dtype=torch.bfloat16)),
+    # Mixtral: 4 experts (w1/w2/w3 under block_sparse_moe), top 2.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), dict()),
 }
 
 
@@ -121,6 +136,10 @@ def spread_weights(model, seed):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("gate.weight") and p.shape[0] > 1:
+                # A router: rows of uneven scale, so that some experts win far more often.
+                scale = torch.linspace(0.05, 0.6, p.shape[0]).unsqueeze(1)
+                p.copy_(scale * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
@@ -181,8 +200,10 @@ def make(out_dir: Path):
         # The reference comes from the saved files, in float32, as our loader sees them.
         ref_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
             d, dtype=torch.float32, attn_implementation="eager").eval()
+        # transformers' default attention (sdpa), the kernel we use too: with experts, a
+        # rounding difference can flip a token's routing, so the kernel shows in the error.
         bf16_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
-            d, dtype=torch.bfloat16, attn_implementation="eager").eval()
+            d, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
         tensors = {}
         for side, (input_ids, mask) in batches.items():
             # transformers' own bfloat16 run: the yardstick for our reduced-precision runs.
@@ -222,6 +243,9 @@ BENCH_SHAPES = {
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, tie_word_embeddings=True),
     # Qwen2-7B's config.json (152,064 embedding rows for 151,646 tokens).
+    "qwen3-moe": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False),
     "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, rope_theta=1000000.0,
                      max_position_embeddings=32768),
@@ -237,17 +261,22 @@ def bench_model(out_dir: Path, shape: str):
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     train_tokenizer(tmp)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-    vocab = 151936
+    vocab = TOKENIZER_VOCAB if shape == "qwen3-moe" else 151936
     extra = vocab - tok.get_vocab_size()
     tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
     tok.save(str(tmp / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
-    if shape == "small":
+    if shape == "qwen3-moe":
+        cfg = transformers.Qwen3MoeConfig(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
+        model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+        spread_weights(model, 0)
+    elif shape == "small":
+        cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
         model = transformers.Qwen2ForCausalLM(cfg).eval()
         spread_weights(model, 0)
     else:
         # transformers' own init (std 0.02), straight into bfloat16 to halve memory.
+        cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
         torch.set_default_dtype(torch.bfloat16)
         model = transformers.Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(tmp)

@@ -42,6 +42,8 @@ fn main() {
     // cores: 437 tokens/s with sleeping workers, 243 with spinning ones).
     if matches!(cli.command, Command::Train(_) | Command::Generate(_)) {
         distill::runtime::tune_for_torch_loops_on_cpu();
+    } else if matches!(cli.command, Command::Precompute(_)) {
+        distill::runtime::keep_freed_memory_on_cpu();
     }
     let result: Result<()> = match cli.command {
         Command::Env(args) => commands::env::run(args),

@@ -171,6 +171,42 @@ pub fn tune_for_torch_loops_on_cpu() {
     keep_freed_memory();
 }
 
+/// Makes torch's operations on the calling helper thread run serially. libgomp spins
+/// between parallel regions only while no more OpenMP threads exist than cores; a
+/// parallel operation on a second thread (building a batch: a product of 32k+ values)
+/// makes a second team of workers, and from then on every region of the main thread's
+/// team sleeps and wakes on futexes (see `precompute::pipeline`, where this halved a
+/// mixture-of-experts teacher's forward). Torch reads OpenMP's per-thread setting, so
+/// one call makes this thread's operations serial and leaves the others alone. A guard
+/// for the batch loader: KD-only training measured the same either way (300 / 308 / 296
+/// against 294 / 301 / 308 tokens/s, main job's student), its batches need no parallel op;
+/// hidden-state batches do.
+pub fn serial_torch_on_this_thread() {
+    // Torch sets the thread's OpenMP width on its first query; ours must come after.
+    let _ = tch::get_num_threads();
+    #[cfg(unix)]
+    {
+        let this = libloading::os::unix::Library::this();
+        // SAFETY: libgomp's `void omp_set_num_threads(int)`, resolved in this process
+        // (libtorch loads libgomp); absent (another OpenMP runtime), nothing is done.
+        unsafe {
+            if let Ok(set) = this.get::<unsafe extern "C" fn(std::ffi::c_int)>(b"omp_set_num_threads\0") {
+                set(1);
+            }
+        }
+    }
+}
+
+/// `keep_freed_memory` for precompute, on a machine without CUDA. Its batches of
+/// the same sizes come back every step too: a mixture-of-experts teacher (random
+/// Qwen3-MoE, 16 experts, `scripts/bench_precompute.sh --moe`, 35k tokens) went from
+/// 8,285 / 9,646 to 9,367 / 10,345 tokens/s (two interleaved runs each).
+pub fn keep_freed_memory_on_cpu() {
+    if !tch::Cuda::is_available() {
+        keep_freed_memory();
+    }
+}
+
 /// glibc returns large freed blocks to the kernel (every block above its mmap threshold,
 /// at most 32 MB, and the heap's free top), so the next step's tensors of the same sizes
 /// come back as fresh pages that the kernel zeroes on first touch: 17% of a KD step's

@@ -114,11 +114,7 @@ fn check_output(teacher_dir: &Path, out: &Path, overwrite: bool) -> Result<()> {
 
 /// Refuses a student whose float32 weights would not fit in the memory available.
 fn check_size(cfg: &ModelConfig) -> Result<()> {
-    let (h, v, i) = (cfg.hidden_size as f64, cfg.vocab_size as f64, cfg.intermediate_size as f64);
-    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
-    let per_layer = h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i + 2.0 * h;
-    let embeddings = v * h * if cfg.tie_word_embeddings { 1.0 } else { 2.0 };
-    let parameters = embeddings + cfg.num_layers as f64 * per_layer;
+    let parameters = cfg.num_parameters() as f64;
     let bytes = 4.0 * parameters;
     let available = crate::files::available_memory().map_or(f64::INFINITY, |b| b as f64);
     if bytes > available {
@@ -206,6 +202,12 @@ fn student_config(
     raw.insert("num_hidden_layers".into(), layers.len().into());
     if let Some(Value::Array(types)) = raw.get("layer_types").cloned() {
         raw.insert("layer_types".into(), Value::Array(layers.iter().map(|&l| types[l].clone()).collect()));
+    }
+    // Which kept layers have experts, renumbered (Qwen's rule is by layer number).
+    if let (Some(moe), false) = (&teacher.moe, teacher.family == crate::model::Family::Mixtral) {
+        let dense: Vec<usize> = (0..layers.len()).filter(|&j| !moe.sparse_layers[layers[j]]).collect();
+        raw.insert("decoder_sparse_step".into(), 1.into());
+        raw.insert("mlp_only_layers".into(), dense.into());
     }
     let narrower = spec.hidden_size.is_some() || spec.num_heads.is_some();
     for (key, value) in [

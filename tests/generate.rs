@@ -71,7 +71,7 @@ fn cached_steps_equal_the_full_forward() {
     }
     let shape = [prompts.len() as i64, total as i64];
     let (ids, mask) = (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape));
-    for name in ["llama", "mistral", "qwen3"] {
+    for name in ["llama", "mistral", "qwen3", "qwen3-moe", "mixtral"] {
         let model = CausalLm::load(&model_dir(name), Device::Cpu, Kind::Float).unwrap();
         let full = model.transformer.forward_hidden(&ForwardInput::new(&ids, Some(&mask)), &[]).unwrap().last;
         let mut cache = KvCache::new(model.config.num_layers);
@@ -96,7 +96,7 @@ fn options(max_batch_tokens: usize, sampling: SamplingOptions) -> GenerateOption
 fn greedy_matches_transformers_generate_on_every_family() {
     let prompts = prompts();
     let keys: Vec<u64> = (0..prompts.len() as u64).collect();
-    for name in ["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral"] {
+    for name in MODELS {
         let dir = model_dir(name);
         let want = transformers_greedy(&dir, &prompts);
         let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();

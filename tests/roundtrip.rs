@@ -58,3 +58,12 @@ fn bfloat16_save_loads_in_transformers() {
     // Written from a bfloat16 model: the file holds bf16 weights that both sides read.
     roundtrip("llama-tied-bf16", Kind::BFloat16, usize::MAX);
 }
+
+#[test]
+fn mixture_of_experts_saves_load_in_transformers() {
+    // Per-expert tensors under the hub's names (Mixtral's block_sparse_moe.experts.e.w1..),
+    // a dense layer among sparse ones, the shared expert; bf16 and sharded too.
+    roundtrip("qwen3-moe", Kind::Float, usize::MAX);
+    roundtrip("mixtral", Kind::Float, 60_000);
+    roundtrip("qwen2-moe", Kind::BFloat16, usize::MAX);
+}

@@ -24,7 +24,11 @@ fn shards_with(data: &str, out: &Path, extra: &[&str]) -> PathBuf {
 }
 
 fn train(shards: &Path, out: &Path, extra: &[&str]) -> Output {
-    let student = model_dir("qwen3");
+    train_student("qwen3", shards, out, extra)
+}
+
+fn train_student(student: &str, shards: &Path, out: &Path, extra: &[&str]) -> Output {
+    let student = model_dir(student);
     let mut args = vec!["train", "--student", student.to_str().unwrap(), "--shards", shards.to_str().unwrap()];
     args.extend(["--output", out.to_str().unwrap(), "--device", "cpu", "--batch-tokens", "512"]);
     if !extra.contains(&"--lr") {
@@ -55,6 +59,39 @@ fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 30);
     assert!(out.join("loss.png").exists(), "the loss plot is written next to the checkpoints");
+}
+
+/// Experts on both sides: a mixture-of-experts teacher (Qwen3-MoE) teaches the dense
+/// student, and the dense teacher teaches a mixture-of-experts student (Mixtral), which
+/// saves per-expert tensors that its own loader reads back.
+#[test]
+fn experts_teach_and_learn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = repo().join("tests/data");
+    let (train_set, held_out) = (tmp.path().join("moe-train"), tmp.path().join("moe-heldout"));
+    ok(precompute("qwen3-moe", &data.join("sample.jsonl"), &train_set, &["--top-k", "16"]));
+    ok(precompute("qwen3-moe", &data.join("heldout.jsonl"), &held_out, &["--top-k", "16"]));
+    assert_eq!(manifest(&train_set)["settings"]["teacher"]["architecture"], "Qwen3MoeForCausalLM");
+    let before = eval_kl(&model_dir("qwen3"), &held_out);
+    let out = tmp.path().join("dense-student");
+    ok(train(&train_set, &out, &["--steps", "30", "--save-every", "30", "--alpha", "0"]));
+    let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+    eprintln!("Qwen3-MoE teacher -> dense student, held-out KL {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "held-out KL to the MoE teacher did not fall: {before} -> {after}");
+
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
+    let before = eval_kl(&model_dir("mixtral"), &held_out);
+    let out = tmp.path().join("moe-student");
+    ok(train_student("mixtral", &train_set, &out, &["--steps", "30", "--save-every", "30", "--alpha", "0"]));
+    let checkpoint = out.join("checkpoint-0000030");
+    let after = eval_kl(&checkpoint, &held_out);
+    eprintln!("dense teacher -> Mixtral student, held-out KL {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "held-out KL of the MoE student did not fall: {before} -> {after}");
+    let saved = CausalLm::load(&checkpoint, Device::Cpu, Kind::Float).unwrap();
+    let names = saved.vs.variables();
+    assert!(names.contains_key("model.layers.2.block_sparse_moe.experts.3.w2.weight"));
+    assert!(names.contains_key("model.layers.0.block_sparse_moe.gate.weight"));
 }
 
 #[test]

@@ -188,17 +188,20 @@ pub struct BatchLoader {
 impl BatchLoader {
     pub fn new(mut feed: Feed, content: BatchContent, device: Device, prefetch: usize) -> Self {
         let (tx, rx) = bounded(prefetch.max(1));
-        std::thread::spawn(move || loop {
-            let next = feed.take_batch().and_then(|rows| match rows {
-                None => Ok(None),
-                Some(rows) => {
-                    let mb = MicroBatch::build(rows, &content, feed.position())?;
-                    Ok(Some(if device.is_cuda() { mb.pin(device) } else { mb }))
+        std::thread::spawn(move || {
+            crate::runtime::serial_torch_on_this_thread();
+            loop {
+                let next = feed.take_batch().and_then(|rows| match rows {
+                    None => Ok(None),
+                    Some(rows) => {
+                        let mb = MicroBatch::build(rows, &content, feed.position())?;
+                        Ok(Some(if device.is_cuda() { mb.pin(device) } else { mb }))
+                    }
+                });
+                let stop = !matches!(next, Ok(Some(_)));
+                if tx.send(next).is_err() || stop {
+                    return;
                 }
-            });
-            let stop = !matches!(next, Ok(Some(_)));
-            if tx.send(next).is_err() || stop {
-                return;
             }
         });
         BatchLoader { rx }

@@ -1,4 +1,5 @@
-//! `config.json` of a Hugging Face decoder-only model (Llama, Mistral, Qwen2, Qwen3).
+//! `config.json` of a Hugging Face decoder-only model (Llama, Mistral, Qwen2, Qwen3, and
+//! the mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral).
 //!
 //! We parse the fields our math depends on and refuse configs whose other settings
 //! would change the math in ways we do not implement: a silently ignored field is a
@@ -10,24 +11,32 @@ use std::path::{Path, PathBuf};
 
 use super::rope::RopeScaling;
 
-/// The families we implement. They differ only in biases, q/k norms and defaults.
+/// The families we implement. They differ in biases, q/k norms, defaults and, for the
+/// mixture-of-experts ones, in the feed-forward block (`MoeConfig`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Llama,
     Mistral,
     Qwen2,
     Qwen3,
+    Qwen2Moe,
+    Qwen3Moe,
+    Mixtral,
 }
+
+const MODEL_TYPES: &[(&str, Family)] = &[
+    ("llama", Family::Llama),
+    ("mistral", Family::Mistral),
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("qwen2_moe", Family::Qwen2Moe),
+    ("qwen3_moe", Family::Qwen3Moe),
+    ("mixtral", Family::Mixtral),
+];
 
 impl Family {
     fn from_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "llama" => Some(Family::Llama),
-            "mistral" => Some(Family::Mistral),
-            "qwen2" => Some(Family::Qwen2),
-            "qwen3" => Some(Family::Qwen3),
-            _ => None,
-        }
+        MODEL_TYPES.iter().find(|(name, _)| *name == model_type).map(|&(_, f)| f)
     }
 
     /// The `architectures` entry transformers expects for a causal LM of this family.
@@ -37,8 +46,33 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
         }
     }
+
+    pub fn is_moe(self) -> bool {
+        matches!(self, Family::Qwen2Moe | Family::Qwen3Moe | Family::Mixtral)
+    }
+}
+
+/// The mixture-of-experts feed-forward of a family that has one: a router picks
+/// `experts_per_token` of `num_experts` gated MLPs per token (softmax over all experts in
+/// float32, then top-k), their outputs summed with the router's probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub experts_per_token: usize,
+    /// Width of each expert's MLP (`moe_intermediate_size`; Mixtral: `intermediate_size`).
+    pub expert_intermediate_size: usize,
+    /// Renormalise the chosen experts' probabilities to sum to one (Mixtral always).
+    pub norm_topk_prob: bool,
+    /// Qwen2-MoE: an always-on expert of this width, scaled by sigmoid(its own gate).
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Per layer: experts (true) or a dense MLP of `intermediate_size` (Qwen's
+    /// `mlp_only_layers` and `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
 }
 
 /// Fields as they appear in config.json; `ModelConfig` is the validated form.
@@ -89,6 +123,27 @@ struct RawConfig {
     partial_rotary_factor: Option<f64>,
     #[serde(default)]
     pretraining_tp: Option<usize>,
+    /// Qwen2 in transformers >= 5 (default true); Qwen2-MoE.
+    #[serde(default)]
+    qkv_bias: Option<bool>,
+    // Mixture of experts. Qwen names the count num_experts; Mixtral (and transformers 5
+    // when it saves Qwen3-MoE) num_local_experts.
+    #[serde(default)]
+    num_experts: Option<usize>,
+    #[serde(default)]
+    num_local_experts: Option<usize>,
+    #[serde(default)]
+    num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    shared_expert_intermediate_size: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -128,6 +183,8 @@ pub struct ModelConfig {
     pub sliding_windows: Vec<Option<usize>>,
     pub max_position_embeddings: Option<usize>,
     pub initializer_range: f64,
+    /// Set for the mixture-of-experts families.
+    pub moe: Option<MoeConfig>,
     pub raw: Map<String, Value>,
 }
 
@@ -137,10 +194,19 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     "attn_logit_softcapping",
     "final_logit_softcapping",
     "query_pre_attn_scalar",
-    "num_experts",
-    "num_local_experts",
-    "moe_intermediate_size",
+    // DeepSeek-V2/V3's multi-head latent attention and expert groups.
+    "kv_lora_rank",
+    "q_lora_rank",
+    "n_group",
+    "topk_group",
+    "n_routed_experts",
+    // gpt-oss attention sinks.
+    "sinks",
 ];
+
+/// Fields of a mixture-of-experts feed-forward: set in a dense family's config, they
+/// mean a model we would read wrong.
+const MOE_FIELDS: &[&str] = &["num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok"];
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -160,9 +226,11 @@ impl ModelConfig {
         let cfg: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
             .context("config.json is missing a required field or has a wrong type")?;
         let family = Family::from_model_type(&cfg.model_type).with_context(|| {
+            let names: Vec<&str> = MODEL_TYPES.iter().map(|(n, _)| *n).collect();
             format!(
-                "field `model_type`: unsupported architecture {:?} (supported: llama, mistral, qwen2, qwen3)",
-                cfg.model_type
+                "field `model_type`: unsupported architecture {:?} (supported: {})",
+                cfg.model_type,
+                names.join(", ")
             )
         })?;
         if let Some(archs) = &cfg.architectures {
@@ -179,6 +247,13 @@ impl ModelConfig {
         for field in UNSUPPORTED_FIELDS {
             if raw.get(*field).is_some_and(|v| !v.is_null()) {
                 bail!("field `{field}` is set; distill does not implement it for {:?}", cfg.model_type);
+            }
+        }
+        if !family.is_moe() {
+            for field in MOE_FIELDS {
+                if raw.get(*field).is_some_and(|v| !v.is_null() && v != &Value::from(0)) {
+                    bail!("field `{field}` is set; {:?} has no mixture of experts in distill", cfg.model_type);
+                }
             }
         }
         if cfg.hidden_act != "silu" {
@@ -224,19 +299,21 @@ impl ModelConfig {
         if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps >= 0.0) {
             bail!("field `rms_norm_eps`: {} must be zero or a small positive number", cfg.rms_norm_eps);
         }
-        if cfg.sliding_window == Some(0) {
-            bail!("field `sliding_window` must be positive");
-        }
         let attention_bias = cfg.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
-            Family::Qwen2 => (true, false),
-            Family::Mistral => (false, false),
-            Family::Llama | Family::Qwen3 => (attention_bias, attention_bias),
+            Family::Qwen2 | Family::Qwen2Moe => (cfg.qkv_bias.unwrap_or(true), false),
+            Family::Mistral | Family::Mixtral => (false, false),
+            Family::Llama | Family::Qwen3 | Family::Qwen3Moe => (attention_bias, attention_bias),
         };
-        if family == Family::Mistral && attention_bias {
-            bail!("field `attention_bias`: Mistral has no attention biases in transformers");
+        if matches!(family, Family::Mistral | Family::Mixtral) && attention_bias {
+            bail!("field `attention_bias`: {:?} has no attention biases in transformers", cfg.model_type);
         }
         let sliding_windows = sliding_windows(&cfg, family)?;
+        // Qwen2-MoE writes 0 when no layer slides.
+        if sliding_windows.contains(&Some(0)) {
+            bail!("field `sliding_window` must be positive");
+        }
+        let moe = moe_config(&cfg, family)?;
         Ok(ModelConfig {
             family,
             vocab_size: positive("vocab_size", cfg.vocab_size)?,
@@ -253,10 +330,11 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: family == Family::Llama && cfg.mlp_bias.unwrap_or(false),
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe),
             sliding_windows,
             max_position_embeddings: cfg.max_position_embeddings,
             initializer_range: cfg.initializer_range,
+            moe,
             raw,
         })
     }
@@ -289,8 +367,87 @@ impl ModelConfig {
                 .collect();
             set(&mut raw, "layer_types", types.into());
         }
+        if let Some(moe) = &self.moe {
+            // Experts per layer as we hold them (student init may drop layers or experts).
+            let count_key = if raw.contains_key("num_experts") { "num_experts" } else { "num_local_experts" };
+            set(&mut raw, count_key, moe.num_experts.into());
+            set(&mut raw, "num_experts_per_tok", moe.experts_per_token.into());
+            if self.family != Family::Mixtral {
+                set(&mut raw, "moe_intermediate_size", moe.expert_intermediate_size.into());
+                let dense: Vec<usize> = (0..self.num_layers).filter(|&i| !moe.sparse_layers[i]).collect();
+                set(&mut raw, "decoder_sparse_step", 1.into());
+                set(&mut raw, "mlp_only_layers", dense.into());
+            }
+        }
         Value::Object(raw)
     }
+
+    /// Parameters of the model this config describes (every expert counted).
+    pub fn num_parameters(&self) -> u64 {
+        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        let attention = 2 * h * q + 2 * h * kv;
+        let mlp = |width: usize| 3 * h * width as u64;
+        let feed_forward: u64 = (0..self.num_layers)
+            .map(|i| match &self.moe {
+                Some(m) if m.sparse_layers[i] => {
+                    let shared = m.shared_expert_intermediate_size.map_or(0, |w| mlp(w) + h);
+                    m.num_experts as u64 * (mlp(m.expert_intermediate_size) + h) + shared
+                }
+                _ => mlp(self.intermediate_size),
+            })
+            .sum();
+        let embeddings = v * h * if self.tie_word_embeddings { 1 } else { 2 };
+        embeddings + self.num_layers as u64 * (attention + 2 * h) + feed_forward
+    }
+}
+
+/// The mixture-of-experts settings of `family` (None for a dense family), as
+/// transformers reads them.
+fn moe_config(cfg: &RawConfig, family: Family) -> Result<Option<MoeConfig>> {
+    if !family.is_moe() {
+        return Ok(None);
+    }
+    let n = cfg.num_hidden_layers;
+    let num_experts = cfg.num_experts.or(cfg.num_local_experts).context("field `num_experts` is missing")?;
+    let experts_per_token = cfg.num_experts_per_tok.context("field `num_experts_per_tok` is missing")?;
+    if num_experts == 0 || experts_per_token == 0 || experts_per_token > num_experts {
+        bail!("field `num_experts_per_tok`: {experts_per_token} must be between 1 and num_experts ({num_experts})");
+    }
+    let (expert_intermediate_size, norm_topk_prob, shared, sparse_layers) = match family {
+        Family::Mixtral => (cfg.intermediate_size, true, None, vec![true; n]),
+        _ => {
+            let width = cfg.moe_intermediate_size.context("field `moe_intermediate_size` is missing")?;
+            let step = cfg.decoder_sparse_step.unwrap_or(1);
+            if step == 0 {
+                bail!("field `decoder_sparse_step` must be positive");
+            }
+            let dense = cfg.mlp_only_layers.clone().unwrap_or_default();
+            if let Some(&bad) = dense.iter().find(|&&l| l >= n) {
+                bail!("field `mlp_only_layers`: layer {bad} does not exist ({n} layers)");
+            }
+            let sparse = (0..n).map(|i| !dense.contains(&i) && (i + 1) % step == 0).collect();
+            let shared = match family {
+                Family::Qwen2Moe => Some(
+                    cfg.shared_expert_intermediate_size
+                        .context("field `shared_expert_intermediate_size` is missing (Qwen2-MoE)")?,
+                ),
+                _ => None,
+            };
+            (width, cfg.norm_topk_prob.unwrap_or(false), shared, sparse)
+        }
+    };
+    if expert_intermediate_size == 0 || shared == Some(0) {
+        bail!("field `moe_intermediate_size` / `shared_expert_intermediate_size` must be positive");
+    }
+    Ok(Some(MoeConfig {
+        num_experts,
+        experts_per_token,
+        expert_intermediate_size,
+        norm_topk_prob,
+        shared_expert_intermediate_size: shared,
+        sparse_layers,
+    }))
 }
 
 pub fn config_path_of(dir: &Path) -> PathBuf {
@@ -315,9 +472,14 @@ fn rope_settings(cfg: &RawConfig) -> Result<(f64, RopeScaling)> {
 
 fn sliding_windows(cfg: &RawConfig, family: Family) -> Result<Vec<Option<usize>>> {
     let n = cfg.num_hidden_layers;
-    // transformers' Mistral ignores layer_types and windows every layer when set.
-    if family == Family::Mistral {
+    // transformers' Mistral and Mixtral ignore layer_types and window every layer when set.
+    if matches!(family, Family::Mistral | Family::Mixtral) {
         return Ok(vec![cfg.sliding_window; n]);
+    }
+    // Qwen3-MoE: every layer when use_sliding_window.
+    if family == Family::Qwen3Moe {
+        let window = cfg.sliding_window.filter(|_| cfg.use_sliding_window.unwrap_or(false));
+        return Ok(vec![window; n]);
     }
     if let Some(types) = &cfg.layer_types {
         if types.len() != n {
@@ -335,10 +497,17 @@ fn sliding_windows(cfg: &RawConfig, family: Family) -> Result<Vec<Option<usize>>
             })
             .collect();
     }
+    let sliding = cfg.use_sliding_window.unwrap_or(false);
     Ok(match family {
-        Family::Qwen2 | Family::Qwen3 if cfg.use_sliding_window.unwrap_or(false) => {
+        Family::Qwen2 | Family::Qwen3 if sliding => {
             let first = cfg.max_window_layers.unwrap_or(n);
             (0..n).map(|i| if i >= first { cfg.sliding_window } else { None }).collect()
+        }
+        // transformers' Qwen2MoeConfig default layer_types: every other layer, from the
+        // first, below max_window_layers.
+        Family::Qwen2Moe if sliding => {
+            let below = cfg.max_window_layers.unwrap_or(n);
+            (0..n).map(|i| if i % 2 == 0 && i < below { cfg.sliding_window } else { None }).collect()
         }
         _ => vec![None; n],
     })
@@ -425,5 +594,71 @@ mod tests {
         v["use_sliding_window"] = true.into();
         v["max_window_layers"] = 1.into();
         assert_eq!(ModelConfig::from_value(v).unwrap().sliding_windows, vec![None, Some(4)]);
+    }
+
+    #[test]
+    fn mixture_of_experts_fields_follow_transformers() {
+        let mut v = base();
+        v["model_type"] = "qwen3_moe".into();
+        v["num_experts"] = 8.into();
+        v["num_experts_per_tok"] = 2.into();
+        v["moe_intermediate_size"] = 16.into();
+        v["num_hidden_layers"] = 4.into();
+        v["decoder_sparse_step"] = 2.into();
+        v["mlp_only_layers"] = json!([3]);
+        let c = ModelConfig::from_value(v.clone()).unwrap();
+        let moe = c.moe.clone().unwrap();
+        assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
+        assert!(!moe.norm_topk_prob && c.qk_norm && moe.shared_expert_intermediate_size.is_none());
+        // Written back as one explicit list, which transformers reads the same way.
+        let again = ModelConfig::from_value(c.to_json("float32")).unwrap();
+        assert_eq!(again.moe.unwrap().sparse_layers, moe.sparse_layers);
+        // transformers 5 saves the count as num_local_experts.
+        let o = v.as_object_mut().unwrap();
+        o.remove("num_experts");
+        o.insert("num_local_experts".into(), 8.into());
+        assert_eq!(ModelConfig::from_value(v.clone()).unwrap().moe.unwrap().num_experts, 8);
+        v["num_experts_per_tok"] = 9.into();
+        assert!(err(v).contains("num_experts_per_tok"));
+
+        let mut m = base();
+        m["model_type"] = "mixtral".into();
+        m["num_local_experts"] = 4.into();
+        m["num_experts_per_tok"] = 2.into();
+        m["sliding_window"] = 4.into();
+        let c = ModelConfig::from_value(m).unwrap();
+        let moe = c.moe.unwrap();
+        assert!(moe.norm_topk_prob && moe.expert_intermediate_size == 64 && moe.sparse_layers == vec![true, true]);
+        assert_eq!(c.sliding_windows, vec![Some(4), Some(4)]);
+
+        let mut q = base();
+        q["model_type"] = "qwen2_moe".into();
+        q["num_experts"] = 4.into();
+        q["num_experts_per_tok"] = 2.into();
+        q["moe_intermediate_size"] = 16.into();
+        // transformers 5 writes sliding_window 0 when no layer slides.
+        q["sliding_window"] = 0.into();
+        assert!(err(q.clone()).contains("shared_expert_intermediate_size"));
+        q["shared_expert_intermediate_size"] = 24.into();
+        let c = ModelConfig::from_value(q).unwrap();
+        assert!(c.qkv_bias && c.sliding_windows == vec![None, None]);
+        assert_eq!(c.moe.unwrap().shared_expert_intermediate_size, Some(24));
+    }
+
+    #[test]
+    fn experts_in_a_dense_family_and_unsupported_variants_name_the_field() {
+        let mut v = base();
+        v["num_local_experts"] = 8.into();
+        assert!(err(v).contains("num_local_experts"));
+        // DeepSeek's latent attention, gpt-oss sinks.
+        let mut v = base();
+        v["kv_lora_rank"] = 512.into();
+        assert!(err(v).contains("kv_lora_rank"));
+        let mut v = base();
+        v["model_type"] = "deepseek_v3".into();
+        assert!(err(v).contains("model_type"));
+        let mut v = base();
+        v["model_type"] = "gpt_oss".into();
+        assert!(err(v).contains("gpt_oss"));
     }
 }

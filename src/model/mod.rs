@@ -7,6 +7,7 @@ pub mod backward;
 pub mod config;
 pub mod decode;
 pub mod logits;
+pub mod moe;
 pub mod rope;
 pub mod sampling;
 pub mod save;

@@ -1,5 +1,6 @@
-//! The teacher pass: one worker thread per device runs batches through its teacher
-//! replica while a writer thread encodes and writes the previous results, so the GPU
+//! The teacher pass: one worker per device (the first on the calling thread) runs
+//! batches through its teacher replica while a writer thread encodes and writes the
+//! previous results, so the GPU
 //! does not wait for Arrow, zstd or the disk. Results are written in plan order
 //! (a reorder buffer), so the shards do not depend on which device was faster.
 use anyhow::{anyhow, Result};
@@ -69,24 +70,35 @@ impl Pass<'_> {
         let (done_tx, done_rx) = bounded::<Result<Done>>(2 + devices.len());
         let mut stats = PassStats::default();
         let result = std::thread::scope(|scope| -> Result<()> {
-            let mut workers = vec![];
-            let mut preloaded = first_replica;
-            for replica in devices {
-                let (rx, tx, model) = (job_rx.clone(), done_tx.clone(), preloaded.take());
-                workers.push(scope.spawn(move || self.worker(replica, model, rx, tx)));
-            }
-            drop(done_tx);
-            drop(job_rx);
+            let (first, others) = devices.split_first().expect("at least one device");
+            let workers: Vec<_> = others
+                .iter()
+                .map(|replica| {
+                    let (rx, tx) = (job_rx.clone(), done_tx.clone());
+                    scope.spawn(move || self.worker(replica, None, rx, tx))
+                })
+                .collect();
+            let (first_rx, first_tx) = (job_rx, done_tx);
             let writer = scope.spawn(|| self.writer(done_rx, dir, manifest));
-            for job in jobs {
-                if job_tx.send(job).is_err() {
-                    break; // the writer or the workers stopped on an error
+            let feeder = scope.spawn(move || {
+                for job in jobs {
+                    if job_tx.send(job).is_err() {
+                        break; // the writer or the workers stopped on an error
+                    }
                 }
-            }
-            drop(job_tx);
+            });
+            // The first replica runs here, on the thread that loaded it. libgomp spins
+            // between parallel regions only while no more OpenMP threads exist than
+            // cores; torch work on a second thread makes a second team, and then every
+            // region's workers sleep and wake on futexes: a mixture-of-experts teacher
+            // (many small regions) ran its forward at ~6,700 tokens/s instead of ~11,500
+            // on 2 cores (random Qwen3-MoE of `bench_precompute.sh --moe`, batches of 3
+            // x 137), and precompute at 512-token batches at half transformers' speed.
+            stats.teacher_busy += self.worker(first, first_replica, first_rx, first_tx);
             for w in workers {
                 stats.teacher_busy += w.join().map_err(|_| anyhow!("a teacher thread panicked"))?;
             }
+            feeder.join().map_err(|_| anyhow!("the job feeder panicked"))?;
             stats.tokens_written = writer.join().map_err(|_| anyhow!("the writer thread panicked"))??;
             Ok(())
         });

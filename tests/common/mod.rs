@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
-pub const MODELS: &[&str] = &["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral"];
+pub const MODELS: &[&str] =
+    &["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral", "qwen3-moe", "qwen2-moe", "mixtral"];
 
 /// The source tree: where cargo built the tests, or $DISTILL_REPO when they run
 /// elsewhere (scripts/gpu_check.sh on a GPU machine).
