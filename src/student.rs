@@ -6,11 +6,14 @@
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
+use crate::chat::ChatTemplate;
+use crate::dataset::read::{read_records, resolve_inputs};
+use crate::dataset::FieldNames;
 use crate::files::{dir_entries, StagedDir};
 use crate::model::{CausalLm, ModelConfig};
-use crate::tokenizer::copy_tokenizer_files;
+use crate::tokenizer::{copy_tokenizer_files, TextTokenizer};
 
 #[derive(Debug, Clone, Default)]
 pub struct StudentSpec {
@@ -23,6 +26,11 @@ pub struct StudentSpec {
     pub intermediate_size: Option<usize>,
     pub num_heads: Option<usize>,
     pub num_kv_heads: Option<usize>,
+    /// A mixture-of-experts teacher: keep this many experts per layer, the ones its
+    /// router chooses most often on `expert_sample`.
+    pub num_experts: Option<usize>,
+    /// Dataset files (rows as `precompute` reads them) whose tokens the router counts.
+    pub expert_sample: Vec<String>,
     pub seed: u64,
     /// Replace a model already in the output directory.
     pub overwrite: bool,
@@ -41,9 +49,15 @@ pub enum LayerPick {
     Spread,
 }
 
+/// A layer's kept experts: (teacher expert, router choices on the sample), in order.
+pub type KeptExperts = Vec<(usize, i64)>;
+
 #[derive(Debug, Clone)]
 pub struct StudentSummary {
     pub layers: Vec<usize>,
+    /// Per student layer with experts: the teacher experts kept, and how often the
+    /// router chose each of them on the sample.
+    pub experts: Vec<Option<KeptExperts>>,
     /// True when the teacher's weights were copied (same width), false for fresh weights.
     pub copied: bool,
     pub parameters: i64,
@@ -161,13 +175,20 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
     tch::manual_seed(spec.seed as i64);
     let student = CausalLm::random(cfg, Device::Cpu, Kind::Float)?;
     let teacher = CausalLm::load(teacher_dir, Device::Cpu, Kind::Float)?;
+    let experts = match spec.num_experts {
+        Some(n) if copied => most_used_experts(teacher_dir, &teacher, &layers, n, &spec.expert_sample)?,
+        _ => vec![None; layers.len()],
+    };
     if copied {
         let from = teacher.vs.variables();
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in student.vs.variables() {
-                let source = teacher_name(&name, &layers);
+                let (source, rows) = teacher_source(&name, &layers, &experts);
                 let t = from.get(&source).with_context(|| format!("the teacher has no tensor {source}"))?;
-                var.copy_(t);
+                match rows {
+                    Some(rows) => var.copy_(&t.index_select(0, &Tensor::from_slice(&rows))),
+                    None => var.copy_(t),
+                };
             }
             Ok(())
         })?;
@@ -178,7 +199,70 @@ pub fn init_student(teacher_dir: &Path, out: &Path, spec: &StudentSpec) -> Resul
     copy_tokenizer_files(teacher_dir, staged.path())?;
     staged.commit()?;
     let count = |m: &CausalLm| m.vs.variables().values().map(|t| t.numel() as i64).sum();
-    Ok(StudentSummary { layers, copied, parameters: count(&student), teacher_parameters: count(&teacher) })
+    Ok(StudentSummary { layers, experts, copied, parameters: count(&student), teacher_parameters: count(&teacher) })
+}
+
+/// Per kept layer with experts, the `n` experts the teacher's router chose most often on
+/// the sample's tokens (ties to the lower number), in the teacher's order, with their
+/// counts. Keeping the most used experts and dropping the rest is the simplest
+/// frequency-based expert pruning (as in Lu et al. 2024, "Not All Experts are Equal");
+/// the router's softmax then runs over the kept ones.
+fn most_used_experts(
+    teacher_dir: &Path,
+    teacher: &CausalLm,
+    layers: &[usize],
+    n: usize,
+    sample: &[String],
+) -> Result<Vec<Option<KeptExperts>>> {
+    if sample.is_empty() {
+        bail!("--num-experts needs --expert-sample FILE: text whose tokens the teacher's router counts");
+    }
+    let tokenizer = TextTokenizer::from_dir(teacher_dir)?;
+    let template = ChatTemplate::load(teacher_dir)?;
+    let (records, _) = read_records(&resolve_inputs(sample)?, &FieldNames::default(), false)?;
+    let max_len = teacher.config.max_position_embeddings.unwrap_or(usize::MAX).min(SAMPLE_ROW_TOKENS);
+    let rows = records
+        .iter()
+        .map(|r| {
+            let tokens = r.example.tokenize_up_to(&tokenizer, template.as_ref(), Some(max_len));
+            let ids = tokens.with_context(|| r.location.clone())?.ids;
+            Ok(ids.iter().take(max_len).map(|&t| t as i64).collect())
+        })
+        .collect::<Result<Vec<Vec<i64>>>>()?;
+    let usage = teacher.transformer.expert_usage(&rows)?;
+    Ok(layers
+        .iter()
+        .map(|&l| {
+            usage[l].as_ref().map(|counts| {
+                let mut order: Vec<usize> = (0..counts.len()).collect();
+                order.sort_by_key(|&e| (std::cmp::Reverse(counts[e]), e));
+                let mut kept: Vec<usize> = order.into_iter().take(n).collect();
+                kept.sort_unstable();
+                kept.into_iter().map(|e| (e, counts[e])).collect()
+            })
+        })
+        .collect())
+}
+
+/// Tokens of one sample row the router sees at most.
+const SAMPLE_ROW_TOKENS: usize = 2048;
+
+/// The teacher tensor a student parameter copies, and the rows it takes (a router's rows
+/// of the kept experts); expert `j` of student layer `l` is the `j`-th kept expert.
+fn teacher_source(name: &str, layers: &[usize], experts: &[Option<Vec<(usize, i64)>>]) -> (String, Option<Vec<i64>>) {
+    let source = teacher_name(name, layers);
+    let Some(rest) = name.strip_prefix("model.layers.") else { return (source, None) };
+    let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    let Some(Some(kept)) = index.parse::<usize>().ok().and_then(|j| experts.get(j)) else { return (source, None) };
+    if tail.ends_with(".gate.weight") && !tail.contains(".experts.") {
+        return (source, Some(kept.iter().map(|&(e, _)| e as i64).collect()));
+    }
+    let Some((before, after)) = source.split_once(".experts.") else { return (source, None) };
+    let (j, rest) = after.split_once('.').unwrap_or((after, ""));
+    match j.parse::<usize>() {
+        Ok(j) => (format!("{before}.experts.{}.{rest}", kept[j].0), None),
+        Err(_) => (source, None),
+    }
 }
 
 /// `model.layers.{j}.…` of the student is `model.layers.{layers[j]}.…` of the teacher.
@@ -208,6 +292,18 @@ fn student_config(
         let dense: Vec<usize> = (0..layers.len()).filter(|&j| !moe.sparse_layers[layers[j]]).collect();
         raw.insert("decoder_sparse_step".into(), 1.into());
         raw.insert("mlp_only_layers".into(), dense.into());
+    }
+    match (&teacher.moe, spec.num_experts) {
+        (None, Some(_)) => bail!("--num-experts: the teacher has no mixture of experts"),
+        (Some(moe), Some(n)) => {
+            if n == 0 || n > moe.num_experts {
+                bail!("--num-experts {n}: the teacher's layers have {} experts", moe.num_experts);
+            }
+            let key = if raw.contains_key("num_experts") { "num_experts" } else { "num_local_experts" };
+            raw.insert(key.into(), n.into());
+            raw.insert("num_experts_per_tok".into(), moe.experts_per_token.min(n).into());
+        }
+        _ => {}
     }
     let narrower = spec.hidden_size.is_some() || spec.num_heads.is_some();
     for (key, value) in [
@@ -257,5 +353,27 @@ mod tests {
     fn student_layer_names_map_to_the_kept_teacher_layers() {
         assert_eq!(teacher_name("model.layers.1.mlp.up_proj.weight", &[0, 5]), "model.layers.5.mlp.up_proj.weight");
         assert_eq!(teacher_name("model.embed_tokens.weight", &[0, 5]), "model.embed_tokens.weight");
+    }
+
+    #[test]
+    fn student_experts_map_to_the_kept_teacher_experts() {
+        // Student layer 0 = teacher layer 2 (experts 1 and 6 kept); layer 1 = teacher 3 (dense).
+        let (layers, experts) = (vec![2, 3], vec![Some(vec![(1, 40), (6, 9)]), None]);
+        let source = |name: &str| teacher_source(name, &layers, &experts);
+        assert_eq!(
+            source("model.layers.0.mlp.experts.1.down_proj.weight"),
+            ("model.layers.2.mlp.experts.6.down_proj.weight".into(), None)
+        );
+        assert_eq!(
+            source("model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+            ("model.layers.2.block_sparse_moe.experts.1.w1.weight".into(), None)
+        );
+        assert_eq!(
+            source("model.layers.0.mlp.gate.weight"),
+            ("model.layers.2.mlp.gate.weight".into(), Some(vec![1, 6]))
+        );
+        assert_eq!(source("model.layers.0.mlp.shared_expert_gate.weight").1, None);
+        assert_eq!(source("model.layers.1.mlp.gate_proj.weight"), ("model.layers.3.mlp.gate_proj.weight".into(), None));
+        assert_eq!(source("model.norm.weight"), ("model.norm.weight".into(), None));
     }
 }

@@ -177,3 +177,112 @@ print(rows, tokens, targets, k_ok, p_ok)
     let expected = format!("{} {} {} True True", shard["rows"], shard["tokens"], shard["targets"]);
     assert_eq!(printed.trim(), expected);
 }
+
+/// A mixture-of-experts student: two of the teacher's layers (one dense, one with
+/// experts) and the 3 of 8 experts its router chooses most on held-out text, counted as
+/// transformers' router counts them; the student loads in transformers with our logits.
+#[test]
+fn student_init_keeps_the_most_used_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = model_dir("qwen3-moe");
+    let (student, sample) = (tmp.path().join("student"), repo().join("tests/data/heldout.jsonl"));
+    let out = ok(distill(&[
+        "student",
+        "init",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--output",
+        student.to_str().unwrap(),
+        "--layers",
+        "1,2",
+        "--num-experts",
+        "3",
+        "--expert-sample",
+        sample.to_str().unwrap(),
+    ]));
+    // "layer 2 experts kept (router choices on the sample): 4 (12), 6 (15), 7 (20)"
+    let line = out.lines().find(|l| l.contains("layer 2 experts kept")).unwrap_or_else(|| panic!("{out}"));
+    let kept: Vec<(usize, i64)> = line
+        .split(": ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .map(|p| {
+            let (e, n) = p.split_once(" (").unwrap();
+            (e.parse().unwrap(), n.trim_end_matches(')').parse().unwrap())
+        })
+        .collect();
+    assert_eq!(kept.len(), 3, "{out}");
+    assert!(!out.contains("layer 1 experts"), "teacher layer 1 is dense: {out}");
+    // transformers' router on the same rows, each alone.
+    let counts_file = tmp.path().join("counts.json");
+    python_ok(
+        r#"
+import json, sys, torch, transformers
+from tokenizers import Tokenizer
+model_dir, sample, out = sys.argv[1:4]
+tok = Tokenizer.from_file(model_dir + "/tokenizer.json")
+model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+counts = torch.zeros(model.config.num_experts, dtype=torch.long)
+for line in open(sample):
+    ids = torch.tensor([tok.encode(json.loads(line)["text"]).ids])
+    with torch.no_grad():
+        # One entry per layer with experts (0 and 2): layer 2's is the second.
+        logits = model(input_ids=ids, output_router_logits=True).router_logits[1]
+    chosen = logits.softmax(-1).topk(model.config.num_experts_per_tok, -1).indices.flatten()
+    counts += torch.bincount(chosen, minlength=model.config.num_experts)
+json.dump(counts.tolist(), open(out, "w"))
+"#,
+        &[&teacher, &sample, &counts_file],
+    );
+    let counts: Vec<i64> = serde_json::from_str(&std::fs::read_to_string(&counts_file).unwrap()).unwrap();
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by_key(|&e| (std::cmp::Reverse(counts[e]), e));
+    let mut want: Vec<(usize, i64)> = order[..3].iter().map(|&e| (e, counts[e])).collect();
+    want.sort_unstable();
+    assert_eq!(kept, want, "transformers' router counts {counts:?}");
+
+    let t = distill::model::CausalLm::load(&teacher, Device::Cpu, Kind::Float).unwrap();
+    let s = distill::model::CausalLm::load(&student, Device::Cpu, Kind::Float).unwrap();
+    let moe = s.config.moe.clone().unwrap();
+    assert_eq!((moe.num_experts, moe.experts_per_token, moe.sparse_layers), (3, 2, vec![false, true]));
+    let (tv, sv) = (t.vs.variables(), s.vs.variables());
+    let rows = tch::Tensor::from_slice(&kept.iter().map(|&(e, _)| e as i64).collect::<Vec<_>>());
+    assert!(sv["model.layers.1.mlp.gate.weight"].equal(&tv["model.layers.2.mlp.gate.weight"].index_select(0, &rows)));
+    for (j, &(e, _)) in kept.iter().enumerate() {
+        let (name, source) = (
+            format!("model.layers.1.mlp.experts.{j}.down_proj.weight"),
+            format!("model.layers.2.mlp.experts.{e}.down_proj.weight"),
+        );
+        assert!(sv[&name].equal(&tv[&source]), "{name} is not the teacher's {source}");
+    }
+    assert!(sv["model.layers.0.mlp.up_proj.weight"].equal(&tv["model.layers.1.mlp.up_proj.weight"]));
+    // transformers loads the student and computes the logits we do.
+    let reference = read_tensors(&teacher.join("reference.safetensors"));
+    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
+    let ours = tch::no_grad(|| s.forward(ids, Some(mask), &[])).unwrap().logits;
+    let (inputs, hf) = (tmp.path().join("inputs.safetensors"), tmp.path().join("hf.safetensors"));
+    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
+    run_script(&["logits", student.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
+    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
+    assert!(e < 1e-4, "transformers' logits of the MoE student differ by {e:.3e}");
+    // Experts of a dense teacher, or more experts than it has, are refused by name.
+    let qwen3 = model_dir("qwen3");
+    for (t, n) in [(&qwen3, "2"), (&teacher, "9")] {
+        let out = tmp.path().join(format!("bad-{n}"));
+        let bad = distill(&[
+            "student",
+            "init",
+            "--teacher",
+            t.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--num-experts",
+            n,
+            "--expert-sample",
+            sample.to_str().unwrap(),
+        ]);
+        assert_eq!(bad.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("--num-experts"), "{bad:?}");
+    }
+}

@@ -51,6 +51,13 @@ struct InitArgs {
     num_heads: Option<usize>,
     #[arg(long)]
     num_kv_heads: Option<usize>,
+    /// A mixture-of-experts teacher: keep this many experts per layer, those its router
+    /// chooses most often on the tokens of --expert-sample.
+    #[arg(long)]
+    num_experts: Option<usize>,
+    /// Dataset files (text, prompt/response or chat rows) for --num-experts.
+    #[arg(long, num_args = 1.., requires = "num_experts")]
+    expert_sample: Vec<String>,
     /// Seed of fresh weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -72,12 +79,20 @@ pub fn run(args: StudentArgs) -> Result<()> {
         intermediate_size: a.intermediate_size,
         num_heads: a.num_heads,
         num_kv_heads: a.num_kv_heads,
+        num_experts: a.num_experts,
+        expert_sample: a.expert_sample,
         seed: a.seed,
         overwrite: a.overwrite,
     };
     let s = init_student(&a.teacher, &a.output, &spec)?;
     println!("student written to {}", a.output.display());
     println!("  teacher layers kept  {:?}", s.layers);
+    for (layer, kept) in s.layers.iter().zip(&s.experts) {
+        if let Some(kept) = kept {
+            let shown: Vec<String> = kept.iter().map(|(e, n)| format!("{e} ({n})")).collect();
+            println!("  layer {layer} experts kept (router choices on the sample): {}", shown.join(", "));
+        }
+    }
     println!("  weights              {}", if s.copied { "copied from the teacher" } else { "fresh (new shape)" });
     println!(
         "  parameters           {:.1}M ({:.0}% of the teacher's {:.1}M)",

@@ -12,6 +12,7 @@
 //! The counts per expert come to the host once per layer (one sync, as transformers'
 //! own dispatch has).
 use anyhow::Result;
+use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
 use super::config::{Family, ModelConfig, MoeConfig};
@@ -61,6 +62,9 @@ pub struct SparseMoe {
     /// transformers' Qwen casts the routing weights to the model's dtype before the
     /// product; Mixtral keeps them in float32.
     weights_in_model_dtype: bool,
+    /// Choices per expert summed over the forwards since `Transformer::expert_usage`
+    /// started counting (student init keeps the most used experts).
+    usage: RefCell<Option<Vec<i64>>>,
 }
 
 impl SparseMoe {
@@ -88,6 +92,7 @@ impl SparseMoe {
             top_k: moe.experts_per_token as i64,
             norm_topk_prob: moe.norm_topk_prob,
             weights_in_model_dtype: cfg.family != Family::Mixtral,
+            usage: RefCell::new(None),
         })
     }
 
@@ -123,6 +128,9 @@ impl SparseMoe {
         let (_, order) = pairs.sort_stable(true, 0, false);
         let counts =
             Vec::<i64>::try_from(pairs.bincount(None::<Tensor>, self.experts.len() as i64)).expect("int64 counts");
+        if let Some(usage) = self.usage.borrow_mut().as_mut() {
+            usage.iter_mut().zip(&counts).for_each(|(u, c)| *u += c);
+        }
         let tokens = order.floor_divide_scalar(self.top_k);
         let gathered = flat.index_select(0, &tokens);
         let mut outputs = Vec::with_capacity(self.experts.len());
@@ -147,4 +155,31 @@ pub struct Routing {
     pub logits: Tensor,
     pub chosen: Tensor,
     pub weights: Tensor,
+}
+
+impl super::Transformer {
+    /// How often each layer's router chose each expert over `rows` (token ids, each run
+    /// alone, so no padding is counted): per layer, the count per expert, or None for a
+    /// dense layer.
+    pub fn expert_usage(&self, rows: &[Vec<i64>]) -> Result<Vec<Option<Vec<i64>>>> {
+        fn sparse(l: &super::transformer::DecoderLayer) -> Option<&SparseMoe> {
+            match &l.mlp {
+                FeedForward::Sparse(moe) => Some(moe),
+                FeedForward::Dense(_) => None,
+            }
+        }
+        for moe in self.layers.iter().filter_map(sparse) {
+            *moe.usage.borrow_mut() = Some(vec![0; moe.num_experts()]);
+        }
+        let device = self.embed_device();
+        let run = tch::no_grad(|| -> Result<()> {
+            for row in rows.iter().filter(|r| !r.is_empty()) {
+                let ids = Tensor::from_slice(row).unsqueeze(0).to_device(device);
+                self.forward_hidden(&super::ForwardInput::new(&ids, None), &[])?;
+            }
+            Ok(())
+        });
+        let usage = self.layers.iter().map(|l| sparse(l).and_then(|moe| moe.usage.borrow_mut().take())).collect();
+        run.map(|()| usage)
+    }
 }

@@ -220,7 +220,7 @@ pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: FeedForward,
+    pub(super) mlp: FeedForward,
     pub sliding_window: Option<usize>,
 }
 
@@ -347,6 +347,11 @@ impl Transformer {
         };
         let rotary = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, first);
         Ok(Transformer { embed_tokens, layers, layer_devices, norm, lm_head, rotary })
+    }
+
+    /// Where inputs go (the embeddings' device).
+    pub fn embed_device(&self) -> Device {
+        self.embed_tokens.device()
     }
 
     /// Where outputs (final hidden states, logits) live.
