@@ -11,6 +11,19 @@ fn shards(out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// transformers loads `student_dir` and computes the logits `student` computes, on the
+/// right-padded batch of the teacher's reference file.
+fn assert_transformers_agrees(student: &distill::model::CausalLm, student_dir: &Path, teacher: &Path, work: &Path) {
+    let reference = read_tensors(&teacher.join("reference.safetensors"));
+    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
+    let ours = tch::no_grad(|| student.forward(ids, Some(mask), &[])).unwrap().logits;
+    let (inputs, hf) = (work.join("inputs.safetensors"), work.join("hf.safetensors"));
+    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
+    run_script(&["logits", student_dir.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
+    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
+    assert!(e < 1e-4, "transformers' logits of {} differ by {e:.3e}", student_dir.display());
+}
+
 #[test]
 fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -43,15 +56,7 @@ fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         assert_eq!(std::fs::read(student.join(file)).unwrap(), std::fs::read(teacher.join(file)).unwrap());
     }
-    // transformers loads the student and computes the logits we do.
-    let reference = read_tensors(&teacher.join("reference.safetensors"));
-    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
-    let ours = tch::no_grad(|| s.forward(ids, Some(mask), &[])).unwrap().logits;
-    let (inputs, hf) = (tmp.path().join("inputs.safetensors"), tmp.path().join("hf.safetensors"));
-    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
-    run_script(&["logits", student.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
-    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
-    assert!(e < 1e-4, "transformers' logits of the student differ by {e:.3e}");
+    assert_transformers_agrees(&s, &student, &teacher, tmp.path());
     // A narrower student has fresh weights of the new shape.
     let narrow = tmp.path().join("narrow");
     let args = ["--hidden-size", "32", "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "48"];
@@ -257,15 +262,7 @@ json.dump(counts.tolist(), open(out, "w"))
         assert!(sv[&name].equal(&tv[&source]), "{name} is not the teacher's {source}");
     }
     assert!(sv["model.layers.0.mlp.up_proj.weight"].equal(&tv["model.layers.1.mlp.up_proj.weight"]));
-    // transformers loads the student and computes the logits we do.
-    let reference = read_tensors(&teacher.join("reference.safetensors"));
-    let (ids, mask) = (&reference["right.input_ids"], &reference["right.attention_mask"]);
-    let ours = tch::no_grad(|| s.forward(ids, Some(mask), &[])).unwrap().logits;
-    let (inputs, hf) = (tmp.path().join("inputs.safetensors"), tmp.path().join("hf.safetensors"));
-    tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
-    run_script(&["logits", student.to_str().unwrap(), inputs.to_str().unwrap(), hf.to_str().unwrap()]);
-    let e = rel_err(&ours, &read_tensors(&hf)["logits"], Some(mask));
-    assert!(e < 1e-4, "transformers' logits of the MoE student differ by {e:.3e}");
+    assert_transformers_agrees(&s, &student, &teacher, tmp.path());
     // Experts of a dense teacher, or more experts than it has, are refused by name.
     let qwen3 = model_dir("qwen3");
     for (t, n) in [(&qwen3, "2"), (&teacher, "9")] {
