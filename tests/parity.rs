@@ -106,3 +106,42 @@ fn bfloat16_forward_is_as_close_as_transformers_bf16() {
         }
     }
 }
+
+/// The routers' load-balancing loss equals transformers' `aux_loss` (its
+/// `load_balancing_loss_func`, padding excluded) on the left-padded batch.
+#[test]
+fn router_balance_loss_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen3-moe", "qwen2-moe", "mixtral"] {
+        let dir = model_dir(name);
+        let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let reference = read_tensors(&dir.join("reference.safetensors"));
+        let (ids, mask) = (&reference["left.input_ids"], &reference["left.attention_mask"]);
+        model.transformer.record_routing(true);
+        tch::no_grad(|| model.forward(ids, Some(mask), &[])).unwrap();
+        let records = model.transformer.take_routing();
+        model.transformer.record_routing(false);
+        let real = mask.reshape([-1]).to_kind(Kind::Float);
+        let balance = distill::model::moe::RouterBalance::new(&records, &real).unwrap();
+        let ours: f64 = records.iter().map(|r| balance.term(r, &real).double_value(&[])).sum();
+        let (inputs, out) = (tmp.path().join(format!("{name}.safetensors")), tmp.path().join(format!("{name}.json")));
+        tch::Tensor::write_safetensors(&[("input_ids", ids), ("attention_mask", mask)], &inputs).unwrap();
+        python_ok(
+            r#"
+import json, sys, torch, transformers
+from safetensors.torch import load_file
+model_dir, inputs, out = sys.argv[1:4]
+t = load_file(inputs)
+model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+pos = (t["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+with torch.no_grad():
+    r = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], position_ids=pos, output_router_logits=True)
+json.dump(float(r.aux_loss), open(out, "w"))
+"#,
+            &[&dir, &inputs, &out],
+        );
+        let theirs: f64 = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        eprintln!("{name}: load-balancing loss ours {ours:.6} transformers {theirs:.6}");
+        assert!((ours - theirs).abs() < 1e-5 * theirs, "{name}: {ours} vs transformers {theirs}");
+    }
+}

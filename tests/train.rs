@@ -94,6 +94,70 @@ fn experts_teach_and_learn() {
     assert!(names.contains_key("model.layers.0.block_sparse_moe.gate.weight"));
 }
 
+/// The routers' load-balancing loss of a model on held-out shards' rows (each row alone).
+fn router_balance(model: &Path, shards: &Path) -> f64 {
+    let m = CausalLm::load(model, Device::Cpu, Kind::Float).unwrap();
+    let set = ShardSet::open(shards, false).unwrap();
+    let (mut records, mut masks) = (vec![], vec![]);
+    m.transformer.record_routing(true);
+    let rows = set.row_groups().iter().flat_map(|&g| set.decode(g).unwrap()).collect::<Vec<_>>();
+    for row in rows {
+        let ids: Vec<i64> = row.sequence.ids.iter().map(|&t| t as i64).collect();
+        tch::no_grad(|| m.forward(&tch::Tensor::from_slice(&ids).unsqueeze(0), None, &[])).unwrap();
+        for r in m.transformer.take_routing() {
+            masks.push(tch::Tensor::ones([ids.len() as i64], (Kind::Float, Device::Cpu)));
+            records.push(r);
+        }
+    }
+    // One record per (row, layer): concatenated, they are one batch of tokens per layer.
+    let layers = m.config.moe.as_ref().unwrap().sparse_layers.iter().filter(|&&s| s).count();
+    let cat = |f: &dyn Fn(&distill::model::moe::RouterRecord) -> tch::Tensor, l: usize| {
+        tch::Tensor::cat(&records.iter().skip(l).step_by(layers).map(f).collect::<Vec<_>>(), 0)
+    };
+    let merged: Vec<_> = (0..layers)
+        .map(|l| distill::model::moe::RouterRecord {
+            probs: cat(&|r| r.probs.shallow_clone(), l),
+            chosen: cat(&|r| r.chosen.shallow_clone(), l),
+        })
+        .collect();
+    let mask = tch::Tensor::cat(&masks.iter().step_by(layers).collect::<Vec<_>>(), 0);
+    let balance = distill::model::moe::RouterBalance::new(&merged, &mask).unwrap();
+    merged.iter().map(|r| balance.term(r, &mask).double_value(&[])).sum()
+}
+
+/// `--router-aux-weight` evens out a mixture-of-experts student's routing on held-out
+/// rows (the loss is k = 2 when every expert gets an equal share), with `--recompute`
+/// too; a dense student refuses it by name.
+#[test]
+fn router_balance_loss_evens_out_the_students_routing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["--steps", "30", "--save-every", "30", "--alpha", "0"];
+        args.extend(extra);
+        ok(train_student("mixtral", &train_set, &out, &args));
+        out
+    };
+    let plain = run("plain", &[]);
+    let balanced = run("balanced", &["--router-aux-weight", "1.0", "--recompute"]);
+    let before = router_balance(&model_dir("mixtral"), &held_out);
+    let (without, with) = (
+        router_balance(&plain.join("checkpoint-0000030"), &held_out),
+        router_balance(&balanced.join("checkpoint-0000030"), &held_out),
+    );
+    eprintln!("held-out balance loss: start {before:.4}, 30 steps without {without:.4}, with {with:.4}");
+    assert!(with < without && with < before, "{before} -> without {without}, with {with}");
+    let logs = std::fs::read_to_string(balanced.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(logs.lines().next().unwrap()).unwrap();
+    assert!(first["router_balance"].as_f64().unwrap() >= 2.0 - 1e-6, "{first}");
+    let plain_log = std::fs::read_to_string(plain.join("metrics.jsonl")).unwrap();
+    assert!(!plain_log.contains("router_balance"));
+    let e = err(train(&train_set, &tmp.path().join("dense"), &["--steps", "1", "--router-aux-weight", "0.1"]));
+    assert!(e.contains("--router-aux-weight") && e.contains("no mixture of experts"), "{e}");
+}
+
 #[test]
 fn label_bucket_and_tail_draws_teach_the_teacher_on_held_out_shards() {
     let tmp = tempfile::tempdir().unwrap();

@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Weight of the hard-label cross-entropy (1 = plain SFT, no teacher targets; 0 = pure KD) [default: 0.5].
     #[arg(long)]
     alpha: Option<f64>,
+    /// A mixture-of-experts student: weight of its routers' load-balancing loss (as
+    /// transformers' router_aux_loss_coef, e.g. 0.001) [default: 0, off].
+    #[arg(long)]
+    router_aux_weight: Option<f64>,
     /// [default: forward-kl]
     #[arg(long, value_enum)]
     loss: Option<Loss>,
@@ -199,6 +203,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(d.adamw.weight_decay), ..d.adamw },
         clip_norm: a.clip_norm.unwrap_or(d.clip_norm),
         alpha: a.alpha.unwrap_or(d.alpha),
+        router_aux_weight: a.router_aux_weight.unwrap_or(d.router_aux_weight),
         kd: KdLoss {
             divergence,
             mode: if a.renormalized_topk.unwrap_or(false) { TopKMode::Renormalized } else { d.kd.mode },

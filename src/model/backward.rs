@@ -9,6 +9,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
+use super::moe::RouterBalance;
 use super::transformer::{ForwardInput, Transformer};
 
 /// Loss terms a step attaches to the body's outputs; each returns a scalar to backpropagate.
@@ -17,6 +18,13 @@ pub trait StepLosses {
     fn on_last(&mut self, last: &Tensor) -> Result<Tensor>;
     /// The loss on captured hidden state `capture[slot]` (transformers' numbering).
     fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor>;
+    /// Weight of the routers' load-balancing loss (`moe::RouterBalance`) in this pass;
+    /// 0 leaves it out.
+    fn router_balance_weight(&self) -> f64 {
+        0.0
+    }
+    /// The pass's load-balancing loss, unweighted (for the log).
+    fn on_router_balance(&mut self, _loss: f64) {}
 }
 
 impl Transformer {
@@ -28,19 +36,36 @@ impl Transformer {
         recompute: bool,
         losses: &mut dyn StepLosses,
     ) -> Result<()> {
+        let weight = losses.router_balance_weight();
+        let balance = weight > 0.0 && self.has_experts();
+        let real = real_tokens(input);
         if !recompute {
-            let out = self.forward_hidden(input, capture)?;
+            self.record_routing(balance);
+            let out = self.forward_hidden(input, capture);
+            let records = self.take_routing();
+            self.record_routing(false);
+            let out = out?;
             let mut total = losses.on_last(&out.last)?;
             for (slot, state) in out.captured.iter().enumerate() {
                 total = total.g_add(&losses.on_captured(slot, state)?.to_device(total.device()));
+            }
+            if let Some(b) = RouterBalance::new(&records, &real) {
+                let loss = records
+                    .iter()
+                    .map(|r| b.term(r, &real).to_device(total.device()))
+                    .fold(total.zeros_like(), |a, t| a + t);
+                losses.on_router_balance(loss.double_value(&[]));
+                total = total.g_add(&(loss * weight));
             }
             total.backward();
             return Ok(());
         }
         let n = self.check_capture(capture)?;
         let slots_at = |index: usize| capture.iter().enumerate().filter(move |(_, &c)| c == index).map(|(s, _)| s);
-        // Forward without a graph, keeping each layer's input.
-        let (mut inputs, mut ctx) = tch::no_grad(|| -> Result<_> {
+        // Forward without a graph, keeping each layer's input (and counting the routers'
+        // choices, which the load-balancing terms of the recomputed layers need).
+        self.record_routing(balance);
+        let forward = tch::no_grad(|| -> Result<_> {
             let x = self.embed(input.input_ids);
             let mut ctx = self.layer_context(input, x.kind())?;
             let mut inputs = vec![x];
@@ -49,7 +74,14 @@ impl Transformer {
                 inputs.push(next);
             }
             Ok((inputs, ctx))
-        })?;
+        });
+        let records = self.take_routing();
+        let (mut inputs, mut ctx) = forward.inspect_err(|_| self.record_routing(false))?;
+        let router_balance = RouterBalance::new(&records, &real);
+        if let Some(b) = &router_balance {
+            losses.on_router_balance(records.iter().map(|r| b.term(r, &real).double_value(&[])).sum());
+        }
+        drop(records);
         // The head and every loss on the final hidden state.
         let top = inputs.pop().expect("n + 1 inputs").detach().set_requires_grad(true);
         let last = self.final_norm(&top);
@@ -64,6 +96,11 @@ impl Transformer {
             let x = inputs.pop().expect("one input per layer").detach().set_requires_grad(true);
             let out = self.layer_forward(i, &x, &mut ctx);
             let mut total = (&out * grad.to_device(out.device())).sum(Kind::Float);
+            if let Some(b) = &router_balance {
+                for r in self.take_routing() {
+                    total = total.g_add(&(b.term(&r, &real) * weight).to_device(total.device()));
+                }
+            }
             if i + 1 < n {
                 for slot in slots_at(i + 1) {
                     total = total.g_add(&losses.on_captured(slot, &out)?.to_device(total.device()));
@@ -72,6 +109,7 @@ impl Transformer {
             total.backward();
             grad = grad_or_zeros(&x);
         }
+        self.record_routing(false);
         // The embeddings: their lookup has the embedding matrix's gradient.
         let x = self.embed(input.input_ids);
         let mut total = (&x * grad.to_device(x.device())).sum(Kind::Float);
@@ -82,6 +120,14 @@ impl Transformer {
             total.backward();
         }
         Ok(())
+    }
+}
+
+/// `[tokens]` float32: 1 for each real token of the input, 0 for padding.
+fn real_tokens(input: &ForwardInput) -> Tensor {
+    match input.attention_mask {
+        Some(m) => m.reshape([-1]).ne(0).to_kind(Kind::Float),
+        None => Tensor::ones([input.input_ids.numel() as i64], (Kind::Float, input.input_ids.device())),
     }
 }
 
@@ -101,9 +147,11 @@ mod tests {
     use crate::model::{CausalLm, ModelConfig};
     use tch::Device;
 
-    /// Squares of the final states plus fixed random projections of the captured ones.
+    /// Squares of the final states plus fixed random projections of the captured ones
+    /// (and, with experts, the routers' load-balancing loss at weight 0.5).
     struct Probe {
         weights: Vec<Tensor>,
+        balance: Vec<f64>,
     }
 
     impl StepLosses for Probe {
@@ -113,16 +161,32 @@ mod tests {
         fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
             Ok((state * &self.weights[slot]).sum(Kind::Float))
         }
+        fn router_balance_weight(&self) -> f64 {
+            0.5
+        }
+        fn on_router_balance(&mut self, loss: f64) {
+            self.balance.push(loss);
+        }
     }
 
     #[test]
     fn recomputation_gives_the_gradients_of_one_graph() {
-        let config = ModelConfig::from_value(serde_json::json!({
+        let dense = serde_json::json!({
             "model_type": "qwen3", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
             "tie_word_embeddings": true,
-        }))
-        .unwrap();
+        });
+        let mut experts = dense.clone();
+        let fields = serde_json::json!({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 8, "mlp_only_layers": [1], "norm_topk_prob": true});
+        experts.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        for config in [dense, experts] {
+            same_gradients(ModelConfig::from_value(config).unwrap());
+        }
+    }
+
+    fn same_gradients(config: ModelConfig) {
+        let moe = config.moe.is_some();
         tch::manual_seed(3);
         let model = CausalLm::random(config, Device::Cpu, Kind::Float).unwrap();
         let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
@@ -131,7 +195,7 @@ mod tests {
         // Hidden states 0 (embeddings), 2 (a middle layer) and 3 (final) twice.
         let capture = [0usize, 2, 3, 2];
         let weights = (0..capture.len()).map(|_| Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu))).collect();
-        let mut probe = Probe { weights };
+        let mut probe = Probe { weights, balance: vec![] };
         let grads = |recompute: bool, probe: &mut Probe| -> Vec<Tensor> {
             let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -146,6 +210,13 @@ mod tests {
         };
         let plain = grads(false, &mut probe);
         let recomputed = grads(true, &mut probe);
+        // The balance loss: reported once per pass, the same both ways, > 0 with experts.
+        if moe {
+            assert_eq!(probe.balance.len(), 2);
+            assert!(probe.balance[0] > 0.0 && (probe.balance[0] - probe.balance[1]).abs() < 1e-6 * probe.balance[0]);
+        } else {
+            assert!(probe.balance.is_empty());
+        }
         assert_eq!(plain.len(), recomputed.len());
         for (a, b) in plain.iter().zip(&recomputed) {
             let scale = a.abs().max().double_value(&[]);

@@ -65,6 +65,8 @@ pub struct SparseMoe {
     /// Choices per expert summed over the forwards since `Transformer::expert_usage`
     /// started counting (student init keeps the most used experts).
     usage: RefCell<Option<Vec<i64>>>,
+    /// The router's decisions of each forward while recording (the load-balancing loss).
+    record: RefCell<Option<Vec<RouterRecord>>>,
 }
 
 impl SparseMoe {
@@ -93,6 +95,7 @@ impl SparseMoe {
             norm_topk_prob: moe.norm_topk_prob,
             weights_in_model_dtype: cfg.family != Family::Mixtral,
             usage: RefCell::new(None),
+            record: RefCell::new(None),
         })
     }
 
@@ -105,6 +108,9 @@ impl SparseMoe {
         let (top, chosen) = probs.topk(self.top_k, -1, true, true);
         let top = if self.norm_topk_prob { &top / top.sum_dim_intlist(-1, true, Kind::Float) } else { top };
         let weights = if self.weights_in_model_dtype { top.to_kind(logits.kind()) } else { top };
+        if let Some(record) = self.record.borrow_mut().as_mut() {
+            record.push(RouterRecord { probs: probs.shallow_clone(), chosen: chosen.shallow_clone() });
+        }
         Routing { logits, chosen, weights }
     }
 
@@ -150,6 +156,50 @@ impl SparseMoe {
     }
 }
 
+/// A router's decision on one forward's tokens: the softmax over every expert
+/// `[tokens, experts]` (float32, with its graph) and the chosen experts `[tokens, k]`.
+#[derive(Debug)]
+pub struct RouterRecord {
+    pub probs: Tensor,
+    pub chosen: Tensor,
+}
+
+/// The Switch Transformer load-balancing loss as transformers computes it
+/// (`load_balancing_loss_func`, over every layer's router at once, padding excluded):
+/// `E * sum_e f_e * P_e`, with `f_e` the share of (token, choice) pairs routed to expert
+/// e (per token and layer; the shares sum to k) and `P_e` the mean router probability
+/// of e. Only `P` carries a gradient, so given `f` (counted over every layer first) the
+/// loss is a sum of per-layer terms `E / rows * sum_t mask_t p_te f_e`: a layer
+/// recomputed during backward (`--recompute`) adds its own term.
+pub struct RouterBalance {
+    fractions: Tensor,
+    scale: f64,
+}
+
+impl RouterBalance {
+    /// From every layer's records of one forward; `mask` `[tokens]` float32 (1 = real
+    /// token). None when no layer routed a real token.
+    pub fn new(records: &[RouterRecord], mask: &Tensor) -> Option<Self> {
+        let first = records.first()?;
+        let (experts, k) = (first.probs.size()[1], first.chosen.size()[1]);
+        let mut counts = Tensor::zeros([experts], (Kind::Float, mask.device()));
+        for r in records {
+            let m = mask.to_device(r.chosen.device()).repeat_interleave_self_int(k, 0, None);
+            let c = Tensor::zeros([experts], (Kind::Float, m.device())).scatter_add(0, &r.chosen.reshape([-1]), &m);
+            counts += c.to_device(mask.device());
+        }
+        let rows = mask.sum(Kind::Double).double_value(&[]) * records.len() as f64;
+        (rows > 0.0).then(|| RouterBalance { fractions: counts / rows, scale: experts as f64 / rows })
+    }
+
+    /// One layer's term (with the graph of its probabilities).
+    pub fn term(&self, record: &RouterRecord, mask: &Tensor) -> Tensor {
+        let device = record.probs.device();
+        let per_expert = (&record.probs * mask.to_device(device).unsqueeze(1)).sum_dim_intlist(0, false, Kind::Float);
+        (per_expert * self.fractions.to_device(device)).sum(Kind::Float) * self.scale
+    }
+}
+
 /// What the router decided for a batch of tokens.
 pub struct Routing {
     pub logits: Tensor,
@@ -158,6 +208,33 @@ pub struct Routing {
 }
 
 impl super::Transformer {
+    /// Whether any layer routes tokens to experts.
+    pub fn has_experts(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l.mlp, FeedForward::Sparse(_)))
+    }
+
+    /// Starts (or stops) recording every router's decisions; `take_routing` hands them over.
+    pub fn record_routing(&self, on: bool) {
+        for l in &self.layers {
+            if let FeedForward::Sparse(moe) = &l.mlp {
+                *moe.record.borrow_mut() = on.then(Vec::new);
+            }
+        }
+    }
+
+    /// The decisions recorded since the last call, in layer order.
+    pub fn take_routing(&self) -> Vec<RouterRecord> {
+        let mut out = vec![];
+        for l in &self.layers {
+            if let FeedForward::Sparse(moe) = &l.mlp {
+                if let Some(record) = moe.record.borrow_mut().as_mut() {
+                    out.append(record);
+                }
+            }
+        }
+        out
+    }
+
     /// How often each layer's router chose each expert over `rows` (token ids, each run
     /// alone, so no padding is counted): per layer, the count per expert, or None for a
     /// dense layer.

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub clip_norm: f64,
     /// Weight of the hard-label cross-entropy; KD gets `1 - alpha`.
     pub alpha: f64,
+    /// A mixture-of-experts student: weight of its routers' load-balancing loss
+    /// (`model::moe::RouterBalance`, as transformers' `router_aux_loss_coef`); 0: off.
+    pub router_aux_weight: f64,
     pub kd: KdLoss,
     /// A label outside the teacher's top-k gets its own bucket (see `batch::targets`).
     pub label_bucket: bool,
@@ -114,6 +117,7 @@ impl Default for TrainConfig {
             // Half hard labels: the best perplexity of every targets table (README "Which
             // targets"); pure KD (0) gets a lower KL but a worse perplexity.
             alpha: 0.5,
+            router_aux_weight: 0.0,
             kd: KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 },
             label_bucket: false,
             seed: 0,
@@ -180,6 +184,9 @@ impl TrainConfig {
         }
         if self.alpha < 1.0 {
             self.kd.check()?;
+        }
+        if !(self.router_aux_weight.is_finite() && self.router_aux_weight >= 0.0) {
+            bail!("--router-aux-weight must be a number >= 0, not {}", self.router_aux_weight);
         }
         let s = &self.schedule;
         let checks: [(bool, String); 13] = [

@@ -63,6 +63,11 @@ impl RunRecord {
             "shuffle": cfg.shuffle,
             "hidden": h.map(|h| format!("{:?} weight {} {:?}", h.maps, h.weight, h.loss)),
         });
+        // Recorded only when on, so that runs recorded before the option still resume.
+        let mut settings = settings;
+        if cfg.router_aux_weight > 0.0 {
+            settings["router_aux_weight"] = cfg.router_aux_weight.into();
+        }
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
     }
 

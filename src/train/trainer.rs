@@ -35,6 +35,10 @@ pub struct StepLog {
     pub ce: f64,
     /// Mean hidden-state loss per trained token (0 without hidden-state distillation).
     pub hidden: f64,
+    /// The routers' load-balancing loss, unweighted, averaged over the micro-batches by
+    /// their trained tokens (with `--router-aux-weight` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_balance: Option<f64>,
     pub grad_norm: f64,
     pub tokens: usize,
     pub targets: usize,
@@ -98,6 +102,9 @@ impl<'a> Run<'a> {
         cfg.validate()?;
         let set = Arc::new(ShardSet::open(&cfg.shards, false)?);
         let config = crate::model::ModelConfig::from_dir(&cfg.student)?;
+        if cfg.router_aux_weight > 0.0 && config.moe.is_none() {
+            bail!("--router-aux-weight: the student {} has no mixture of experts", cfg.student.display());
+        }
         let tokenizer_hash = checksum_file(&cfg.student.join("tokenizer.json"))?;
         set.check_student(&tokenizer_hash, config.vocab_size, cfg.force_tokenizer)?;
         let targets = cfg.target_options(&set.manifest.settings.capture)?;
@@ -171,6 +178,7 @@ impl<'a> Run<'a> {
             kd: kd_sum / n,
             ce: ce_sum / n,
             hidden: hidden_sum / n,
+            router_balance: (cfg.router_aux_weight > 0.0).then_some(sums.router_balance),
             grad_norm,
             tokens,
             targets,
@@ -257,6 +265,9 @@ struct LossSums {
     kd: Vec<Tensor>,
     ce: Vec<Tensor>,
     hidden: Vec<Tensor>,
+    /// Sum over micro-batches of (their share of the step's trained tokens) x (their
+    /// load-balancing loss).
+    router_balance: f64,
     /// Wall time inside the head and its losses.
     head_time: std::time::Duration,
 }
@@ -308,6 +319,16 @@ impl StepLosses for MicroLosses<'_> {
         // and sum(W * dL/dW) (the head, tied or not).
         let body = (&h * out.grad_hidden).sum(Kind::Float);
         Ok(body + (head * out.grad_head).sum(Kind::Float))
+    }
+
+    /// Each micro-batch's balance loss counts by its share of the step's trained tokens,
+    /// as every other term does (`scale` = 1 / the step's trained tokens).
+    fn router_balance_weight(&self) -> f64 {
+        self.cfg.router_aux_weight * self.mb.targets as f64 * self.scale
+    }
+
+    fn on_router_balance(&mut self, loss: f64) {
+        self.sums.router_balance += loss * self.mb.targets as f64 * self.scale;
     }
 
     fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
