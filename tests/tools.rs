@@ -11,6 +11,13 @@ fn shards(out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// `distill student init --teacher TEACHER --output OUT EXTRA..`.
+fn student_init(teacher: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["student", "init", "--teacher", teacher.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    args.extend(extra);
+    distill(&args)
+}
+
 /// transformers loads `student_dir` and computes the logits `student` computes, on the
 /// right-padded batch of the teacher's reference file.
 fn assert_transformers_agrees(student: &distill::model::CausalLm, student_dir: &Path, teacher: &Path, work: &Path) {
@@ -29,16 +36,7 @@ fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = model_dir("qwen2");
     let student = tmp.path().join("student");
-    let out = ok(distill(&[
-        "student",
-        "init",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--output",
-        student.to_str().unwrap(),
-        "--layers",
-        "0,2",
-    ]));
+    let out = ok(student_init(&teacher, &student, &["--layers", "0,2"]));
     assert!(out.contains("[0, 2]") && out.contains("copied"), "{out}");
     let t = distill::model::CausalLm::load(&teacher, Device::Cpu, Kind::Float).unwrap();
     let s = distill::model::CausalLm::load(&student, Device::Cpu, Kind::Float).unwrap();
@@ -60,14 +58,11 @@ fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
     // A narrower student has fresh weights of the new shape.
     let narrow = tmp.path().join("narrow");
     let args = ["--hidden-size", "32", "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "48"];
-    let mut all = vec!["student", "init", "--teacher", teacher.to_str().unwrap(), "--output", narrow.to_str().unwrap()];
-    all.extend(args);
-    assert!(ok(distill(&all)).contains("fresh"));
+    assert!(ok(student_init(&teacher, &narrow, &args)).contains("fresh"));
     let n = distill::model::CausalLm::load(&narrow, Device::Cpu, Kind::Float).unwrap();
     assert_eq!((n.config.hidden_size, n.config.head_dim, n.config.num_layers), (32, 16, 3));
     // A layer the teacher does not have is refused by name.
-    let bad =
-        distill(&["student", "init", "--teacher", teacher.to_str().unwrap(), "--output", "/tmp/x", "--layers", "9"]);
+    let bad = student_init(&teacher, Path::new("/tmp/x"), &["--layers", "9"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not 9"));
 }
@@ -191,20 +186,8 @@ fn student_init_keeps_the_most_used_experts() {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = model_dir("qwen3-moe");
     let (student, sample) = (tmp.path().join("student"), repo().join("tests/data/heldout.jsonl"));
-    let out = ok(distill(&[
-        "student",
-        "init",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--output",
-        student.to_str().unwrap(),
-        "--layers",
-        "1,2",
-        "--num-experts",
-        "3",
-        "--expert-sample",
-        sample.to_str().unwrap(),
-    ]));
+    let args = ["--layers", "1,2", "--num-experts", "3", "--expert-sample", sample.to_str().unwrap()];
+    let out = ok(student_init(&teacher, &student, &args));
     // "layer 2 experts kept (router choices on the sample): 4 (12), 6 (15), 7 (20)"
     let line = out.lines().find(|l| l.contains("layer 2 experts kept")).unwrap_or_else(|| panic!("{out}"));
     let kept: Vec<(usize, i64)> = line
@@ -267,18 +250,7 @@ json.dump(counts.tolist(), open(out, "w"))
     let qwen3 = model_dir("qwen3");
     for (t, n) in [(&qwen3, "2"), (&teacher, "9")] {
         let out = tmp.path().join(format!("bad-{n}"));
-        let bad = distill(&[
-            "student",
-            "init",
-            "--teacher",
-            t.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--num-experts",
-            n,
-            "--expert-sample",
-            sample.to_str().unwrap(),
-        ]);
+        let bad = student_init(t, &out, &["--num-experts", n, "--expert-sample", sample.to_str().unwrap()]);
         assert_eq!(bad.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&bad.stderr).contains("--num-experts"), "{bad:?}");
     }

@@ -94,35 +94,29 @@ fn experts_teach_and_learn() {
     assert!(names.contains_key("model.layers.0.block_sparse_moe.gate.weight"));
 }
 
-/// The routers' load-balancing loss of a model on held-out shards' rows (each row alone).
+/// The routers' load-balancing loss of a model on held-out shards' rows (one batch,
+/// right-padded; padding excluded).
 fn router_balance(model: &Path, shards: &Path) -> f64 {
     let m = CausalLm::load(model, Device::Cpu, Kind::Float).unwrap();
     let set = ShardSet::open(shards, false).unwrap();
-    let (mut records, mut masks) = (vec![], vec![]);
-    m.transformer.record_routing(true);
-    let rows = set.row_groups().iter().flat_map(|&g| set.decode(g).unwrap()).collect::<Vec<_>>();
-    for row in rows {
-        let ids: Vec<i64> = row.sequence.ids.iter().map(|&t| t as i64).collect();
-        tch::no_grad(|| m.forward(&tch::Tensor::from_slice(&ids).unsqueeze(0), None, &[])).unwrap();
-        for r in m.transformer.take_routing() {
-            masks.push(tch::Tensor::ones([ids.len() as i64], (Kind::Float, Device::Cpu)));
-            records.push(r);
-        }
-    }
-    // One record per (row, layer): concatenated, they are one batch of tokens per layer.
-    let layers = m.config.moe.as_ref().unwrap().sparse_layers.iter().filter(|&&s| s).count();
-    let cat = |f: &dyn Fn(&distill::model::moe::RouterRecord) -> tch::Tensor, l: usize| {
-        tch::Tensor::cat(&records.iter().skip(l).step_by(layers).map(f).collect::<Vec<_>>(), 0)
-    };
-    let merged: Vec<_> = (0..layers)
-        .map(|l| distill::model::moe::RouterRecord {
-            probs: cat(&|r| r.probs.shallow_clone(), l),
-            chosen: cat(&|r| r.chosen.shallow_clone(), l),
-        })
+    let rows: Vec<Vec<i64>> = set
+        .row_groups()
+        .iter()
+        .flat_map(|&g| set.decode(g).unwrap())
+        .map(|r| r.sequence.ids.iter().map(|&t| t as i64).collect())
         .collect();
-    let mask = tch::Tensor::cat(&masks.iter().step_by(layers).collect::<Vec<_>>(), 0);
-    let balance = distill::model::moe::RouterBalance::new(&merged, &mask).unwrap();
-    merged.iter().map(|r| balance.term(r, &mask).double_value(&[])).sum()
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<i64> =
+        rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(2, width - r.len()))).collect();
+    let mask: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(|t| (t < r.len()) as i64)).collect();
+    let shape = [rows.len() as i64, width as i64];
+    let (ids, mask) = (tch::Tensor::from_slice(&ids).view(shape), tch::Tensor::from_slice(&mask).view(shape));
+    m.transformer.record_routing(true);
+    tch::no_grad(|| m.forward(&ids, Some(&mask), &[])).unwrap();
+    let records = m.transformer.take_routing();
+    let real = mask.reshape([-1]).to_kind(Kind::Float);
+    let balance = distill::model::moe::RouterBalance::new(&records, &real).unwrap();
+    records.iter().map(|r| balance.term(r, &real).double_value(&[])).sum()
 }
 
 /// `--router-aux-weight` evens out a mixture-of-experts student's routing on held-out

@@ -38,7 +38,8 @@ impl Transformer {
     ) -> Result<()> {
         let weight = losses.router_balance_weight();
         let balance = weight > 0.0 && self.has_experts();
-        let real = real_tokens(input);
+        // Built only for the balance loss (no work per micro-batch without it).
+        let real = if balance { real_tokens(input) } else { Tensor::new() };
         if !recompute {
             self.record_routing(balance);
             let out = self.forward_hidden(input, capture);

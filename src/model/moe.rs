@@ -62,10 +62,8 @@ pub struct SparseMoe {
     /// transformers' Qwen casts the routing weights to the model's dtype before the
     /// product; Mixtral keeps them in float32.
     weights_in_model_dtype: bool,
-    /// Choices per expert summed over the forwards since `Transformer::expert_usage`
-    /// started counting (student init keeps the most used experts).
-    usage: RefCell<Option<Vec<i64>>>,
-    /// The router's decisions of each forward while recording (the load-balancing loss).
+    /// The router's decisions of each forward while recording (the load-balancing loss,
+    /// expert usage).
     record: RefCell<Option<Vec<RouterRecord>>>,
 }
 
@@ -94,7 +92,6 @@ impl SparseMoe {
             top_k: moe.experts_per_token as i64,
             norm_topk_prob: moe.norm_topk_prob,
             weights_in_model_dtype: cfg.family != Family::Mixtral,
-            usage: RefCell::new(None),
             record: RefCell::new(None),
         })
     }
@@ -134,9 +131,6 @@ impl SparseMoe {
         let (_, order) = pairs.sort_stable(true, 0, false);
         let counts =
             Vec::<i64>::try_from(pairs.bincount(None::<Tensor>, self.experts.len() as i64)).expect("int64 counts");
-        if let Some(usage) = self.usage.borrow_mut().as_mut() {
-            usage.iter_mut().zip(&counts).for_each(|(u, c)| *u += c);
-        }
         let tokens = order.floor_divide_scalar(self.top_k);
         let gathered = flat.index_select(0, &tokens);
         let mut outputs = Vec::with_capacity(self.experts.len());
@@ -239,24 +233,30 @@ impl super::Transformer {
     /// alone, so no padding is counted): per layer, the count per expert, or None for a
     /// dense layer.
     pub fn expert_usage(&self, rows: &[Vec<i64>]) -> Result<Vec<Option<Vec<i64>>>> {
-        fn sparse(l: &super::transformer::DecoderLayer) -> Option<&SparseMoe> {
-            match &l.mlp {
-                FeedForward::Sparse(moe) => Some(moe),
+        let mut usage: Vec<Option<Vec<i64>>> = self
+            .layers
+            .iter()
+            .map(|l| match &l.mlp {
+                FeedForward::Sparse(moe) => Some(vec![0; moe.num_experts()]),
                 FeedForward::Dense(_) => None,
-            }
-        }
-        for moe in self.layers.iter().filter_map(sparse) {
-            *moe.usage.borrow_mut() = Some(vec![0; moe.num_experts()]);
-        }
+            })
+            .collect();
         let device = self.embed_device();
+        self.record_routing(true);
         let run = tch::no_grad(|| -> Result<()> {
             for row in rows.iter().filter(|r| !r.is_empty()) {
                 let ids = Tensor::from_slice(row).unsqueeze(0).to_device(device);
                 self.forward_hidden(&super::ForwardInput::new(&ids, None), &[])?;
+                // One record per layer with experts, in layer order.
+                for (counts, record) in usage.iter_mut().flatten().zip(self.take_routing()) {
+                    let n = counts.len() as i64;
+                    let row = Vec::<i64>::try_from(record.chosen.reshape([-1]).bincount(None::<Tensor>, n))?;
+                    counts.iter_mut().zip(row).for_each(|(c, r)| *c += r);
+                }
             }
             Ok(())
         });
-        let usage = self.layers.iter().map(|l| sparse(l).and_then(|moe| moe.usage.borrow_mut().take())).collect();
+        self.record_routing(false);
         run.map(|()| usage)
     }
 }
