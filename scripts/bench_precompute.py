@@ -145,40 +145,51 @@ def compare_with_transformers(a):
         print(f"| {label} | {r['tokens']} | {r['tok_s']:.0f} | {eager:.0f} | {r['tok_s'] / eager:.2f} |")
 
 
-def compare_experts(a):
-    """A mixture-of-experts teacher (random Qwen3-MoE, 16 experts, top 4; the tiny BPE's
-    384 ids, so the experts, not the head, take the time) against transformers with its
-    default experts implementation (grouped_mm) and its loop over experts (eager)."""
-    teacher = a.work / "bench-teacher-moe"
-    subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher), "qwen3-moe"],
+FAMILIES = {
+    # shape of `tiny_models.py bench-model`: (title, transformers implementations compared)
+    "qwen3-moe": ("mixture-of-experts teacher (random Qwen3-MoE, hidden 256, 4 layers, 16 experts, top 4)",
+                  ["grouped_mm", "eager"]),
+    "gemma2": ("Gemma 2 teacher (random, hidden 256, 4 layers, attention soft-capped at 50, logits at 30, "
+               "window 64 on every other layer)", ["eager"]),
+}
+
+
+def compare_family(a, shape):
+    """A teacher of another family against transformers on the same rows: the random
+    Qwen3-MoE (the tiny BPE's 384 ids, so the experts, not the head, take the time) against
+    transformers' default experts implementation (grouped_mm) and its loop over experts
+    (eager); the random Gemma 2 against transformers' eager attention (its only path with
+    soft-capping)."""
+    title, impls = FAMILIES[shape]
+    teacher = a.work / f"bench-teacher-{shape}"
+    subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher), shape],
                    check=True)
-    data = a.work / "bench-moe.jsonl"
+    data = a.work / f"bench-{shape}.jsonl"
     make_input(data, a.tokens)  # ~3x the tokens of the dense comparison's: short runs are all warm-up
     device = a.devices.split(",")[0]
     device = "cpu" if device == "auto" else device
-    out = a.work / "shards-moe"
-    print(f"\n## mixture-of-experts teacher: distill precompute vs transformers (random Qwen3-MoE, hidden 256, "
-          f"4 layers, 16 experts, top 4; top-64 targets; --max-len 256; device {device})")
-    print("| batch tokens | tokens | distill tokens/s | transformers grouped_mm tokens/s | transformers eager "
-          "tokens/s | distill / grouped_mm | distill / eager |")
-    print("|---|---|---|---|---|---|---|")
+    out = a.work / f"shards-{shape}"
+    print(f"\n## {title}: distill precompute vs transformers (top-64 targets; --max-len 256; device {device})")
+    print("| batch tokens | tokens | distill tokens/s | " + " | ".join(f"transformers {i} tokens/s" for i in impls)
+          + " | " + " | ".join(f"distill / {i}" for i in impls) + " |")
+    print("|---|---|---|" + "---|" * (2 * len(impls)))
     for batch in [None, 512, 4096]:
         opts = {"top_k": 64, "max_len": 256}
         if batch:
             opts["batch_tokens"] = batch
         r = precompute(a.binary, teacher, data, out, a.devices, **opts)
         used = r["batch_tokens"]
-        theirs = {}
-        for impl in ["grouped_mm", "eager"]:
+        theirs = []
+        for impl in impls:
+            extra = [impl] if shape == "qwen3-moe" else []
             res = subprocess.run([sys.executable, str(ROOT / "scripts/capture_eager.py"), str(teacher), str(out),
-                                  str(used), "64", device, impl], capture_output=True, text=True)
+                                  str(used), "64", device, *extra], capture_output=True, text=True)
             if res.returncode != 0:
                 sys.exit(f"capture_eager.py failed: {res.stderr[-3000:]}")
-            theirs[impl] = float(re.search(r"tokens_per_s=([\d.]+)", res.stdout).group(1))
+            theirs.append(float(re.search(r"tokens_per_s=([\d.]+)", res.stdout).group(1)))
         label = f"{used} (default)" if batch is None else str(batch)
-        g, e = theirs["grouped_mm"], theirs["eager"]
-        print(f"| {label} | {r['tokens']} | {r['tok_s']:.0f} | {g:.0f} | {e:.0f} | {r['tok_s'] / g:.2f} "
-              f"| {r['tok_s'] / e:.2f} |")
+        print(f"| {label} | {r['tokens']} | {r['tok_s']:.0f} | " + " | ".join(f"{t:.0f}" for t in theirs) + " | "
+              + " | ".join(f"{r['tok_s'] / t:.2f}" for t in theirs) + " |")
 
 
 def main():
@@ -190,10 +201,11 @@ def main():
     ap.add_argument("--shape", default="small")
     ap.add_argument("--only-compare", action="store_true", help="only distill vs transformers")
     ap.add_argument("--moe", action="store_true", help="only the mixture-of-experts teacher vs transformers")
+    ap.add_argument("--family", choices=sorted(FAMILIES), help="only this family's random teacher vs transformers")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    if a.moe:
-        compare_experts(a)
+    if a.moe or a.family:
+        compare_family(a, a.family or "qwen3-moe")
         return
     teacher = a.work / "bench-teacher"
     subprocess.run([sys.executable, str(ROOT / "scripts/tiny_models.py"), "bench-model", str(teacher), a.shape],

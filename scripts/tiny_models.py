@@ -8,14 +8,17 @@
     tiny_models.py logits MODEL_DIR INPUTS OUT
                                     transformers' logits of MODEL_DIR for the input_ids /
                                     attention_mask in INPUTS (safetensors)
-    tiny_models.py bench-model OUT_DIR [small|qwen2-7b|qwen3-moe]
+    tiny_models.py bench-model OUT_DIR [small|qwen2-7b|qwen3-moe|gemma2]
                                     a random Qwen2-shaped teacher with a realistic
                                     vocabulary (151,936 ids: the tiny BPE padded with
                                     added tokens) for benchmarks: `small` (hidden 128,
                                     2 layers) or Qwen2-7B's shape in bfloat16; or
                                     `qwen3-moe`, a Qwen3-MoE (hidden 256, 4 layers, 16
                                     experts, top 4) with the tiny BPE's 384 ids, so
-                                    that the experts dominate the time
+                                    that the experts dominate the time; or `gemma2`
+                                    (hidden 256, 4 layers, soft-capping 50 / 30,
+                                    window 64 on every other layer, 384 ids), so that
+                                    soft-capped attention takes its share
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -96,7 +99,62 @@ MODELS = {
         dict(dtype=torch.bfloat16)),
     # Mixtral: 4 experts (w1/w2/w3 under block_sparse_moe), top 2.
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), dict()),
+    # Gemma 2: attention and final-logit soft-capping low enough to bend most scores
+    # (`make` prints how many), query_pre_attn_scalar != head_dim, sliding window 8 on
+    # layers 0 and 2, (1 + w) norms around attention and MLP, GELU-tanh, scaled
+    # embeddings, tied head.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+        final_logit_softcapping=2.0, sliding_window=8), dict()),
+    # Gemma 3 (text): q/k norms, a RoPE per layer type (sliding: base 10,000; full: 10^6
+    # with linear scaling 8, as Gemma 3 4B-27B), head_dim 32 with scalar 20, window 8.
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=20, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}),
+        dict(model="Gemma3ForCausalLM")),
+    # Gemma 3 with an image encoder (model_type gemma3): read as its text part, from
+    # weights stored under the hub's names (language_model.model.*), bfloat16.
+    "gemma3-mm": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=20, sliding_window=8,
+        sliding_window_pattern=2, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}),
+        dict(model="Gemma3ForConditionalGeneration", dtype=torch.bfloat16, hub_names=True)),
 }
+
+# A tiny SigLIP image encoder for gemma3-mm (the text tests never run it).
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=28, patch_size=14)
+
+
+def model_class(cls, save):
+    return save.get("model") or cls.replace("Config", "ForCausalLM")
+
+
+def build_config(cls, overrides, save):
+    import transformers
+
+    text = getattr(transformers, cls)(**{**COMMON, "vocab_size": TOKENIZER_VOCAB, **overrides})
+    if save.get("model") != "Gemma3ForConditionalGeneration":
+        return text
+    vision = transformers.SiglipVisionConfig(**TINY_VISION)
+    return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                     mm_tokens_per_image=4, image_token_index=TOKENIZER_VOCAB - 1,
+                                     boi_token_index=TOKENIZER_VOCAB - 3, eoi_token_index=TOKENIZER_VOCAB - 2)
+
+
+def to_hub_names(d: Path):
+    """Rename a saved multimodal Gemma 3 to the names google's checkpoints use."""
+    path = d / "model.safetensors"
+    tensors = load_file(str(path))
+    renamed = {}
+    for k, v in tensors.items():
+        for ours, hub in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                          ("model.vision_tower.", "vision_tower."),
+                          ("model.multi_modal_projector.", "multi_modal_projector.")):
+            if k.startswith(ours):
+                k = hub + k[len(ours):]
+                break
+        renamed[k] = v
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def train_tokenizer(out: Path):
@@ -130,10 +188,12 @@ def spread_weights(model, seed):
     """transformers' init (std 0.02) makes every layer nearly the identity; larger
     weights and non-unit norms make a parity test sensitive to every part of a layer."""
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by (1 + w): around zero is their "one".
+    one = 0.0 if "gemma" in model.config.model_type else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(one + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("gate.weight") and p.shape[0] > 1:
@@ -188,22 +248,27 @@ def make(out_dir: Path):
     batches = corpus_batches(tmp / "tokenizer.json")
     for seed, (name, (cls, overrides, save)) in enumerate(MODELS.items()):
         torch.manual_seed(seed)
-        cfg = getattr(transformers, cls)(**{**COMMON, "vocab_size": TOKENIZER_VOCAB, **overrides})
+        cfg = build_config(cls, overrides, save)
         cfg._attn_implementation = "eager"
-        model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg).eval()
+        model_cls = getattr(transformers, model_class(cls, save))
+        model = model_cls(cfg).eval()
         spread_weights(model, seed)
         if save.get("dtype") is not None:
             model = model.to(save["dtype"])
         d = tmp / name
         model.save_pretrained(d, max_shard_size=save.get("max_shard_size", "5GB"))
+        if save.get("hub_names"):
+            to_hub_names(d)
         write_tokenizer_files(tmp, d, save.get("jinja", False))
         # The reference comes from the saved files, in float32, as our loader sees them.
-        ref_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
-            d, dtype=torch.float32, attn_implementation="eager").eval()
+        ref_model = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
         # transformers' default attention (sdpa), the kernel we use too: with experts, a
         # rounding difference can flip a token's routing, so the kernel shows in the error.
-        bf16_model = getattr(transformers, cls.replace("Config", "ForCausalLM")).from_pretrained(
-            d, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        # Gemma 2's soft-capping has no sdpa path: eager, as ours.
+        bf16_attention = "eager" if cls == "Gemma2Config" else "sdpa"
+        bf16_model = model_cls.from_pretrained(d, dtype=torch.bfloat16, attn_implementation=bf16_attention).eval()
+        if cls == "Gemma2Config":
+            report_soft_capping(ref_model, batches["full"][0])
         tensors = {}
         for side, (input_ids, mask) in batches.items():
             # transformers' own bfloat16 run: the yardstick for our reduced-precision runs.
@@ -223,6 +288,32 @@ def make(out_dir: Path):
         shutil.rmtree(tmp)  # another process finished first
         if not out_dir.exists():
             raise
+
+
+def report_soft_capping(model, input_ids):
+    """How much of Gemma 2's soft-capping bites on the test batch: the share of attention
+    scores (as the eager attention sees them, after RoPE) and of logits whose magnitude
+    exceeds half the cap (tanh bends them by more than 7%)."""
+    from transformers.models.gemma2 import modeling_gemma2 as m
+
+    cfg, scores = model.config, []
+    eager = m.eager_attention_forward
+
+    def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        k = m.repeat_kv(key, module.num_key_value_groups)
+        scores.append((query @ k.transpose(2, 3) * scaling).flatten())
+        return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    m.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            raw = model.lm_head(model.model(input_ids=input_ids).last_hidden_state)
+    finally:
+        m.eager_attention_forward = eager
+    attention = (torch.cat(scores).abs() > cfg.attn_logit_softcapping / 2).float().mean().item()
+    logits = (raw.abs() > cfg.final_logit_softcapping / 2).float().mean().item()
+    print(f"gemma2 soft-capping: {attention:.0%} of attention scores and {logits:.0%} of logits "
+          f"beyond half the cap", file=sys.stderr)
 
 
 def logits(model_dir: Path, inputs: Path, out: Path):
@@ -246,6 +337,9 @@ BENCH_SHAPES = {
     "qwen3-moe": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
                       moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False),
+    "gemma2": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, rope_theta=1000000.0,
                      max_position_embeddings=32768),
@@ -261,7 +355,7 @@ def bench_model(out_dir: Path, shape: str):
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     train_tokenizer(tmp)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-    vocab = TOKENIZER_VOCAB if shape == "qwen3-moe" else 151936
+    vocab = TOKENIZER_VOCAB if shape in ("qwen3-moe", "gemma2") else 151936
     extra = vocab - tok.get_vocab_size()
     tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
     tok.save(str(tmp / "tokenizer.json"))
@@ -269,6 +363,10 @@ def bench_model(out_dir: Path, shape: str):
     if shape == "qwen3-moe":
         cfg = transformers.Qwen3MoeConfig(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
         model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+        spread_weights(model, 0)
+    elif shape == "gemma2":
+        cfg = transformers.Gemma2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})
+        model = transformers.Gemma2ForCausalLM(cfg).eval()
         spread_weights(model, 0)
     elif shape == "small":
         cfg = transformers.Qwen2Config(**{**COMMON, "vocab_size": vocab, **BENCH_SHAPES[shape]})

@@ -71,7 +71,7 @@ fn cached_steps_equal_the_full_forward() {
     }
     let shape = [prompts.len() as i64, total as i64];
     let (ids, mask) = (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape));
-    for name in ["llama", "mistral", "qwen3", "qwen3-moe", "mixtral"] {
+    for name in ["llama", "mistral", "qwen3", "qwen3-moe", "mixtral", "gemma2", "gemma3"] {
         let model = CausalLm::load(&model_dir(name), Device::Cpu, Kind::Float).unwrap();
         let full = model.transformer.forward_hidden(&ForwardInput::new(&ids, Some(&mask)), &[]).unwrap().last;
         let mut cache = KvCache::new(model.config.num_layers);

@@ -72,6 +72,48 @@ fn mixtral_matches_transformers() {
     check_model("mixtral");
 }
 
+#[test]
+fn gemma2_with_soft_capping_and_sandwich_norms_matches_transformers() {
+    check_model("gemma2");
+}
+
+#[test]
+fn gemma3_with_rope_per_layer_type_matches_transformers() {
+    check_model("gemma3");
+}
+
+#[test]
+fn gemma3_text_part_of_a_multimodal_bf16_checkpoint_matches_transformers() {
+    check_model("gemma3-mm");
+}
+
+/// The tiny Gemma 2's caps bite: the same weights with soft-capping switched off in
+/// config.json land far from transformers' (capped) logits, so the parity above tests
+/// the capping, not a regime where tanh is the identity.
+#[test]
+fn gemma2_soft_capping_changes_the_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model("gemma2", tmp.path());
+    let reference = read_tensors(&dir.join("reference.safetensors"));
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let ids = &reference["full.input_ids"];
+    for field in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        let mut uncapped = config.clone();
+        uncapped[field] = serde_json::Value::Null;
+        std::fs::write(dir.join("config.json"), uncapped.to_string()).unwrap();
+        let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let logits = tch::no_grad(|| model.forward(ids, None, &[])).unwrap().logits;
+        let e = rel_err(&logits, &reference["full.logits"], None);
+        eprintln!("gemma2 without {field}: {e:.2e} from transformers");
+        assert!(e > 1e-2, "switching {field} off changed the logits by only {e:.2e}");
+    }
+    config["final_logit_softcapping"] = (-1.0).into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let e = CausalLm::load(&dir, Device::Cpu, Kind::Float).err().unwrap();
+    assert!(format!("{e:#}").contains("final_logit_softcapping"), "{e:#}");
+}
+
 /// Capturing a subset returns those states, in the order asked, equal to a full capture.
 #[test]
 fn capture_subset_in_requested_order() {

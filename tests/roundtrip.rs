@@ -67,3 +67,18 @@ fn mixture_of_experts_saves_load_in_transformers() {
     roundtrip("mixtral", Kind::Float, 60_000);
     roundtrip("qwen2-moe", Kind::BFloat16, usize::MAX);
 }
+
+#[test]
+fn gemma_saves_load_in_transformers() {
+    // (1 + w) norms and the sandwich norms under Gemma's names, soft-capping in config;
+    // the multimodal checkpoint's text part is saved as a gemma3_text model.
+    roundtrip("gemma2", Kind::Float, usize::MAX);
+    roundtrip("gemma3", Kind::Float, 60_000);
+    roundtrip("gemma3-mm", Kind::BFloat16, usize::MAX);
+    let text = CausalLm::load(&model_dir("gemma3-mm"), Device::Cpu, Kind::Float).unwrap();
+    let config = text.config.to_json("float32");
+    assert_eq!(
+        (config["model_type"].as_str(), config["architectures"][0].as_str()),
+        (Some("gemma3_text"), Some("Gemma3ForCausalLM"))
+    );
+}

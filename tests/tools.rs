@@ -67,6 +67,26 @@ fn student_init_keeps_the_chosen_teacher_layers_and_loads_in_transformers() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not 9"));
 }
 
+/// A student from a multimodal Gemma 3 checkpoint: its text part, fewer layers (the
+/// kept layers keep their types and RoPE), written as a gemma3_text model.
+#[test]
+fn student_init_from_a_multimodal_gemma3_is_a_text_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = model_dir("gemma3-mm");
+    let student = tmp.path().join("student");
+    ok(student_init(&teacher, &student, &["--layers", "1,2"]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gemma3_text");
+    assert_eq!(config["layer_types"], serde_json::json!(["full_attention", "sliding_attention"]));
+    let s = distill::model::CausalLm::load(&student, Device::Cpu, Kind::Float).unwrap();
+    let t = distill::model::CausalLm::load(&teacher, Device::Cpu, Kind::Float).unwrap();
+    let (tv, sv) = (t.vs.variables(), s.vs.variables());
+    let name = "model.layers.0.self_attn.q_norm.weight";
+    assert!(sv[name].equal(&tv["model.layers.1.self_attn.q_norm.weight"]));
+    assert_transformers_agrees(&s, &student, &teacher, tmp.path());
+}
+
 #[test]
 fn inspect_reports_the_set_and_refuses_what_is_not_one() {
     let tmp = tempfile::tempdir().unwrap();

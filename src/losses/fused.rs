@@ -26,6 +26,9 @@ pub struct HeadLoss<'a> {
     pub teacher: Option<&'a TeacherTargets>,
     pub kd: KdLoss,
     pub alpha: f64,
+    /// The model's logits are `cap * tanh(h W^T / cap)` (Gemma 2); the gradient through
+    /// the cap is `1 - (z / cap)^2`.
+    pub logit_softcap: Option<f64>,
 }
 
 /// Loss sums (float64, on the device) and gradients of one call.
@@ -119,6 +122,13 @@ fn chunk_gradient(
     if !matches!(z.kind(), Kind::Float | Kind::Double) {
         z = z.to_kind(Kind::Float);
     }
+    // Soft-capped logits: z = cap tanh(raw / cap), in place; dz/draw kept for the end.
+    let cap_slope = loss.logit_softcap.map(|cap| {
+        let _ = z.g_div_scalar_(cap).tanh_();
+        let slope = 1.0 - z.square();
+        let _ = z.g_mul_scalar_(cap);
+        slope
+    });
     let kind = z.kind();
     let z_y = z.gather(-1, next, false);
     let (alpha, kd_weight) = (loss.alpha, loss.kd_weight());
@@ -195,6 +205,9 @@ fn chunk_gradient(
         }
     };
     let _ = z.scatter_add_(-1, next, &g_y);
+    if let Some(slope) = cap_slope {
+        let _ = z.g_mul_(&slope);
+    }
     let ce = sum(&(lse - z_y));
     let total = &ce * (alpha * scale) + &kd * (kd_weight * scale);
     Ok(ChunkSums { total, kd, ce, grad: z })
@@ -235,6 +248,10 @@ mod tests {
         let h = hidden.detach().set_requires_grad(true);
         let w = head.detach().set_requires_grad(true);
         let z = h.mm(&w.tr());
+        let z = match loss.logit_softcap {
+            Some(cap) => (z / cap).tanh() * cap,
+            None => z,
+        };
         let ce = cross_entropy(&z, loss.next_tokens);
         let per = match loss.teacher.filter(|_| loss.alpha < 1.0) {
             Some(t) => loss.kd.per_position(&z, t).unwrap() * (1.0 - loss.alpha) + ce * loss.alpha,
@@ -317,14 +334,18 @@ mod tests {
     /// largest entry, or no worse than twice the float32 autograd formulation's own error
     /// (a state's gradient sums V products, and float32 loses more there than 1e-5).
     fn check(s: &Setup, kd: KdLoss, alpha: f64, teacher: bool) {
-        let loss = HeadLoss { next_tokens: &s.next, teacher: teacher.then_some(&s.teacher), kd, alpha };
+        check_capped(s, kd, alpha, teacher, None);
+    }
+
+    fn check_capped(s: &Setup, kd: KdLoss, alpha: f64, teacher: bool, logit_softcap: Option<f64>) {
+        let loss = HeadLoss { next_tokens: &s.next, teacher: teacher.then_some(&s.teacher), kd, alpha, logit_softcap };
         let scale = 1.0 / s.hidden.size()[0] as f64;
         let fused = fused_head_loss(&s.hidden, &s.head, &loss, 5, scale).unwrap();
         let (_, gh32, gw32) = autograd(&s.hidden, &s.head, &loss, scale);
         let d = |t: &Tensor| t.to_kind(Kind::Double);
         let (want, gh, gw) = autograd(&d(&s.hidden), &d(&s.head), &loss, scale);
         let got = fused.loss.double_value(&[]);
-        let what = format!("{kd:?} alpha {alpha} teacher {teacher}");
+        let what = format!("{kd:?} alpha {alpha} teacher {teacher} cap {logit_softcap:?}");
         assert!((got - want).abs() <= 1e-5 * want.abs(), "{what}: loss {got} vs {want}");
         for (name, ours, old, exact) in
             [("state", &fused.grad_hidden, &gh32, &gh), ("head", &fused.grad_head, &gw32, &gw)]
@@ -334,7 +355,9 @@ mod tests {
             assert!(e < 1e-5 || e <= 2.0 * e_old, "{what}: {name} gradient off by {e:e} (autograd float32: {e_old:e})");
         }
         // The reported parts are the unweighted sums.
-        let ce = cross_entropy(&d(&s.hidden).mm(&d(&s.head).tr()), &s.next).sum(Kind::Double).double_value(&[]);
+        let z = d(&s.hidden).mm(&d(&s.head).tr());
+        let z = logit_softcap.map_or(z.shallow_clone(), |cap| (&z / cap).tanh() * cap);
+        let ce = cross_entropy(&z, &s.next).sum(Kind::Double).double_value(&[]);
         assert!((fused.ce_sum.double_value(&[]) - ce).abs() <= 1e-5 * ce, "{what}: CE sum");
     }
 
@@ -389,13 +412,32 @@ mod tests {
         check(&s, bucket(Divergence::Jsd { beta: 0.5 }), 0.2, true);
     }
 
+    /// Gemma 2's soft-capped logits: a cap of 2 on logits of spread ~3 bends most of them.
+    #[test]
+    fn soft_capped_logits_match_autograd_through_the_cap() {
+        let s = setup(15, 11, 8, 40, 6, false);
+        let z = s.hidden.mm(&s.head.tr());
+        let bent = z.abs().gt(2.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!(bent > 0.2, "only {bent} of the logits exceed the cap");
+        let bucket = |divergence| KdLoss { divergence, mode: TopKMode::Bucket, temperature: 1.0 };
+        for alpha in [0.0, 0.5, 1.0] {
+            check_capped(&s, bucket(Divergence::ForwardKl), alpha, true, Some(2.0));
+            check_capped(&s, bucket(Divergence::ReverseKl), alpha, true, Some(2.0));
+        }
+        let tempered = KdLoss { divergence: Divergence::Jsd { beta: 0.3 }, mode: TopKMode::Bucket, temperature: 2.0 };
+        check_capped(&s, tempered, 0.3, true, Some(2.0));
+        let renormalized = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Renormalized, temperature: 1.0 };
+        check_capped(&s, renormalized, 0.2, true, Some(2.0));
+    }
+
     #[test]
     fn in_float64_the_fused_gradient_is_the_autograd_one() {
         let s = setup(12, 9, 8, 30, 5, false);
         let d = |t: &Tensor| t.to_kind(Kind::Double);
         for divergence in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.3 }] {
             let kd = KdLoss { divergence, mode: TopKMode::Bucket, temperature: 1.0 };
-            let loss = HeadLoss { next_tokens: &s.next, teacher: Some(&s.teacher), kd, alpha: 0.25 };
+            let loss =
+                HeadLoss { next_tokens: &s.next, teacher: Some(&s.teacher), kd, alpha: 0.25, logit_softcap: None };
             let fused = fused_head_loss(&d(&s.hidden), &d(&s.head), &loss, 4, 0.1).unwrap();
             let (_, gh, gw) = autograd(&d(&s.hidden), &d(&s.head), &loss, 0.1);
             assert!(rel(&fused.grad_hidden, &gh) < 1e-10, "{divergence:?}: {:e}", rel(&fused.grad_hidden, &gh));

@@ -1,5 +1,6 @@
-//! `config.json` of a Hugging Face decoder-only model (Llama, Mistral, Qwen2, Qwen3, and
-//! the mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral).
+//! `config.json` of a Hugging Face decoder-only model (Llama, Mistral, Qwen2, Qwen3, the
+//! mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral, and Gemma 2 / Gemma 3, whose
+//! config quirks live in `gemma.rs`).
 //!
 //! We parse the fields our math depends on and refuse configs whose other settings
 //! would change the math in ways we do not implement: a silently ignored field is a
@@ -9,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
+use super::gemma;
 use super::rope::RopeScaling;
 
 /// The families we implement. They differ in biases, q/k norms, defaults and, for the
@@ -22,6 +24,9 @@ pub enum Family {
     Qwen2Moe,
     Qwen3Moe,
     Mixtral,
+    Gemma2,
+    /// Gemma 3's text model (`gemma3_text`; also the text part of a `gemma3` checkpoint).
+    Gemma3,
 }
 
 const MODEL_TYPES: &[(&str, Family)] = &[
@@ -32,6 +37,8 @@ const MODEL_TYPES: &[(&str, Family)] = &[
     ("qwen2_moe", Family::Qwen2Moe),
     ("qwen3_moe", Family::Qwen3Moe),
     ("mixtral", Family::Mixtral),
+    ("gemma2", Family::Gemma2),
+    ("gemma3_text", Family::Gemma3),
 ];
 
 impl Family {
@@ -49,11 +56,38 @@ impl Family {
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
+    }
+
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
     }
 
     pub fn is_moe(self) -> bool {
         matches!(self, Family::Qwen2Moe | Family::Qwen3Moe | Family::Mixtral)
+    }
+}
+
+/// What an MLP's gate goes through (`hidden_act`; Gemma: `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's).
+    GeluTanh,
+    /// Exact GELU (`gelu`).
+    Gelu,
+}
+
+impl Activation {
+    fn parse(name: &str, field: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" => Activation::GeluTanh,
+            "gelu" => Activation::Gelu,
+            other => bail!("field `{field}`: {other:?} is not supported (silu, gelu_pytorch_tanh, gelu)"),
+        })
     }
 }
 
@@ -107,6 +141,15 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     #[serde(default = "default_act")]
     hidden_act: String,
+    /// Gemma's name for the activation (its hidden_act is ignored by transformers).
+    #[serde(default)]
+    hidden_activation: Option<String>,
+    #[serde(default)]
+    query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
     #[serde(default)]
@@ -185,15 +228,31 @@ pub struct ModelConfig {
     pub initializer_range: f64,
     /// Set for the mixture-of-experts families.
     pub moe: Option<MoeConfig>,
+    pub activation: Activation,
+    /// Gemma: RMSNorm scales by (1 + weight), in float32 before the cast back, and its
+    /// weights start at zero.
+    pub norm_plus_one: bool,
+    /// Gemma: norms on the attention's output and around the MLP
+    /// (`post_attention_layernorm`, `pre_feedforward_layernorm`, `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Gemma: embeddings multiplied by sqrt(hidden_size), rounded to the weights' dtype.
+    pub embed_scale: Option<f64>,
+    /// Attention scores' scale; `None`: 1 / sqrt(head_dim). Gemma: query_pre_attn_scalar^-1/2.
+    pub attention_scale: Option<f64>,
+    /// Gemma 2: `cap * tanh(x / cap)` on the attention scores (before the mask) and on the logits.
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// RoPE (base, scaling) of the sliding-window layers where it differs from
+    /// `rope_theta` / `rope_scaling` (Gemma 3: local base 10,000, no scaling).
+    pub sliding_rope: Option<(f64, RopeScaling)>,
+    /// The text model of a multimodal checkpoint (`gemma3`): weights under its names.
+    pub nested_text_model: bool,
     pub raw: Map<String, Value>,
 }
 
 /// Fields that change the forward pass of these families and that we do not implement.
 const UNSUPPORTED_FIELDS: &[&str] = &[
     "quantization_config",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-    "query_pre_attn_scalar",
     // DeepSeek-V2/V3's multi-head latent attention and expert groups.
     "kv_lora_rank",
     "q_lora_rank",
@@ -203,6 +262,9 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     // gpt-oss attention sinks.
     "sinks",
 ];
+
+/// Gemma's fields: set for another family they mean math that family does not have.
+const GEMMA_FIELDS: &[&str] = &["attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"];
 
 /// Fields of a mixture-of-experts feed-forward: set in a dense family's config, they
 /// mean a model we would read wrong.
@@ -222,7 +284,15 @@ impl ModelConfig {
     }
 
     pub fn from_value(value: Value) -> Result<Self> {
-        let Value::Object(raw) = value else { bail!("config is not a JSON object") };
+        let Value::Object(mut raw) = value else { bail!("config is not a JSON object") };
+        let nested_text_model = raw.get("model_type").and_then(Value::as_str) == Some("gemma3");
+        if nested_text_model {
+            raw = gemma::text_part(raw)?;
+        }
+        if let Some(t @ ("gemma2" | "gemma3_text")) = raw.get("model_type").and_then(Value::as_str) {
+            let t = t.to_string();
+            gemma::complete(&mut raw, &t)?;
+        }
         let cfg: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
             .context("config.json is missing a required field or has a wrong type")?;
         let family = Family::from_model_type(&cfg.model_type).with_context(|| {
@@ -249,6 +319,17 @@ impl ModelConfig {
                 bail!("field `{field}` is set; distill does not implement it for {:?}", cfg.model_type);
             }
         }
+        if !family.is_gemma() {
+            for field in GEMMA_FIELDS {
+                if raw.get(*field).is_some_and(|v| !v.is_null()) {
+                    bail!("field `{field}` is set; distill implements it for Gemma only, not {:?}", cfg.model_type);
+                }
+            }
+        }
+        if family == Family::Gemma3 && cfg.attn_logit_softcapping.is_some() {
+            // transformers' Gemma 3 attention does not apply it; refuse rather than guess.
+            bail!("field `attn_logit_softcapping` is set; transformers' Gemma 3 ignores it and so would distill");
+        }
         if !family.is_moe() {
             for field in MOE_FIELDS {
                 if raw.get(*field).is_some_and(|v| !v.is_null() && v != &Value::from(0)) {
@@ -256,8 +337,12 @@ impl ModelConfig {
                 }
             }
         }
-        if cfg.hidden_act != "silu" {
-            bail!("field `hidden_act`: {:?} is not supported (only silu / SwiGLU)", cfg.hidden_act);
+        let activation = match (family.is_gemma(), &cfg.hidden_activation) {
+            (true, Some(name)) => Activation::parse(name, "hidden_activation")?,
+            _ => Activation::parse(&cfg.hidden_act, "hidden_act")?,
+        };
+        if family.is_moe() && activation != Activation::Silu {
+            bail!("field `hidden_act`: {:?} experts are not supported (only silu)", cfg.hidden_act);
         }
         if let Some(f) = cfg.partial_rotary_factor {
             if f != 1.0 {
@@ -291,7 +376,12 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             bail!("field `head_dim`: {head_dim} must be even for rotary embeddings");
         }
-        let (rope_theta, rope_scaling) = rope_settings(&cfg)?;
+        let ((rope_theta, rope_scaling), sliding_rope) = if family == Family::Gemma3 {
+            let (full, sliding) = gemma::gemma3_rope(&raw)?;
+            (full, Some(sliding))
+        } else {
+            (rope_settings(&cfg)?, None)
+        };
         // Values that would make every output NaN or infinite.
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             bail!("field `rope_theta`: {rope_theta} must be a positive number");
@@ -303,7 +393,9 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match family {
             Family::Qwen2 | Family::Qwen2Moe => (cfg.qkv_bias.unwrap_or(true), false),
             Family::Mistral | Family::Mixtral => (false, false),
-            Family::Llama | Family::Qwen3 | Family::Qwen3Moe => (attention_bias, attention_bias),
+            Family::Llama | Family::Qwen3 | Family::Qwen3Moe | Family::Gemma2 | Family::Gemma3 => {
+                (attention_bias, attention_bias)
+            }
         };
         if matches!(family, Family::Mistral | Family::Mixtral) && attention_bias {
             bail!("field `attention_bias`: {:?} has no attention biases in transformers", cfg.model_type);
@@ -314,6 +406,21 @@ impl ModelConfig {
             bail!("field `sliding_window` must be positive");
         }
         let moe = moe_config(&cfg, family)?;
+        let softcap = |v: Option<f64>, field: &str| -> Result<Option<f64>> {
+            match v {
+                Some(c) if !(c.is_finite() && c > 0.0) => bail!("field `{field}`: {c} must be a positive number"),
+                _ => Ok(v),
+            }
+        };
+        let attention_scale = match cfg.query_pre_attn_scalar {
+            Some(s) if !(s.is_finite() && s > 0.0) => bail!("field `query_pre_attn_scalar`: {s} must be positive"),
+            Some(s) => Some(s.powf(-0.5)),
+            None => None,
+        };
+        // Sliding layers' RoPE only where it differs and some layer slides.
+        let sliding_rope = sliding_rope
+            .filter(|r| *r != (rope_theta, rope_scaling.clone()) && sliding_windows.iter().any(Option::is_some));
+        let gemma = family.is_gemma();
         Ok(ModelConfig {
             family,
             vocab_size: positive("vocab_size", cfg.vocab_size)?,
@@ -330,11 +437,20 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: family == Family::Llama && cfg.mlp_bias.unwrap_or(false),
-            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             sliding_windows,
             max_position_embeddings: cfg.max_position_embeddings,
             initializer_range: cfg.initializer_range,
             moe,
+            activation,
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            attention_scale,
+            attn_softcap: softcap(cfg.attn_logit_softcapping, "attn_logit_softcapping")?,
+            final_softcap: softcap(cfg.final_logit_softcapping, "final_logit_softcapping")?,
+            sliding_rope,
+            nested_text_model,
             raw,
         })
     }
@@ -398,7 +514,9 @@ impl ModelConfig {
             })
             .sum();
         let embeddings = v * h * if self.tie_word_embeddings { 1 } else { 2 };
-        embeddings + self.num_layers as u64 * (attention + 2 * h) + feed_forward
+        let norms =
+            h * if self.sandwich_norms { 4 } else { 2 } + if self.qk_norm { 2 * self.head_dim as u64 } else { 0 };
+        embeddings + self.num_layers as u64 * (attention + norms) + feed_forward + h
     }
 }
 
@@ -565,7 +683,7 @@ mod tests {
         v["model_type"] = "gemma".into();
         assert!(err(v).contains("model_type"));
         let mut v = base();
-        v["hidden_act"] = "gelu".into();
+        v["hidden_act"] = "relu".into();
         assert!(err(v).contains("hidden_act"));
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});

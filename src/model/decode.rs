@@ -7,7 +7,8 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::transformer::{AttentionMask, Captures, Hidden};
+use super::attention::AttentionMask;
+use super::transformer::{Captures, Hidden};
 use super::Transformer;
 
 /// One layer's keys and values `[batch, kv_heads, capacity, head_dim]`, of which the
@@ -198,12 +199,13 @@ impl Transformer {
             windows.into_iter().map(|w| (w, masks.for_window(w))).collect();
         cache.real = Some(real);
         let mut x = self.embed(ids);
-        let (cos, sin) = self.rotary.cos_sin(&positions, x.kind());
+        let tables = self.rotary_tables(&positions, x.kind());
         let mut captured = Captures::new(capture);
         captured.keep(0, || x.select(1, s - 1));
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let mask = &per_window.iter().find(|(w, _)| *w == layer.sliding_window).expect("built above").1;
-            x = layer.forward_cached(&x, &cos, &sin, mask, slot);
+            let (cos, sin) = &tables[layer.rope];
+            x = layer.forward_cached(&x, cos, sin, mask, slot);
             if i + 1 < n {
                 captured.keep(i + 1, || x.select(1, s - 1));
             }

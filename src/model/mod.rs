@@ -3,9 +3,12 @@
 //! `CausalLm::load(dir, ..)` reads `config.json` and safetensors weights;
 //! `forward` returns logits and the requested hidden states; `save` writes the
 //! same layout back (see `save.rs`); `logits` applies the head in chunks of positions.
+pub mod attention;
 pub mod backward;
 pub mod config;
 pub mod decode;
+mod gemma;
+pub mod layers;
 pub mod logits;
 pub mod moe;
 pub mod rope;
@@ -16,7 +19,6 @@ pub mod weights;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
-use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
 pub use config::{config_path_of, Family, ModelConfig};
@@ -50,7 +52,8 @@ impl CausalLm {
     pub fn load_split(dir: &Path, devices: &[Device], kind: Kind) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = SafetensorsFiles::open_dir(dir)?;
-        let source = ParamSource::Checkpoint { files: &files, used: Mutex::new(Default::default()) };
+        let renames = if config.nested_text_model { nested_text_names(&files, dir)? } else { vec![] };
+        let source = ParamSource::checkpoint(&files, renames);
         let model =
             Self::build(config, &source, devices, kind).with_context(|| format!("loading model {}", dir.display()))?;
         check_unused(&source, &files, &model.config)?;
@@ -106,20 +109,50 @@ impl CausalLm {
     }
 }
 
+/// Where the text model of a multimodal (Gemma 3) checkpoint keeps its weights: the
+/// hub's original names (`language_model.model.*`, `language_model.lm_head.*`) or
+/// transformers 5's (`model.language_model.*`, `lm_head.*`).
+fn nested_text_names(files: &SafetensorsFiles, dir: &Path) -> Result<Vec<(String, String)>> {
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    if files.contains("language_model.model.embed_tokens.weight") {
+        Ok(vec![pair("model.", "language_model.model."), pair("lm_head.", "language_model.lm_head.")])
+    } else if files.contains("model.language_model.embed_tokens.weight") {
+        Ok(vec![pair("model.", "model.language_model.")])
+    } else {
+        bail!(
+            "{}: a gemma3 (image + text) config, but no language_model.model.embed_tokens.weight or model.language_model.embed_tokens.weight in its weights",
+            dir.display()
+        )
+    }
+}
+
+/// The image side of a multimodal checkpoint, which a text model leaves unused.
+const IMAGE_PARTS: &[&str] =
+    &["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+
 /// Tensors in the checkpoint that the config leaves no place for mean the config and
 /// weights disagree (more layers, a bias the config lacks): refuse them, except for
-/// buffers transformers itself ignores.
+/// buffers transformers itself ignores and a multimodal checkpoint's image side.
 fn check_unused(source: &ParamSource, files: &SafetensorsFiles, config: &ModelConfig) -> Result<()> {
     let mut unexpected = vec![];
+    let mut image_side = 0;
+    let head = source.stored_name("lm_head.weight");
     for name in source.unused() {
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
-        if name == "lm_head.weight" && config.tie_word_embeddings {
-            eprintln!("note: tie_word_embeddings is true; ignoring lm_head.weight as transformers does");
+        if name == head && config.tie_word_embeddings {
+            eprintln!("note: tie_word_embeddings is true; ignoring {head} as transformers does");
+            continue;
+        }
+        if config.nested_text_model && IMAGE_PARTS.iter().any(|p| name.starts_with(p)) {
+            image_side += 1;
             continue;
         }
         unexpected.push(name);
+    }
+    if image_side > 0 {
+        eprintln!("note: reading the text model only; {image_side} tensors of the image encoder are left unused");
     }
     if let Some(first) = unexpected.first() {
         let file = files.file_of(first).map(|p| p.display().to_string()).unwrap_or_default();

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
 use super::config::{Family, ModelConfig, MoeConfig};
-use super::transformer::{linear, Mlp};
+use super::layers::{linear, Mlp};
 use super::weights::{Init, VarBuilder};
 
 /// A layer's feed-forward block: dense, or experts.
@@ -33,7 +33,14 @@ impl FeedForward {
         let h = cfg.hidden_size;
         match &cfg.moe {
             Some(moe) if moe.sparse_layers[index] => Ok(FeedForward::Sparse(SparseMoe::new(layer, cfg, moe)?)),
-            _ => Ok(FeedForward::Dense(Mlp::new(&layer.pp("mlp"), h, cfg.intermediate_size, cfg.mlp_bias, MLP_NAMES)?)),
+            _ => Ok(FeedForward::Dense(Mlp::new(
+                &layer.pp("mlp"),
+                h,
+                cfg.intermediate_size,
+                cfg.mlp_bias,
+                cfg.activation,
+                MLP_NAMES,
+            )?)),
         }
     }
 
@@ -76,11 +83,13 @@ impl SparseMoe {
         };
         let router = block.pp("gate").get("weight", &[moe.num_experts as i64, h as i64], Init::Normal)?;
         let experts = (0..moe.num_experts)
-            .map(|e| Mlp::new(&block.pp("experts").pp(e), h, moe.expert_intermediate_size, false, names))
+            .map(|e| {
+                Mlp::new(&block.pp("experts").pp(e), h, moe.expert_intermediate_size, false, cfg.activation, names)
+            })
             .collect::<Result<Vec<_>>>()?;
         let shared = match moe.shared_expert_intermediate_size {
             Some(width) => Some((
-                Mlp::new(&block.pp("shared_expert"), h, width, false, MLP_NAMES)?,
+                Mlp::new(&block.pp("shared_expert"), h, width, false, cfg.activation, MLP_NAMES)?,
                 block.pp("shared_expert_gate").get("weight", &[1, h as i64], Init::Normal)?,
             )),
             None => None,

@@ -1,247 +1,63 @@
-//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3 (and their
-//! mixture-of-experts kin, `moe.rs`): RMSNorm, GQA attention with RoPE (through
-//! libtorch's scaled_dot_product_attention), SwiGLU MLP, tied or untied head. Numerics follow transformers' modeling files:
-//! RMSNorm in float32 then cast back, RoPE angles in float32.
+//! The decoder-only transformer shared by every family: embeddings, decoder layers
+//! (attention in `attention.rs`, MLP or experts in `layers.rs` / `moe.rs`), final norm
+//! and a tied or untied head. Gemma's extras are switches here: scaled embeddings, norms
+//! around the attention and the MLP, a RoPE per layer type and soft-capped logits.
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
+use super::attention::{Attention, AttentionMask};
 use super::config::ModelConfig;
 use super::decode::LayerKv;
+use super::layers::{linear, soft_cap, RmsNorm};
 use super::moe::FeedForward;
-use super::rope::{apply_rotary, RotaryEmbedding};
+use super::rope::RotaryEmbedding;
 use super::weights::{Init, VarBuilder};
-
-#[derive(Debug)]
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    pub fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get("weight", &[size as i64], Init::Ones)?, eps })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let variance = xf.square().mean_dim(-1, true, Kind::Float);
-        let normed = xf * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
-    }
-}
-
-#[derive(Debug)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get("weight", &[out_dim as i64, in_dim as i64], Init::Normal)?;
-        let bias = if bias { Some(vb.get("bias", &[out_dim as i64], Init::Zeros)?) } else { None };
-        Ok(Linear { weight, bias })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        linear(x, &self.weight, self.bias.as_ref())
-    }
-}
-
-/// Rows up to which `linear` multiplies as `W x^T`.
-const FEW_ROWS: i64 = 64;
-
-/// `x W^T + b` for `x` `[.., in]` and `weight` `[out, in]`. With a few rows (a decoding
-/// step), MKL's `x W^T` copies the whole weight into its packed layout on every call;
-/// `(W x^T)^T` packs only the few rows and streams the weight once. Measured on the main
-/// job's teacher, batch 8, weights cold: the 30 layers' and the head's matmuls 59 -> 45 ms
-/// per step; from a few hundred rows on, `x W^T` is the faster one again.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let size = x.size();
-    let in_dim = *size.last().expect("an input of at least one dimension");
-    let rows = if in_dim == 0 { 0 } else { x.numel() as i64 / in_dim };
-    if !(2..=FEW_ROWS).contains(&rows) {
-        return x.linear(weight, bias);
-    }
-    let y = weight.matmul(&x.reshape([rows, in_dim]).tr()).tr().contiguous();
-    let y = match bias {
-        Some(b) => y + b,
-        None => y,
-    };
-    let mut shape = size;
-    *shape.last_mut().expect("checked") = weight.size()[0];
-    y.view(shape.as_slice())
-}
-
-/// How attention may look back. `Causal` lets SDPA pick its fastest kernel; `Explicit`
-/// is a boolean `[batch, 1, seq, keys]` mask (true = may attend); `All`: every key
-/// (one new token over a cache without padding).
-pub enum AttentionMask {
-    Causal,
-    Explicit(Tensor),
-    All,
-}
-
-#[derive(Debug)]
-pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    num_heads: i64,
-    num_kv_heads: i64,
-    head_dim: i64,
-}
-
-impl Attention {
-    pub fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
-            cfg.qk_norm.then(|| RmsNorm::new(&vb.pp(name), cfg.head_dim, cfg.rms_norm_eps)).transpose()
-        };
-        Ok(Attention {
-            q_proj: Linear::new(&vb.pp("q_proj"), h, q, cfg.qkv_bias)?,
-            k_proj: Linear::new(&vb.pp("k_proj"), h, kv, cfg.qkv_bias)?,
-            v_proj: Linear::new(&vb.pp("v_proj"), h, kv, cfg.qkv_bias)?,
-            o_proj: Linear::new(&vb.pp("o_proj"), q, h, cfg.o_bias)?,
-            q_norm: qk_norm("q_norm")?,
-            k_norm: qk_norm("k_norm")?,
-            num_heads: cfg.num_heads as i64,
-            num_kv_heads: cfg.num_kv_heads as i64,
-            head_dim: cfg.head_dim as i64,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Tensor {
-        let (q, k, v) = self.project(x, cos, sin);
-        self.attend(&q, &k, &v, mask)
-    }
-
-    /// Like `forward`, with the keys and values of earlier positions in `cache`
-    /// (`[batch, kv_heads, slots, head_dim]`), to which this call appends its own; an
-    /// explicit `mask` is `[batch, 1, seq, slots]` over every slot, cached and new.
-    pub fn forward_cached(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
-        cache: &mut Option<LayerKv>,
-    ) -> Tensor {
-        let (q, k, v) = self.project(x, cos, sin);
-        let (k, v) = LayerKv::append(cache, &k, &v);
-        self.attend(&q, &k, &v, mask)
-    }
-
-    /// Queries, keys and values `[batch, heads, seq, head_dim]`, normed (Qwen3) and rotated.
-    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (b, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
-        let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
-            let t = t.view([b, s, n, self.head_dim]);
-            let t = match norm {
-                Some(norm) => norm.forward(&t),
-                None => t,
-            };
-            t.transpose(1, 2)
-        };
-        let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
-        let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
-        (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
-    }
-
-    /// Attention of `q` over `k`, `v`, then the output projection: `[batch, seq, hidden]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
-        let (b, _, s, _) = q.size4().expect("[batch, heads, seq, head_dim]");
-        let out = match mask {
-            AttentionMask::Causal => {
-                let gqa = self.num_kv_heads != self.num_heads;
-                Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, None, gqa)
-            }
-            AttentionMask::Explicit(m) if s > 1 => {
-                // Fused kernels with a mask do not all take grouped heads: expand k/v.
-                let (k, v) = (self.repeat_kv(k.shallow_clone()), self.repeat_kv(v.shallow_clone()));
-                Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, None, false)
-            }
-            // One query (a decoding step): grouped heads in the kernel, not a copy of the
-            // cache per step (on 2 CPU cores 7x faster than expanding at 120 slots).
-            AttentionMask::Explicit(m) => {
-                let gqa = self.num_kv_heads != self.num_heads;
-                Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, None, gqa)
-            }
-            AttentionMask::All => {
-                let gqa = self.num_kv_heads != self.num_heads;
-                Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, gqa)
-            }
-        };
-        let out = out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out)
-    }
-
-    fn repeat_kv(&self, t: Tensor) -> Tensor {
-        let rep = self.num_heads / self.num_kv_heads;
-        if rep == 1 {
-            return t;
-        }
-        let (b, n, s, d) = t.size4().expect("[batch, heads, seq, head_dim]");
-        t.unsqueeze(2).expand([b, n, rep, s, d], false).reshape([b, n * rep, s, d])
-    }
-}
-
-#[derive(Debug)]
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    /// A gated SiLU MLP `hidden -> width -> hidden` whose gate, up and down projections
-    /// are named `names`.
-    pub fn new(vb: &VarBuilder, hidden: usize, width: usize, bias: bool, names: [&str; 3]) -> Result<Self> {
-        let [gate, up, down] = names;
-        Ok(Mlp {
-            gate_proj: Linear::new(&vb.pp(gate), hidden, width, bias)?,
-            up_proj: Linear::new(&vb.pp(up), hidden, width, bias)?,
-            down_proj: Linear::new(&vb.pp(down), width, hidden, bias)?,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
-    }
-}
 
 #[derive(Debug)]
 pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    /// Gemma: the norm of the attention's output (`post_attention_layernorm`).
+    attn_out_norm: Option<RmsNorm>,
+    /// The norm before the MLP: `post_attention_layernorm` (Llama and kin) or
+    /// `pre_feedforward_layernorm` (Gemma).
+    mlp_in_norm: RmsNorm,
+    /// Gemma: the norm of the MLP's output (`post_feedforward_layernorm`).
+    mlp_out_norm: Option<RmsNorm>,
     pub(super) mlp: FeedForward,
     pub sliding_window: Option<usize>,
+    /// Which of the model's rotary tables this layer uses (Gemma 3: per layer type).
+    pub(super) rope: usize,
 }
 
 impl DecoderLayer {
     pub fn new(vb: &VarBuilder, cfg: &ModelConfig, index: usize) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::new(&vb.pp(name), cfg.hidden_size, cfg);
+        let sliding_window = cfg.sliding_windows[index];
+        let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
+            (
+                Some(norm("post_attention_layernorm")?),
+                norm("pre_feedforward_layernorm")?,
+                Some(norm("post_feedforward_layernorm")?),
+            )
+        } else {
+            (None, norm("post_attention_layernorm")?, None)
+        };
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::new(&vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::new(
-                &vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            attn_out_norm,
+            mlp_in_norm,
+            mlp_out_norm,
             mlp: FeedForward::new(vb, cfg, index)?,
-            sliding_window: cfg.sliding_windows[index],
+            sliding_window,
+            rope: usize::from(sliding_window.is_some() && cfg.sliding_rope.is_some()),
         })
     }
 
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Tensor {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask);
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask);
+        self.after_attention(x, attn)
     }
 
     /// `forward` with a key/value cache (see `Attention::forward_cached`).
@@ -253,8 +69,19 @@ impl DecoderLayer {
         mask: &AttentionMask,
         cache: &mut Option<LayerKv>,
     ) -> Tensor {
-        let h = x + self.self_attn.forward_cached(&self.input_layernorm.forward(x), cos, sin, mask, cache);
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+        let attn = self.self_attn.forward_cached(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        self.after_attention(x, attn)
+    }
+
+    /// The residual adds and the MLP, given the attention's output.
+    fn after_attention(&self, x: &Tensor, attn: Tensor) -> Tensor {
+        let normed = |norm: &Option<RmsNorm>, t: Tensor| match norm {
+            Some(n) => n.forward(&t),
+            None => t,
+        };
+        let h = x + normed(&self.attn_out_norm, attn);
+        let out = self.mlp.forward(&self.mlp_in_norm.forward(&h));
+        &h + normed(&self.mlp_out_norm, out)
     }
 }
 
@@ -267,7 +94,11 @@ pub struct Transformer {
     pub(super) layer_devices: Vec<Device>,
     norm: RmsNorm,
     lm_head: Tensor,
-    pub(super) rotary: RotaryEmbedding,
+    /// Rotary tables: [all layers] or, with a RoPE per layer type, [full, sliding].
+    pub(super) rotary: Vec<RotaryEmbedding>,
+    /// Gemma: embeddings times sqrt(hidden), and `cap * tanh(logits / cap)` (Gemma 2).
+    embed_scale: Option<f64>,
+    final_softcap: Option<f64>,
 }
 
 /// The inputs of one forward pass; see `Transformer::forward_hidden`.
@@ -334,7 +165,7 @@ impl Transformer {
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::new(&body.on(layer_devices[i]).pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(&body.on(last).pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::new(&body.on(last).pp("norm"), cfg.hidden_size, cfg)?;
         let lm_head = match (cfg.tie_word_embeddings, first == last) {
             (true, true) => embed_tokens.shallow_clone(),
             // A split, tied model keeps a copy of the embeddings next to the head.
@@ -345,8 +176,20 @@ impl Transformer {
                 Init::Normal,
             )?,
         };
-        let rotary = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, first);
-        Ok(Transformer { embed_tokens, layers, layer_devices, norm, lm_head, rotary })
+        let mut rotary = vec![RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, first)];
+        if let Some((theta, scaling)) = &cfg.sliding_rope {
+            rotary.push(RotaryEmbedding::new(cfg.head_dim, *theta, scaling, first));
+        }
+        Ok(Transformer {
+            embed_tokens,
+            layers,
+            layer_devices,
+            norm,
+            lm_head,
+            rotary,
+            embed_scale: cfg.embed_scale,
+            final_softcap: cfg.final_softcap,
+        })
     }
 
     /// Where inputs go (the embeddings' device).
@@ -394,7 +237,17 @@ impl Transformer {
     }
 
     pub(super) fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+        let x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        match self.embed_scale {
+            // As transformers: the scale rounded to the weights' dtype first.
+            Some(scale) => x * Tensor::from(scale).to_kind(self.embed_tokens.kind()).to_device(self.embed_device()),
+            None => x,
+        }
+    }
+
+    /// Rotary tables (cos, sin) for `positions`, one pair per table in `self.rotary`.
+    pub(super) fn rotary_tables(&self, positions: &Tensor, kind: Kind) -> RotaryTables {
+        self.rotary.iter().map(|r| r.cos_sin(positions, kind)).collect()
     }
 
     /// What every layer of one forward pass shares: positions -> rotary tables, and masks.
@@ -408,9 +261,9 @@ impl Transformer {
             (None, Some(m)) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0),
             (None, None) => Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0).expand([b, s], false),
         };
-        let (cos, sin) = self.rotary.cos_sin(&positions, kind);
+        let tables = self.rotary_tables(&positions, kind);
         let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
-        Ok(LayerContext { per_device: vec![(device, cos, sin, masks)] })
+        Ok(LayerContext { per_device: vec![(device, tables, masks)] })
     }
 
     /// Layer `i` on `x`, moving `x` (and, once, the context) to the layer's device.
@@ -418,11 +271,12 @@ impl Transformer {
         let (layer, dev) = (&self.layers[i], self.layer_devices[i]);
         let x = if x.device() != dev { x.to_device(dev) } else { x.shallow_clone() };
         if ctx.per_device.iter().all(|c| c.0 != dev) {
-            let (_, cos, sin, masks) = &ctx.per_device[0];
-            let moved = (dev, cos.to_device(dev), sin.to_device(dev), masks.to_device(dev));
-            ctx.per_device.push(moved);
+            let (_, tables, masks) = &ctx.per_device[0];
+            let tables = tables.iter().map(|(c, s)| (c.to_device(dev), s.to_device(dev))).collect();
+            ctx.per_device.push((dev, tables, masks.to_device(dev)));
         }
-        let (_, cos, sin, masks) = ctx.per_device.iter().find(|c| c.0 == dev).expect("context made above");
+        let (_, tables, masks) = ctx.per_device.iter().find(|c| c.0 == dev).expect("context made above");
+        let (cos, sin) = &tables[layer.rope];
         layer.forward(&x, cos, sin, masks.for_layer(layer.sliding_window))
     }
 
@@ -431,9 +285,19 @@ impl Transformer {
         self.norm.forward(&x.to_device(self.output_device()))
     }
 
-    /// Logits for final hidden states `[.., hidden]` -> `[.., vocab]`, in the model's dtype.
+    /// Logits for final hidden states `[.., hidden]` -> `[.., vocab]`, in the model's
+    /// dtype (soft-capped where the model caps them).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        linear(hidden, &self.lm_head, None)
+        let z = linear(hidden, &self.lm_head, None);
+        match self.final_softcap {
+            Some(cap) => soft_cap(&z, cap),
+            None => z,
+        }
+    }
+
+    /// Gemma 2's `cap` of `cap * tanh(logits / cap)`, which every loss on the head applies.
+    pub fn final_softcap(&self) -> Option<f64> {
+        self.final_softcap
     }
 
     pub fn lm_head_weight(&self) -> &Tensor {
@@ -444,8 +308,11 @@ impl Transformer {
 /// Rotary tables and masks of one forward pass, per device (moved once for a model
 /// split by layers).
 pub(super) struct LayerContext {
-    per_device: Vec<(Device, Tensor, Tensor, LayerMasks)>,
+    per_device: Vec<(Device, RotaryTables, LayerMasks)>,
 }
+
+/// (cos, sin) per rotary table of the model (see `Transformer::rotary`).
+type RotaryTables = Vec<(Tensor, Tensor)>;
 
 /// The attention masks a forward pass needs: one for full attention and one per
 /// distinct sliding window, built once and shared by the layers.

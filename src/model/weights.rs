@@ -171,10 +171,29 @@ pub enum Init {
     Zeros,
 }
 
-/// Where parameter values come from.
+/// Where parameter values come from. `renames`: (our prefix, the checkpoint's), for a
+/// model stored under other names (the text part of a multimodal checkpoint).
 pub enum ParamSource<'a> {
-    Checkpoint { files: &'a SafetensorsFiles, used: Mutex<BTreeSet<String>> },
+    Checkpoint { files: &'a SafetensorsFiles, used: Mutex<BTreeSet<String>>, renames: Vec<(String, String)> },
     Random { std: f64 },
+}
+
+impl<'a> ParamSource<'a> {
+    pub fn checkpoint(files: &'a SafetensorsFiles, renames: Vec<(String, String)>) -> Self {
+        ParamSource::Checkpoint { files, used: Mutex::new(BTreeSet::new()), renames }
+    }
+
+    /// The checkpoint's name of our parameter `name`.
+    pub fn stored_name(&self, name: &str) -> String {
+        if let ParamSource::Checkpoint { renames, .. } = self {
+            for (ours, theirs) in renames {
+                if let Some(rest) = name.strip_prefix(ours.as_str()) {
+                    return format!("{theirs}{rest}");
+                }
+            }
+        }
+        name.to_string()
+    }
 }
 
 /// Creates named parameters in a VarStore, candle-style: `vb.pp("mlp").get(..)`.
@@ -210,10 +229,11 @@ impl<'a> VarBuilder<'a> {
 
     /// The parameter `name` of shape `shape`, trainable, in this builder's kind and device.
     pub fn get(&self, name: &str, shape: &[i64], init: Init) -> Result<Tensor> {
-        let full = self.path.path(name);
+        let ours = self.path.path(name);
         let device = self.device();
         let t = match self.source {
-            ParamSource::Checkpoint { files, used } => {
+            ParamSource::Checkpoint { files, used, .. } => {
+                let full = self.source.stored_name(&ours);
                 let Some(file) = files.file_of(&full) else {
                     bail!("missing weight {full}: no safetensors file of the model holds it");
                 };
@@ -248,7 +268,7 @@ impl ParamSource<'_> {
     /// Tensors of the checkpoint that no parameter took, for the unused-weights check.
     pub fn unused(&self) -> Vec<String> {
         match self {
-            ParamSource::Checkpoint { files, used } => {
+            ParamSource::Checkpoint { files, used, .. } => {
                 let used = used.lock().unwrap();
                 let mut unused: Vec<String> = files.names().filter(|n| !used.contains(*n)).map(String::from).collect();
                 unused.sort();

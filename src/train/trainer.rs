@@ -307,8 +307,13 @@ impl StepLosses for MicroLosses<'_> {
         let chunk = cfg.head_chunk.unwrap_or_else(|| {
             chunk_positions(self.model.config.vocab_size, default_logits_budget(self.model.output_device()))
         });
-        let loss =
-            HeadLoss { next_tokens: &mb.batch.next_tokens, teacher: mb.teacher.as_ref(), kd: cfg.kd, alpha: cfg.alpha };
+        let loss = HeadLoss {
+            next_tokens: &mb.batch.next_tokens,
+            teacher: mb.teacher.as_ref(),
+            kd: cfg.kd,
+            alpha: cfg.alpha,
+            logit_softcap: self.model.transformer.final_softcap(),
+        };
         let started = Instant::now();
         let out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
         self.sums.head_time += started.elapsed();

@@ -7,8 +7,19 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
-pub const MODELS: &[&str] =
-    &["llama", "llama-tied-bf16", "qwen2", "qwen3", "mistral", "qwen3-moe", "qwen2-moe", "mixtral"];
+pub const MODELS: &[&str] = &[
+    "llama",
+    "llama-tied-bf16",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "qwen3-moe",
+    "qwen2-moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
+    "gemma3-mm",
+];
 
 /// The source tree: where cargo built the tests, or $DISTILL_REPO when they run
 /// elsewhere (scripts/gpu_check.sh on a GPU machine).
