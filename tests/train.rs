@@ -38,6 +38,25 @@ fn train_student(student: &str, shards: &Path, out: &Path, extra: &[&str]) -> Ou
     distill(&args)
 }
 
+/// Train and held-out shards of tiny teacher `teacher` (k = 16), under `dir`.
+fn teacher_sets(teacher: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let data = repo().join("tests/data");
+    let (train_set, held_out) = (dir.join(format!("{teacher}-train")), dir.join(format!("{teacher}-heldout")));
+    ok(precompute(teacher, &data.join("sample.jsonl"), &train_set, &["--top-k", "16"]));
+    ok(precompute(teacher, &data.join("heldout.jsonl"), &held_out, &["--top-k", "16"]));
+    (train_set, held_out)
+}
+
+/// 30 steps of pure KD of tiny `student` on `train_set` into `out`: the held-out KL to
+/// the teacher before and after (the checkpoint of step 30).
+fn kd_kl_before_after(student: &str, train_set: &Path, held_out: &Path, out: &Path, extra: &[&str]) -> (f64, f64) {
+    let before = eval_kl(&model_dir(student), held_out);
+    let mut args = vec!["--steps", "30", "--save-every", "30", "--alpha", "0"];
+    args.extend(extra);
+    ok(train_student(student, train_set, out, &args));
+    (before, eval_kl(&out.join("checkpoint-0000030"), held_out))
+}
+
 fn eval_kl(model: &Path, shards: &Path) -> f64 {
     let m = CausalLm::load(model, Device::Cpu, Kind::Float).unwrap();
     let set = Arc::new(ShardSet::open(shards, false).unwrap());
@@ -49,11 +68,9 @@ fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let train_set = shards("sample.jsonl", &tmp.path().join("train"));
     let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
-    let before = eval_kl(&model_dir("qwen3"), &held_out);
     let out = tmp.path().join("run");
     // Pure KD (the default mixes in the hard labels): the teacher alone must teach.
-    ok(train(&train_set, &out, &["--steps", "30", "--save-every", "30", "--alpha", "0"]));
-    let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+    let (before, after) = kd_kl_before_after("qwen3", &train_set, &held_out, &out, &[]);
     eprintln!("held-out KL to the teacher: {before:.4} -> {after:.4}");
     assert!(after < 0.8 * before, "held-out KL did not fall: {before} -> {after}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -67,28 +84,20 @@ fn kd_lowers_kl_to_the_teacher_on_held_out_shards() {
 #[test]
 fn experts_teach_and_learn() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = repo().join("tests/data");
-    let (train_set, held_out) = (tmp.path().join("moe-train"), tmp.path().join("moe-heldout"));
-    ok(precompute("qwen3-moe", &data.join("sample.jsonl"), &train_set, &["--top-k", "16"]));
-    ok(precompute("qwen3-moe", &data.join("heldout.jsonl"), &held_out, &["--top-k", "16"]));
+    let (train_set, held_out) = teacher_sets("qwen3-moe", tmp.path());
     assert_eq!(manifest(&train_set)["settings"]["teacher"]["architecture"], "Qwen3MoeForCausalLM");
-    let before = eval_kl(&model_dir("qwen3"), &held_out);
     let out = tmp.path().join("dense-student");
-    ok(train(&train_set, &out, &["--steps", "30", "--save-every", "30", "--alpha", "0"]));
-    let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+    let (before, after) = kd_kl_before_after("qwen3", &train_set, &held_out, &out, &[]);
     eprintln!("Qwen3-MoE teacher -> dense student, held-out KL {before:.4} -> {after:.4}");
     assert!(after < 0.8 * before, "held-out KL to the MoE teacher did not fall: {before} -> {after}");
 
     let train_set = shards("sample.jsonl", &tmp.path().join("train"));
     let held_out = shards("heldout.jsonl", &tmp.path().join("heldout"));
-    let before = eval_kl(&model_dir("mixtral"), &held_out);
     let out = tmp.path().join("moe-student");
-    ok(train_student("mixtral", &train_set, &out, &["--steps", "30", "--save-every", "30", "--alpha", "0"]));
-    let checkpoint = out.join("checkpoint-0000030");
-    let after = eval_kl(&checkpoint, &held_out);
+    let (before, after) = kd_kl_before_after("mixtral", &train_set, &held_out, &out, &[]);
     eprintln!("dense teacher -> Mixtral student, held-out KL {before:.4} -> {after:.4}");
     assert!(after < 0.8 * before, "held-out KL of the MoE student did not fall: {before} -> {after}");
-    let saved = CausalLm::load(&checkpoint, Device::Cpu, Kind::Float).unwrap();
+    let saved = CausalLm::load(&out.join("checkpoint-0000030"), Device::Cpu, Kind::Float).unwrap();
     let names = saved.vs.variables();
     assert!(names.contains_key("model.layers.2.block_sparse_moe.experts.3.w2.weight"));
     assert!(names.contains_key("model.layers.0.block_sparse_moe.gate.weight"));
@@ -103,22 +112,14 @@ fn experts_teach_and_learn() {
 #[test]
 fn gemma_teaches_and_learns() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = repo().join("tests/data");
-    for (teacher, student, extra) in
-        [("gemma2", "gemma3", vec![]), ("gemma3", "gemma2", vec!["--recompute", "--lr", "1e-2"])]
-    {
-        let (train_set, held_out) =
-            (tmp.path().join(format!("{teacher}-train")), tmp.path().join(format!("{teacher}-heldout")));
-        ok(precompute(teacher, &data.join("sample.jsonl"), &train_set, &["--top-k", "16"]));
-        ok(precompute(teacher, &data.join("heldout.jsonl"), &held_out, &["--top-k", "16"]));
-        let architecture = if teacher == "gemma2" { "Gemma2ForCausalLM" } else { "Gemma3ForCausalLM" };
+    for (teacher, architecture, student, extra) in [
+        ("gemma2", "Gemma2ForCausalLM", "gemma3", &[][..]),
+        ("gemma3", "Gemma3ForCausalLM", "gemma2", &["--recompute", "--lr", "1e-2"][..]),
+    ] {
+        let (train_set, held_out) = teacher_sets(teacher, tmp.path());
         assert_eq!(manifest(&train_set)["settings"]["teacher"]["architecture"], architecture);
-        let before = eval_kl(&model_dir(student), &held_out);
         let out = tmp.path().join(format!("{student}-student"));
-        let mut args = vec!["--steps", "30", "--save-every", "30", "--alpha", "0"];
-        args.extend(extra.iter().copied());
-        ok(train_student(student, &train_set, &out, &args));
-        let after = eval_kl(&out.join("checkpoint-0000030"), &held_out);
+        let (before, after) = kd_kl_before_after(student, &train_set, &held_out, &out, extra);
         eprintln!("{teacher} teacher -> {student} student {extra:?}, held-out KL {before:.4} -> {after:.4}");
         assert!(after < 0.8 * before, "held-out KL of the {student} student did not fall: {before} -> {after}");
     }

@@ -96,8 +96,9 @@ pub struct Transformer {
     lm_head: Tensor,
     /// Rotary tables: [all layers] or, with a RoPE per layer type, [full, sliding].
     pub(super) rotary: Vec<RotaryEmbedding>,
-    /// Gemma: embeddings times sqrt(hidden), and `cap * tanh(logits / cap)` (Gemma 2).
-    embed_scale: Option<f64>,
+    /// Gemma: embeddings times sqrt(hidden) (a scalar in the weights' dtype, as
+    /// transformers rounds it), and `cap * tanh(logits / cap)` (Gemma 2).
+    embed_scale: Option<Tensor>,
     final_softcap: Option<f64>,
 }
 
@@ -180,6 +181,7 @@ impl Transformer {
         if let Some((theta, scaling)) = &cfg.sliding_rope {
             rotary.push(RotaryEmbedding::new(cfg.head_dim, *theta, scaling, first));
         }
+        let embed_scale = cfg.embed_scale.map(|s| Tensor::from(s).to_kind(embed_tokens.kind()).to_device(first));
         Ok(Transformer {
             embed_tokens,
             layers,
@@ -187,7 +189,7 @@ impl Transformer {
             norm,
             lm_head,
             rotary,
-            embed_scale: cfg.embed_scale,
+            embed_scale,
             final_softcap: cfg.final_softcap,
         })
     }
@@ -238,9 +240,8 @@ impl Transformer {
 
     pub(super) fn embed(&self, input_ids: &Tensor) -> Tensor {
         let x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        match self.embed_scale {
-            // As transformers: the scale rounded to the weights' dtype first.
-            Some(scale) => x * Tensor::from(scale).to_kind(self.embed_tokens.kind()).to_device(self.embed_device()),
+        match &self.embed_scale {
+            Some(scale) => x * scale,
             None => x,
         }
     }
