@@ -7,6 +7,11 @@
 //! `--no-as-needed`. We also embed an rpath to torch/lib so the binary runs without
 //! LD_LIBRARY_PATH (LD_LIBRARY_PATH still wins, which is how a prebuilt binary is
 //! pointed at another machine's torch).
+//!
+//! It also compiles `src/distributed/shim.cpp`, the c10d binding (see its header),
+//! against the libtorch headers next to that folder, with the C++ ABI libtorch was built
+//! with (`LIBTORCH_CXX11_ABI`, default 1 as torch-sys assumes: every torch wheel since
+//! 2.7 uses the C++11 ABI).
 use std::path::Path;
 
 fn main() {
@@ -24,4 +29,33 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=DISTILL_BUILT_LIBTORCH={lib_dir}");
+    compile_c10d_shim(lib);
+}
+
+fn compile_c10d_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=src/distributed/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = lib.parent().expect("libtorch's lib folder has a parent").join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/distributed/shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .warnings(false);
+    let nccl = lib.join("libtorch_cuda.so").exists();
+    if nccl {
+        build.define("DISTILL_WITH_NCCL", None);
+    }
+    build.compile("distill_c10d");
+    // After the static shim, so the linker resolves its references from these.
+    for l in ["torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+    if nccl {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    }
 }

@@ -4,10 +4,12 @@
 //! reader -> batches -> student -> losses -> optimizer -> checkpoint. Each module owns
 //! one step (README.md, "Layout", names the owner of each); configuration is passed
 //! down as typed structs. Imports point one way: `precompute`, `train`, `eval` ->
-//! `batch`, `shards` -> `model`, `losses`, `dataset`, `tokenizer`, `chat`, `files`.
+//! `batch`, `shards`, `distributed` -> `model`, `losses`, `dataset`, `tokenizer`, `chat`,
+//! `files`.
 pub mod batch;
 pub mod chat;
 pub mod dataset;
+pub mod distributed;
 pub mod eval;
 pub mod files;
 pub mod generate;

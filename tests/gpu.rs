@@ -181,3 +181,53 @@ fn generation_on_cuda_follows_cpu() {
         }
     }
 }
+
+/// NCCL through the c10d shim: a group of one rank on cuda:0 (every GPU machine), and
+/// when two GPUs exist, 2 processes x 1 micro-batch against 1 process x 2 on CUDA.
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn nccl_process_group_on_cuda() {
+    use distill::distributed::{Backend, GroupOptions, ProcessGroup};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let group = ProcessGroup::join(&GroupOptions {
+        host: "127.0.0.1".into(),
+        port,
+        serve_store: true,
+        agent_store: false,
+        prefix: "gpu-check/".into(),
+        rank: 0,
+        world: 1,
+        backend: Backend::Nccl,
+        device: Device::Cuda(0),
+        timeout: std::time::Duration::from_secs(60),
+    })
+    .unwrap();
+    assert_eq!(group.backend_name().unwrap(), "nccl");
+    let t = tch::Tensor::arange(4, (Kind::Float, Device::Cuda(0)));
+    group.all_reduce(std::slice::from_ref(&t)).unwrap();
+    assert_eq!(Vec::<f32>::try_from(t.to_device(Device::Cpu)).unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+    drop(group);
+    if tch::Cuda::device_count() < 2 {
+        eprintln!("one GPU: the 2-process NCCL training check needs two");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    ok(precompute("llama", &sample(), &shards, &["--top-k", "16"]));
+    let run = |out: &str, extra: &[&str]| {
+        let student = model_dir("qwen3");
+        let out = tmp.path().join(out);
+        let mut args = vec!["train", "--student", student.to_str().unwrap(), "--shards", shards.to_str().unwrap()];
+        args.extend(["--output", out.to_str().unwrap(), "--device", "cuda", "--precision", "f32", "--steps", "4"]);
+        args.extend(["--batch-tokens", "512", "--save-every", "4", "--alpha", "0.3"]);
+        args.extend(extra);
+        ok(distill(&args));
+        read_tensors(&out.join("checkpoint-0000004/model.safetensors"))
+    };
+    let (one, two) = (run("one", &["--grad-accum", "2"]), run("two", &["--nproc", "2"]));
+    for (name, a) in &one {
+        let d = (a - &two[name]).abs().max().double_value(&[]) / a.abs().max().double_value(&[]).max(1e-30);
+        // TF32 and other kernels per GPU: 1e-3 as the other CUDA checks.
+        assert!(d < 1e-3, "{name}: 2 GPUs differ from one by {d:e}");
+    }
+}

@@ -180,22 +180,84 @@ fn teacher_hidden(rows: &[ShardRow], layer: usize) -> Result<Tensor> {
     Ok(Tensor::from_slice(&values).view([n, width]) * Tensor::from_slice(&rms).view([n, 1]))
 }
 
+/// Which micro-batches of the stream a process builds when several share it: number i
+/// goes to process `i % of`; the others are only counted (see `BatchCounts`). Every
+/// process reads the same stream, so together they see exactly the batches one
+/// process would, in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub index: usize,
+    pub of: usize,
+}
+
+impl Share {
+    pub const ALL: Share = Share { index: 0, of: 1 };
+}
+
+/// What every process knows of a micro-batch, whoever builds it (the step's token count
+/// over all processes normalises the loss; the position is where the stream stands).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchCounts {
+    pub tokens: usize,
+    pub targets: usize,
+    /// Batch rows x width, padding included.
+    pub padded: usize,
+    pub position: StreamPosition,
+}
+
+impl BatchCounts {
+    fn of(rows: &[Vec<ShardRow>], position: StreamPosition) -> Self {
+        let lens: Vec<usize> = rows.iter().map(|r| r.iter().map(|s| s.sequence.len()).sum()).collect();
+        BatchCounts {
+            tokens: lens.iter().sum(),
+            targets: rows.iter().flatten().map(ShardRow::num_targets).sum(),
+            padded: lens.len() * lens.iter().copied().max().unwrap_or(0),
+            position,
+        }
+    }
+}
+
+/// A micro-batch of the stream: built here, or only counted (another process builds it).
+pub enum Loaded {
+    Mine(MicroBatch),
+    Peer(BatchCounts),
+}
+
+impl Loaded {
+    pub fn counts(&self) -> BatchCounts {
+        match self {
+            Loaded::Mine(m) => {
+                BatchCounts { tokens: m.tokens, targets: m.targets, padded: m.batch.ids.numel(), position: m.position }
+            }
+            Loaded::Peer(p) => *p,
+        }
+    }
+}
+
 /// Micro-batches built on a thread, at most `prefetch` ahead, page-locked for CUDA.
 pub struct BatchLoader {
-    rx: Receiver<Result<Option<MicroBatch>>>,
+    rx: Receiver<Result<Option<Loaded>>>,
 }
 
 impl BatchLoader {
-    pub fn new(mut feed: Feed, content: BatchContent, device: Device, prefetch: usize) -> Self {
+    pub fn new(feed: Feed, content: BatchContent, device: Device, prefetch: usize) -> Self {
+        Self::shared(feed, content, device, prefetch, Share::ALL)
+    }
+
+    /// Builds only this process's `share` of the micro-batches.
+    pub fn shared(mut feed: Feed, content: BatchContent, device: Device, prefetch: usize, share: Share) -> Self {
         let (tx, rx) = bounded(prefetch.max(1));
         std::thread::spawn(move || {
             crate::runtime::serial_torch_on_this_thread();
-            loop {
+            for i in 0usize.. {
                 let next = feed.take_batch().and_then(|rows| match rows {
                     None => Ok(None),
+                    Some(rows) if i % share.of != share.index => {
+                        Ok(Some(Loaded::Peer(BatchCounts::of(&rows, feed.position()))))
+                    }
                     Some(rows) => {
                         let mb = MicroBatch::build(rows, &content, feed.position())?;
-                        Ok(Some(if device.is_cuda() { mb.pin(device) } else { mb }))
+                        Ok(Some(Loaded::Mine(if device.is_cuda() { mb.pin(device) } else { mb })))
                     }
                 });
                 let stop = !matches!(next, Ok(Some(_)));
@@ -207,8 +269,18 @@ impl BatchLoader {
         BatchLoader { rx }
     }
 
-    /// The next micro-batch (host tensors); `None` when the stream has ended.
+    /// The next micro-batch (host tensors); `None` when the stream has ended. For a
+    /// loader of all micro-batches (`new`).
     pub fn next(&self) -> Result<Option<MicroBatch>> {
+        match self.next_loaded()? {
+            None => Ok(None),
+            Some(Loaded::Mine(m)) => Ok(Some(m)),
+            Some(Loaded::Peer(_)) => bail!("BatchLoader::next on a loader that builds a share of the batches"),
+        }
+    }
+
+    /// The next micro-batch of the stream, built or counted.
+    pub fn next_loaded(&self) -> Result<Option<Loaded>> {
         match self.rx.recv() {
             Ok(next) => next,
             Err(_) => bail!("the batch loader stopped"),

@@ -5,12 +5,17 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use distill::distributed::buckets::BucketOptions;
+use distill::distributed::launch::run_local;
+use distill::distributed::WorldInfo;
 use distill::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use distill::runtime::parse_device;
 use distill::train::hidden::HiddenMap;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
-use distill::train::{train, HiddenSettings, Precision, TrainConfig};
+use distill::train::{train, HiddenSettings, ParallelSettings, Precision, TrainConfig};
+use std::time::Duration;
+use tch::{Device, Kind};
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,6 +155,31 @@ pub struct TrainArgs {
     /// Use cosine distance instead of MSE for hidden states.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     hidden_cosine: Option<bool>,
+    /// Start N local processes of this command, data-parallel (as `torchrun
+    /// --nproc-per-node N` does); under torchrun or Slurm the ranks come from the environment.
+    #[arg(long)]
+    #[serde(skip)]
+    nproc: Option<usize>,
+    /// Data-parallel: seconds a rank waits for the others before stopping with an error
+    /// naming the missing rank; must exceed a checkpoint's write time [default: 600].
+    #[arg(long)]
+    dist_timeout: Option<f64>,
+    /// Data-parallel: each rank keeps 1/N of AdamW's moments (ZeRO-1).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    zero1: Option<bool>,
+    /// Data-parallel: gradients travel as f32 or bf16 (half the bytes, rounded sums) [default: f32].
+    #[arg(long, value_enum)]
+    allreduce_dtype: Option<WireArg>,
+    /// Data-parallel: MiB per gradient bucket [default: 25].
+    #[arg(long)]
+    bucket_mb: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum WireArg {
+    F32,
+    Bf16,
 }
 
 pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
@@ -177,11 +207,33 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
     if maps.is_empty() && (a.hidden_weight.is_some() || a.hidden_cosine.is_some()) {
         bail!("--hidden-weight and --hidden-cosine apply to hidden-state distillation; they need --hidden-map");
     }
+    let world = WorldInfo::from_env()?;
+    let mut device = a.device.as_deref().map(parse_device).transpose()?.unwrap_or(d.device);
+    if let (Some(w), true) = (&world, device.is_cuda()) {
+        // One GPU per process, as torchrun's LOCAL_RANK means.
+        device = Device::Cuda(w.local_rank);
+    }
+    let dp = ParallelSettings::default();
+    let parallel = ParallelSettings {
+        timeout: match a.dist_timeout {
+            Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
+            Some(t) => bail!("--dist-timeout must be a positive number of seconds, not {t}"),
+            None => dp.timeout,
+        },
+        zero1: a.zero1.unwrap_or(dp.zero1),
+        buckets: BucketOptions {
+            bytes: a.bucket_mb.map_or(dp.buckets.bytes, |mb| mb.max(1) << 20),
+            wire: match a.allreduce_dtype {
+                Some(WireArg::Bf16) => Kind::BFloat16,
+                _ => dp.buckets.wire,
+            },
+        },
+    };
     let cfg = TrainConfig {
         student: a.student.unwrap_or_default(),
         shards: a.shards.unwrap_or_default(),
         output: a.output.unwrap_or_default(),
-        device: a.device.as_deref().map(parse_device).transpose()?.unwrap_or(d.device),
+        device,
         steps,
         batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
         pack: a.pack.or(d.pack),
@@ -223,13 +275,32 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             weight: a.hidden_weight.unwrap_or(1.0),
             loss: if a.hidden_cosine.unwrap_or(false) { HiddenLoss::Cosine } else { HiddenLoss::Mse },
         }),
+        world,
+        parallel,
     };
     cfg.validate()?;
     Ok(cfg)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let nproc = args.nproc;
+    if let Some(n) = nproc.filter(|&n| n > 1) {
+        if WorldInfo::from_env()?.is_none() {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            return run_local(n, &args);
+        }
+    }
     let cfg = config_from(args)?;
+    if let (Some(n), Some(w)) = (nproc, &cfg.world) {
+        if n != w.world {
+            bail!("--nproc {n} inside a job of {} ranks (the launcher already started the ranks)", w.world);
+        }
+    }
+    if cfg.world.as_ref().is_some_and(|w| w.rank != 0) {
+        // Rank 0 reports progress; the others speak only to fail.
+        train(&cfg, |_| {})?;
+        return Ok(());
+    }
     // A bar on a terminal; one line per step otherwise (logs of batch jobs).
     let bar = indicatif::ProgressBar::new(cfg.steps);
     bar.set_style(

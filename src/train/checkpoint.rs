@@ -41,7 +41,8 @@ pub struct Checkpoint<'a> {
     /// Where the tokenizer files and chat template come from (the student directory).
     pub tokenizer_dir: &'a Path,
     pub hidden: Option<&'a HiddenDistill>,
-    pub optimizer: &'a AdamW,
+    /// AdamW's moments by name (`AdamW::state`, or gathered from the ranks with ZeRO-1).
+    pub optimizer_state: &'a [(String, Tensor)],
     pub state: &'a TrainerState,
 }
 
@@ -79,7 +80,7 @@ impl Checkpoint<'_> {
         if let Some(h) = self.hidden {
             h.save(&dir.join(PROJECTIONS_FILE))?;
         }
-        Tensor::write_safetensors(&self.optimizer.state(), dir.join(OPTIMIZER_FILE))?;
+        Tensor::write_safetensors(self.optimizer_state, dir.join(OPTIMIZER_FILE))?;
         std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(self.state)?)?;
         Ok(())
     }

@@ -3,12 +3,15 @@
 //! against the device. `distill train` and TOML pipeline files only fill this in.
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::time::Duration;
 use tch::Device;
 
 use super::hidden::HiddenMap;
 use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
 use crate::batch::targets::TargetOptions;
+use crate::distributed::buckets::BucketOptions;
+use crate::distributed::WorldInfo;
 use crate::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use crate::shards::manifest::CaptureInfo;
 
@@ -60,6 +63,26 @@ pub struct TrainConfig {
     /// End this invocation at this step (with a checkpoint), keeping the schedule of
     /// `steps`: for jobs with a wall-time limit, continued with `resume`.
     pub stop_at: Option<u64>,
+    /// This process's place in a data-parallel job (`None`: it trains alone).
+    pub world: Option<WorldInfo>,
+    pub parallel: ParallelSettings,
+}
+
+/// How the ranks of a data-parallel job work together (ignored when training alone).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParallelSettings {
+    /// A collective that waits longer than this for a rank fails, naming the rank; it
+    /// must exceed the longest gap between two steps (rank 0 writing a checkpoint).
+    pub timeout: Duration,
+    /// ZeRO-1: each rank keeps 1/N of AdamW's moments (see `distributed::zero`).
+    pub zero1: bool,
+    pub buckets: BucketOptions,
+}
+
+impl Default for ParallelSettings {
+    fn default() -> Self {
+        ParallelSettings { timeout: Duration::from_secs(600), zero1: false, buckets: BucketOptions::default() }
+    }
 }
 
 /// Arithmetic of the forward and backward passes; weights and optimiser state are
@@ -129,6 +152,8 @@ impl Default for TrainConfig {
             head_chunk: None,
             hidden: None,
             stop_at: None,
+            world: None,
+            parallel: ParallelSettings::default(),
         }
     }
 }

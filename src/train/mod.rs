@@ -7,10 +7,11 @@ pub mod checkpoint;
 pub mod config;
 pub mod hidden;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod run_dir;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{HiddenSettings, Precision, TrainConfig};
+pub use config::{HiddenSettings, ParallelSettings, Precision, TrainConfig};
 pub use trainer::{train, StepLog};

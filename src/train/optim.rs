@@ -1,8 +1,10 @@
 //! AdamW whose state we own (so a checkpoint can hold it and `--resume` continue
 //! exactly), with PyTorch's update order and arithmetic, and gradient clipping by
-//! global norm. Norm weights and biases take no weight decay.
+//! global norm. Norm weights and biases take no weight decay. With ZeRO-1 an optimiser
+//! holds and updates only a range of the parameters laid end to end (`new_owned`).
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -22,14 +24,29 @@ impl Default for AdamWConfig {
 struct Slot {
     name: String,
     param: Tensor,
+    /// The (offset, length) of the parameter's flat elements this slot updates; `None`:
+    /// all of them.
+    piece: Option<(i64, i64)>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
 }
 
+impl Slot {
+    /// The part of `t` (the parameter or its gradient) this slot updates.
+    fn part(&self, t: &Tensor) -> Tensor {
+        match self.piece {
+            None => t.shallow_clone(),
+            Some((offset, len)) => t.view([-1]).narrow(0, offset, len),
+        }
+    }
+}
+
 pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
+    /// Every parameter given, owned or not: `zero_grad` clears all their gradients.
+    params: Vec<Tensor>,
     /// Optimiser steps taken (PyTorch's `step`, for bias correction).
     pub steps: u64,
 }
@@ -42,14 +59,48 @@ pub fn decays(name: &str) -> bool {
 impl AdamW {
     /// Moments start at zero, in float32 (master precision), on each parameter's device.
     pub fn new(named_params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+        let params = named_params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let slots = named_params
             .into_iter()
             .map(|(name, param)| {
                 let zeros = || Tensor::zeros_like(&param).to_kind(Kind::Float);
-                Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param }
+                Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece: None }
             })
             .collect();
-        AdamW { cfg, slots, steps: 0 }
+        AdamW { cfg, slots, params, steps: 0 }
+    }
+
+    /// An optimiser of the elements `owned` of the parameters laid end to end (in the
+    /// given order, flattened): moments for those only. Parameters must be contiguous.
+    pub fn new_owned(named_params: Vec<(String, Tensor)>, cfg: AdamWConfig, owned: Range<i64>) -> Self {
+        let params = named_params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let mut slots = vec![];
+        let mut start = 0;
+        for (name, param) in named_params {
+            let n = param.numel() as i64;
+            let (from, to) = (owned.start.max(start), owned.end.min(start + n));
+            if from < to {
+                let zeros = || Tensor::zeros([to - from], (Kind::Float, param.device()));
+                let piece = Some((from - start, to - from));
+                slots.push(Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece });
+            }
+            start += n;
+        }
+        AdamW { cfg, slots, params, steps: 0 }
+    }
+
+    /// The owned elements' current values and moments, each laid end to end in the
+    /// order of `new_owned` (for gathering them across ranks).
+    pub fn owned_flat(&self) -> [Tensor; 3] {
+        let cat = |f: &dyn Fn(&Slot) -> Tensor| {
+            let parts: Vec<Tensor> = self.slots.iter().map(|s| f(s).reshape([-1]).to_kind(Kind::Float)).collect();
+            if parts.is_empty() {
+                Tensor::zeros([0], (Kind::Float, tch::Device::Cpu))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        };
+        [cat(&|s| s.part(&s.param)), cat(&|s| s.exp_avg.shallow_clone()), cat(&|s| s.exp_avg_sq.shallow_clone())]
     }
 
     /// One update with rate `lr` from the parameters' `.grad()`. Parameters without a
@@ -66,9 +117,10 @@ impl AdamW {
             if !grad.defined() {
                 continue;
             }
-            let g = grad.to_kind(Kind::Float);
+            let g = s.part(&grad).to_kind(Kind::Float);
+            let mut param = s.part(&s.param);
             if s.decay && self.cfg.weight_decay != 0.0 {
-                let _ = s.param.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+                let _ = param.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
             }
             // exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
             let _ = s.exp_avg.lerp_(&g, 1.0 - b1);
@@ -76,20 +128,21 @@ impl AdamW {
             let _ = s.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
             let denom = s.exp_avg_sq.sqrt() / bias2_sqrt + self.cfg.eps;
             let update = (&s.exp_avg / denom) * (-lr / bias1);
-            let _ = s.param.g_add_(&update.to_kind(s.param.kind()));
+            let _ = param.g_add_(&update.to_kind(param.kind()));
         }
     }
 
     pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            let mut g = s.param.grad();
+        for p in &self.params {
+            let mut g = p.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
     }
 
-    /// The moments by name (`exp_avg.NAME`, `exp_avg_sq.NAME`), for a checkpoint.
+    /// The moments by name (`exp_avg.NAME`, `exp_avg_sq.NAME`), for a checkpoint (of an
+    /// optimiser of whole parameters; a ZeRO-1 one's are gathered by `train::parallel`).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
@@ -102,19 +155,25 @@ impl AdamW {
             .collect()
     }
 
-    /// Restores moments saved by `state`; every parameter must be present.
+    /// Restores moments saved by `state` (of whole parameters; an owned piece takes its
+    /// part); every parameter must be present.
     pub fn load_state(&mut self, steps: u64, state: &[(String, Tensor)]) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for s in &mut self.slots {
+            let shape = s.param.size();
+            let piece = s.piece;
             for (prefix, slot) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
                 let key = format!("{prefix}.{}", s.name);
                 let Some((_, saved)) = state.iter().find(|(n, _)| *n == key) else {
                     bail!("optimizer state has no {key}");
                 };
-                if saved.size() != slot.size() {
-                    bail!("optimizer state {key} has shape {:?}, the parameter {:?}", saved.size(), slot.size());
+                if saved.size() != shape {
+                    bail!("optimizer state {key} has shape {:?}, the parameter {shape:?}", saved.size());
                 }
-                slot.copy_(saved);
+                match piece {
+                    None => slot.copy_(saved),
+                    Some((offset, len)) => slot.copy_(&saved.reshape([-1]).narrow(0, offset, len)),
+                }
             }
         }
         self.steps = steps;
@@ -207,5 +266,60 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&b.state()[1].1).unwrap(), Vec::<f32>::try_from(&a.state()[1].1).unwrap());
         let mut c = AdamW::new(vec![("other".into(), w.shallow_clone())], AdamWConfig::default());
         assert!(c.load_state(1, &a.state()).unwrap_err().to_string().contains("exp_avg.other"));
+    }
+
+    /// Two optimisers that own the two halves of the parameters laid end to end update
+    /// them exactly as one optimiser of all of them (ZeRO-1's arithmetic).
+    #[test]
+    fn owned_ranges_update_like_the_whole() {
+        let init = |seed: i64| {
+            tch::manual_seed(seed);
+            vec![
+                (
+                    "a.weight".to_string(),
+                    Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+                ),
+                (
+                    "b.norm.weight".to_string(),
+                    Tensor::randn([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+                ),
+            ]
+        };
+        let (whole_params, split_params) = (init(1), init(1));
+        let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+        let shallow =
+            |v: &[(String, Tensor)]| v.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        let mut whole = AdamW::new(shallow(&whole_params), cfg);
+        let mut halves =
+            [AdamW::new_owned(shallow(&split_params), cfg, 0..7), AdamW::new_owned(shallow(&split_params), cfg, 7..17)];
+        for step in 0..3 {
+            // Each rank clears every gradient, owned or not (not only its range's).
+            whole.zero_grad();
+            halves[0].zero_grad();
+            for params in [&whole_params, &split_params] {
+                let loss: Tensor = params.iter().map(|(_, p)| (p * p * (step as f64 + 1.0)).sum(Kind::Float)).sum();
+                loss.backward();
+            }
+            whole.step(1e-2);
+            for h in &mut halves {
+                h.step(1e-2);
+            }
+        }
+        for ((_, a), (_, b)) in whole_params.iter().zip(&split_params) {
+            assert_eq!(
+                Vec::<f32>::try_from(a.detach().reshape([-1])).unwrap(),
+                Vec::<f32>::try_from(b.detach().reshape([-1])).unwrap()
+            );
+        }
+        let [_, m0, _] = halves[0].owned_flat();
+        let [_, m1, _] = halves[1].owned_flat();
+        let full: Vec<Tensor> = whole
+            .state()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("exp_avg."))
+            .map(|(_, t)| t.reshape([-1]))
+            .collect();
+        let joined = Tensor::cat(&[m0, m1], 0);
+        assert_eq!(Vec::<f32>::try_from(Tensor::cat(&full, 0)).unwrap(), Vec::<f32>::try_from(joined).unwrap());
     }
 }

@@ -52,7 +52,9 @@ impl RunRecord {
             "batch_tokens": cfg.batch_tokens,
             "pack": cfg.pack,
             "seq_len": cfg.seq_len,
-            "grad_accum": cfg.grad_accum,
+            // Micro-batches per optimiser step over all ranks: 2 ranks x 1 and 1 rank x 2
+            // train on the same batches, so either may resume the other.
+            "grad_accum": cfg.grad_accum * cfg.world.as_ref().map_or(1, |w| w.world),
             "schedule": schedule,
             "adamw": format!("{:?}", cfg.adamw),
             "clip_norm": cfg.clip_norm,
@@ -71,19 +73,22 @@ impl RunRecord {
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
     }
 
+    /// The record as JSON without its paths: what two runs of one job share even when
+    /// a directory moved (or is mounted elsewhere on another node).
+    pub fn without_paths(&self) -> Json {
+        let mut v = serde_json::to_value(self).expect("a record is JSON");
+        for part in ["student", "shards"] {
+            if let Some(o) = v.get_mut(part).and_then(Json::as_object_mut) {
+                o.remove("path");
+            }
+        }
+        v
+    }
+
     /// The fields where `self` (this invocation) and `recorded` differ; paths are
     /// recorded, not compared (a directory may move).
     fn differences(&self, recorded: &RunRecord) -> Vec<String> {
-        let strip = |r: &RunRecord| {
-            let mut v = serde_json::to_value(r).expect("a record is JSON");
-            for part in ["student", "shards"] {
-                if let Some(o) = v.get_mut(part).and_then(Json::as_object_mut) {
-                    o.remove("path");
-                }
-            }
-            v
-        };
-        json_diff(&strip(self), &strip(recorded))
+        json_diff(&self.without_paths(), &recorded.without_paths())
     }
 }
 

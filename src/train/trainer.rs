@@ -2,7 +2,8 @@
 //! chunked head + losses (KD on the teacher's targets mixed with hard-label CE by
 //! `alpha`; `alpha = 1` is plain SFT on the same tokens) -> AdamW -> checkpoints.
 //! Losses are normalised by the count of trained tokens over the whole accumulated
-//! step, and every loss part is logged on its own.
+//! step, and every loss part is logged on its own. In a data-parallel job (`parallel`)
+//! "the step" spans every rank's micro-batches.
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -15,8 +16,9 @@ use super::checkpoint::{restore, Checkpoint, TrainerState};
 use super::config::{HiddenSettings, Precision, TrainConfig};
 use super::hidden::HiddenDistill;
 use super::optim::{clip_grad_norm, AdamW};
+use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
-use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions, MicroBatch};
+use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
 use crate::files::checksum_file;
@@ -60,6 +62,9 @@ pub struct StepTime {
     pub body: f64,
     pub head: f64,
     pub optimizer: f64,
+    /// Summing gradients (and, with ZeRO-1, gathering weights) over the ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub communication: Option<f64>,
 }
 
 /// Trains the student as `cfg` says, calling `on_step` after every optimiser step;
@@ -68,16 +73,25 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
     let mut run = Run::setup(cfg)?;
     let end = cfg.stop_at.map_or(cfg.steps, |s| s.min(cfg.steps));
     let mut logs = vec![];
-    for step in run.state.step..end {
-        let log = run.step(step)?;
-        writeln!(run.metrics, "{}", serde_json::to_string(&log)?)?;
-        on_step(&log);
-        logs.push(log);
-        if (step + 1) % cfg.save_every.max(1) == 0 || step + 1 == end {
-            run.save_checkpoint()?;
+    let mut steps = || -> Result<()> {
+        for step in run.state.step..end {
+            let log = run.step(step)?;
+            if let Some(metrics) = &mut run.metrics {
+                writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
+            }
+            on_step(&log);
+            logs.push(log);
+            if (step + 1) % cfg.save_every.max(1) == 0 || step + 1 == end {
+                run.save_checkpoint()?;
+            }
         }
+        Ok(())
+    };
+    let result = steps();
+    if let (Err(e), Some(p)) = (&result, &run.parallel) {
+        p.report(&format!("{e:#}"));
     }
-    Ok(logs)
+    result.map(|()| logs)
 }
 
 /// A training run in progress: the student, its projections and optimiser, the batches,
@@ -86,13 +100,17 @@ struct Run<'a> {
     cfg: &'a TrainConfig,
     model: CausalLm,
     hidden: Option<HiddenDistill>,
+    /// Every trained tensor by name (the student's, then the projections'), sorted.
+    named: Vec<(String, Tensor)>,
     params: Vec<Tensor>,
     opt: AdamW,
     loader: BatchLoader,
     /// Step and stream position after the last step taken.
     state: TrainerState,
     precision: Precision,
-    metrics: std::fs::File,
+    /// Rank 0's (or the only process's).
+    metrics: Option<std::fs::File>,
+    parallel: Option<Parallel>,
 }
 
 impl<'a> Run<'a> {
@@ -110,6 +128,25 @@ impl<'a> Run<'a> {
         let targets = cfg.target_options(&set.manifest.settings.capture)?;
         let record = RunRecord::new(cfg, &set.manifest)?;
         let resume_from = run_dir::check(cfg, &record)?;
+        let mut parallel = match &cfg.world {
+            Some(world) => {
+                let p = Parallel::join(world, cfg.parallel, cfg.device)?;
+                let resumed =
+                    resume_from.as_ref().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned());
+                p.check_same(&serde_json::json!({
+                    "run": record.without_paths(),
+                    "resumes_from": resumed,
+                    "world": world.world,
+                    "ranks_per_node": world.local_world,
+                    "device": if cfg.device.is_cuda() { "cuda" } else { "cpu" },
+                    "zero1": cfg.parallel.zero1,
+                    "wire": format!("{:?}", cfg.parallel.buckets.wire),
+                    "distill": env!("CARGO_PKG_VERSION"),
+                }))?;
+                Some(p)
+            }
+            None => None,
+        };
         tch::manual_seed(cfg.seed as i64);
 
         let model = CausalLm::load(resume_from.as_deref().unwrap_or(&cfg.student), cfg.device, Kind::Float)?;
@@ -123,52 +160,73 @@ impl<'a> Run<'a> {
         }
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let mut opt = AdamW::new(named, cfg.adamw);
+        let shallow = || named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let mut opt = match parallel.as_mut() {
+            Some(p) => p.optimizer(shallow(), cfg.adamw),
+            None => AdamW::new(shallow(), cfg.adamw),
+        };
         let state = match &resume_from {
             Some(dir) => restore(dir, &mut opt, hidden.as_mut(), cfg.device)?,
             None => TrainerState::start(cfg.seed),
         };
-        // Every check has passed: the first write.
-        let metrics = run_dir::start(&cfg.output, &record, state.step)?;
-        let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state);
+        if let Some(p) = &parallel {
+            p.broadcast_weights(&params)?;
+        }
+        // Every check has passed: the first write (rank 0's only).
+        let first = parallel.as_ref().is_none_or(Parallel::is_first);
+        let metrics = first.then(|| run_dir::start(&cfg.output, &record, state.step)).transpose()?;
+        let share = parallel.as_ref().map_or(Share::ALL, Parallel::share);
+        let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state, share);
         let precision = cfg.precision.resolve(cfg.device);
-        Ok(Run { cfg, model, hidden, params, opt, loader, state, precision, metrics })
+        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, metrics, parallel })
     }
 
-    /// Optimiser step `step` (0-based) over `grad_accum` micro-batches.
+    /// Optimiser step `step` (0-based) over `grad_accum` micro-batches of each rank.
     fn step(&mut self, step: u64) -> Result<StepLog> {
         let cfg = self.cfg;
         let started = Instant::now();
         self.opt.zero_grad();
-        let mut micro = vec![];
-        for _ in 0..cfg.grad_accum.max(1) {
-            let Some(mb) = self.loader.next()? else { bail!("the shard stream ended") };
-            micro.push(mb);
-        }
+        let ranks = self.parallel.as_ref().map_or(1, |p| p.world.world);
+        let (counts, micro) = self.next_micro_batches(cfg.grad_accum.max(1) * ranks)?;
         let data = started.elapsed();
-        let targets: usize = micro.iter().map(|m| m.targets).sum();
-        let tokens: usize = micro.iter().map(|m| m.tokens).sum();
-        let padded: usize = micro.iter().map(|m| m.batch.ids.numel()).sum();
+        let targets: usize = counts.iter().map(|m| m.targets).sum();
+        let tokens: usize = counts.iter().map(|m| m.tokens).sum();
+        let padded: usize = counts.iter().map(|m| m.padded).sum();
         let mut sums = LossSums::default();
         for mb in &micro {
             let mb = mb.to_device(cfg.device, cfg.device.is_cuda());
             let _autocast = (self.precision == Precision::Bf16Autocast).then(|| AutocastGuard::bf16(cfg.device));
             micro_step(&self.model, self.hidden.as_ref(), &mb, cfg, 1.0 / targets.max(1) as f64, &mut sums)?;
         }
-        let (loss_sum, kd_sum, ce_sum, hidden_sum) = sums.read();
+        let (mut loss_sum, mut kd_sum, mut ce_sum, mut hidden_sum) = sums.read();
+        let communication_started = Instant::now();
+        if let Some(p) = &self.parallel {
+            let all = p.sum(&[loss_sum, kd_sum, ce_sum, hidden_sum, sums.router_balance], step + 1)?;
+            (loss_sum, kd_sum, ce_sum, hidden_sum, sums.router_balance) = (all[0], all[1], all[2], all[3], all[4]);
+        }
         if !loss_sum.is_finite() {
             let ids: Vec<u64> = micro.iter().flat_map(|m| m.row_indices.iter().copied()).collect();
             bail!(
-                "step {}: the loss is {loss_sum} (rows {ids:?}); stopping, the last good checkpoint is kept",
-                step + 1
+                "step {}: the loss is {loss_sum} (rows {ids:?}{}); stopping, the last good checkpoint is kept",
+                step + 1,
+                if ranks > 1 { " of this rank; other ranks' rows in their own messages" } else { "" }
             );
         }
+        if let Some(p) = &mut self.parallel {
+            p.reduce_grads(&self.params, step + 1)?;
+        }
+        let mut communication = communication_started.elapsed();
         let optimizer_started = Instant::now();
         let grad_norm = clip_grad_norm(&self.params, cfg.clip_norm);
         let lr = cfg.schedule().lr(step);
         self.opt.step(lr);
         let optimizer = optimizer_started.elapsed();
-        let position = micro.last().map_or(self.state.position, |m| m.position);
+        if let Some(p) = &self.parallel {
+            let gathering = Instant::now();
+            p.gather_weights(&self.opt, &self.params, step + 1)?;
+            communication += gathering.elapsed();
+        }
+        let position = counts.last().map_or(self.state.position, |m| m.position);
         self.state = TrainerState { step: step + 1, optimizer_steps: self.opt.steps, position, seed: cfg.seed };
         let n = targets.max(1) as f64;
         Ok(StepLog {
@@ -188,23 +246,44 @@ impl<'a> Run<'a> {
             time: StepTime {
                 data: data.as_secs_f64(),
                 head: sums.head_time.as_secs_f64(),
-                body: (optimizer_started - started - data - sums.head_time).as_secs_f64(),
+                body: (communication_started - started - data - sums.head_time).as_secs_f64(),
                 optimizer: optimizer.as_secs_f64(),
+                communication: self.parallel.is_some().then_some(communication.as_secs_f64()),
             },
         })
     }
 
+    /// The next `n` micro-batches of the stream (one step's, over all ranks): what is
+    /// known of each, and those this process builds.
+    fn next_micro_batches(&mut self, n: usize) -> Result<(Vec<BatchCounts>, Vec<MicroBatch>)> {
+        let (mut counts, mut mine) = (vec![], vec![]);
+        for _ in 0..n {
+            let Some(loaded) = self.loader.next_loaded()? else { bail!("the shard stream ended") };
+            counts.push(loaded.counts());
+            if let Loaded::Mine(m) = loaded {
+                mine.push(m);
+            }
+        }
+        Ok((counts, mine))
+    }
+
     /// A checkpoint of the state after the last step, then the loss plot.
     fn save_checkpoint(&mut self) -> Result<()> {
+        let optimizer_state = match &self.parallel {
+            Some(p) => p.optimizer_state(&self.opt, &self.named, self.state.step)?,
+            None => Some(self.opt.state()),
+        };
+        // Rank 0 writes; the others have contributed their moments (ZeRO-1) and go on.
+        let (Some(optimizer_state), Some(metrics)) = (optimizer_state, &mut self.metrics) else { return Ok(()) };
+        metrics.flush()?;
         let checkpoint = Checkpoint {
             model: &self.model,
             tokenizer_dir: &self.cfg.student,
             hidden: self.hidden.as_ref(),
-            optimizer: &self.opt,
+            optimizer_state: &optimizer_state,
             state: &self.state,
         };
         checkpoint.save(&self.cfg.output, self.cfg.keep_last)?;
-        self.metrics.flush()?;
         // The plot is a by-product: failing to draw it does not stop training.
         if let Err(e) = super::plot::plot_run(&self.cfg.output) {
             eprintln!("warning: no loss plot: {e:#}");
@@ -220,6 +299,7 @@ fn batch_loader(
     targets: Option<TargetOptions>,
     hidden: Option<&HiddenDistill>,
     state: &TrainerState,
+    share: Share,
 ) -> BatchLoader {
     let stream = RowStream::new(
         set.clone(),
@@ -230,7 +310,7 @@ fn batch_loader(
         BatchContent { teacher: targets, hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default() };
     let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
-    BatchLoader::new(feed, content, cfg.device, 2 * cfg.grad_accum.max(1))
+    BatchLoader::shared(feed, content, cfg.device, 2 * cfg.grad_accum.max(1) * share.of, share)
 }
 
 /// Checks the map against the shards and the student, and makes the projections.
