@@ -284,13 +284,12 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let nproc = args.nproc;
-    if let Some(n) = nproc.filter(|&n| n > 1) {
-        if WorldInfo::from_env()?.is_none() {
-            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            return run_local(n, &args);
-        }
-    }
+    // Flags are checked here, once, before any rank starts.
     let cfg = config_from(args)?;
+    if let (Some(n), None) = (nproc.filter(|&n| n > 1), &cfg.world) {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return run_local(n, &args);
+    }
     if let (Some(n), Some(w)) = (nproc, &cfg.world) {
         if n != w.world {
             bail!("--nproc {n} inside a job of {} ranks (the launcher already started the ranks)", w.world);

@@ -89,18 +89,23 @@ impl AdamW {
         AdamW { cfg, slots, params, steps: 0 }
     }
 
-    /// The owned elements' current values and moments, each laid end to end in the
-    /// order of `new_owned` (for gathering them across ranks).
-    pub fn owned_flat(&self) -> [Tensor; 3] {
-        let cat = |f: &dyn Fn(&Slot) -> Tensor| {
-            let parts: Vec<Tensor> = self.slots.iter().map(|s| f(s).reshape([-1]).to_kind(Kind::Float)).collect();
-            if parts.is_empty() {
-                Tensor::zeros([0], (Kind::Float, tch::Device::Cpu))
-            } else {
-                Tensor::cat(&parts, 0)
-            }
-        };
-        [cat(&|s| s.part(&s.param)), cat(&|s| s.exp_avg.shallow_clone()), cat(&|s| s.exp_avg_sq.shallow_clone())]
+    /// The owned elements' current values, laid end to end in the order of `new_owned`
+    /// (what a rank contributes to the gather of the weights).
+    pub fn owned_values(&self) -> Tensor {
+        self.owned_flat(|s| s.part(&s.param))
+    }
+
+    /// The owned elements' moments (exp_avg, exp_avg_sq), laid end to end likewise.
+    pub fn owned_moments(&self) -> [Tensor; 2] {
+        [self.owned_flat(|s| s.exp_avg.shallow_clone()), self.owned_flat(|s| s.exp_avg_sq.shallow_clone())]
+    }
+
+    fn owned_flat(&self, part: impl Fn(&Slot) -> Tensor) -> Tensor {
+        let parts: Vec<Tensor> = self.slots.iter().map(|s| part(s).reshape([-1]).to_kind(Kind::Float)).collect();
+        match parts.first() {
+            None => Tensor::zeros([0], (Kind::Float, self.params.first().map_or(tch::Device::Cpu, Tensor::device))),
+            Some(_) => Tensor::cat(&parts, 0),
+        }
     }
 
     /// One update with rate `lr` from the parameters' `.grad()`. Parameters without a
@@ -311,8 +316,8 @@ mod tests {
                 Vec::<f32>::try_from(b.detach().reshape([-1])).unwrap()
             );
         }
-        let [_, m0, _] = halves[0].owned_flat();
-        let [_, m1, _] = halves[1].owned_flat();
+        let [m0, _] = halves[0].owned_moments();
+        let [m1, _] = halves[1].owned_moments();
         let full: Vec<Tensor> = whole
             .state()
             .into_iter()

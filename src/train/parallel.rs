@@ -120,7 +120,7 @@ impl Parallel {
     /// After an AdamW step with ZeRO-1: every rank's updated range to every rank.
     pub fn gather_weights(&self, opt: &AdamW, params: &[Tensor], step: u64) -> Result<()> {
         let Some(partition) = &self.zero else { return Ok(()) };
-        let [own, _, _] = opt.owned_flat();
+        let own = opt.owned_values();
         partition
             .all_gather(&self.group, &own, |range, values| {
                 write_into(partition, params, range, values);
@@ -140,7 +140,7 @@ impl Parallel {
         let Some(partition) = &self.zero else {
             return Ok(self.is_first().then(|| opt.state()));
         };
-        let [_, exp_avg, exp_avg_sq] = opt.owned_flat();
+        let [exp_avg, exp_avg_sq] = opt.owned_moments();
         let mut out = vec![];
         for (prefix, own) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
             let full: Vec<Tensor> = if self.is_first() {
