@@ -251,6 +251,18 @@ fn a_killed_rank_stops_the_other_naming_it() {
     assert!(took < Duration::from_secs(30), "a dead peer is noticed before the timeout: {took:?}");
 }
 
+/// Rank 0 serves the store too: when it dies, rank 1 says so.
+#[test]
+fn a_killed_first_rank_is_named_by_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut first, second) = two_ranks_under_way(tmp.path(), "30");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (ok, stderr, took) = finish_within(second, Duration::from_secs(60));
+    assert!(!ok && stderr.contains("rank 0, which serves the rendezvous store, is gone"), "{stderr}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
 #[test]
 fn a_hung_rank_stops_the_other_after_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();

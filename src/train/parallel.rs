@@ -17,7 +17,7 @@ use tch::{Device, Tensor};
 use super::config::ParallelSettings;
 use super::optim::{AdamW, AdamWConfig};
 use crate::batch::feed::Share;
-use crate::distributed::buckets::{all_reduce_grads, all_reduce_sum, broadcast_from_first, ReduceStats};
+use crate::distributed::buckets::{all_reduce_grads, all_reduce_sum, broadcast_from_first};
 use crate::distributed::zero::{write_into, Partition};
 use crate::distributed::{Backend, GroupOptions, ProcessGroup, WorldInfo};
 use crate::shards::manifest::json_diff;
@@ -31,8 +31,6 @@ pub struct Parallel {
     settings: ParallelSettings,
     /// With ZeRO-1: the ranges of the parameters each rank updates.
     zero: Option<Partition>,
-    /// The last gradient reduction (the benchmark reports it).
-    pub last_reduce: ReduceStats,
 }
 
 impl Parallel {
@@ -51,7 +49,7 @@ impl Parallel {
             device: if device.is_cuda() { device } else { Device::Cpu },
             timeout: settings.timeout,
         })?;
-        Ok(Parallel { group, world: world.clone(), settings, zero: None, last_reduce: ReduceStats::default() })
+        Ok(Parallel { group, world: world.clone(), settings, zero: None })
     }
 
     pub fn is_first(&self) -> bool {
@@ -110,11 +108,12 @@ impl Parallel {
 
     /// Records that this rank has finished the micro-batches of `step` (1-based), then
     /// sums the gradients.
-    pub fn reduce_grads(&mut self, params: &[Tensor], step: u64) -> Result<()> {
-        self.group.store_set(&arrived_key(self.world.rank), step.to_string().as_bytes())?;
-        self.last_reduce =
-            all_reduce_grads(&self.group, params, self.settings.buckets).map_err(|e| self.diagnose(e, step))?;
-        Ok(())
+    pub fn reduce_grads(&self, params: &[Tensor], step: u64) -> Result<()> {
+        let arrived = self.group.store_set(&arrived_key(self.world.rank), step.to_string().as_bytes());
+        arrived
+            .and_then(|()| all_reduce_grads(&self.group, params, self.settings.buckets))
+            .map(|_| ())
+            .map_err(|e| self.diagnose(e, step))
     }
 
     /// After an AdamW step with ZeRO-1: every rank's updated range to every rank.

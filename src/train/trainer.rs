@@ -212,7 +212,7 @@ impl<'a> Run<'a> {
                 if ranks > 1 { " of this rank; other ranks' rows in their own messages" } else { "" }
             );
         }
-        if let Some(p) = &mut self.parallel {
+        if let Some(p) = &self.parallel {
             p.reduce_grads(&self.params, step + 1)?;
         }
         let mut communication = communication_started.elapsed();
