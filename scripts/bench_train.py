@@ -48,6 +48,8 @@ def distill_line(a, name, extra):
             "--save-every", "1000000", "--keep-last", "1", *extra]
     _, rss = measure([*args])
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # The run's final checkpoint is ~1 GB on the main job's student: not kept.
+    shutil.rmtree(out, ignore_errors=True)
     gpu = [l["gpu_memory_bytes"] for l in logs if "gpu_memory_bytes" in l]
     rate = statistics.median(l["tokens_per_s"] for l in logs[2:] or logs)
     return rate, max(gpu) if gpu else rss, [l["tokens"] for l in logs]
@@ -62,6 +64,7 @@ def parallel_line(a, name, extra):
             "--shuffle", "false", "--pack", "false", "--alpha", "0", *extra]
     _, rss = measure(args)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][2:]
+    shutil.rmtree(out, ignore_errors=True)
     step = statistics.median(l["tokens"] / l["tokens_per_s"] for l in logs)
     comm = statistics.median(l["time"].get("communication", 0.0) for l in logs)
     return statistics.median(l["tokens_per_s"] for l in logs), step, comm, rss
