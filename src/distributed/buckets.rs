@@ -3,8 +3,7 @@
 //! step. Buckets go over the wire in float32 (exact sums up to rounding) or bfloat16
 //! (half the bytes, sums rounded to bf16's 8 bits of mantissa).
 use anyhow::Result;
-use std::time::{Duration, Instant};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::group::ProcessGroup;
 
@@ -26,19 +25,11 @@ impl Default for BucketOptions {
     }
 }
 
-/// What one reduction moved, and how long it took (flattening and copying back included).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReduceStats {
-    pub buckets: usize,
-    pub bytes: usize,
-    pub time: Duration,
-}
-
 /// Sums every parameter's gradient over the ranks, in place. A parameter without a
 /// gradient here takes part as zeros when another rank has one; one that has none on
-/// any rank keeps none, so AdamW leaves it alone as a single process would.
-pub fn all_reduce_grads(group: &ProcessGroup, params: &[Tensor], opts: BucketOptions) -> Result<ReduceStats> {
-    let started = Instant::now();
+/// any rank keeps none, so AdamW leaves it alone as a single process would. Returns the
+/// number of buckets.
+pub fn all_reduce_grads(group: &ProcessGroup, params: &[Tensor], opts: BucketOptions) -> Result<usize> {
     let device = params.first().map_or(group.device, Tensor::device);
     let defined: Vec<f32> = params.iter().map(|p| f32::from(u8::from(p.grad().defined()))).collect();
     let flags = Tensor::from_slice(&defined).to_device(group.device);
@@ -68,29 +59,30 @@ pub fn all_reduce_grads(group: &ProcessGroup, params: &[Tensor], opts: BucketOpt
         buckets.last_mut().expect("one open bucket").push(g);
     }
     buckets.retain(|b| !b.is_empty());
-    let mut stats = ReduceStats { buckets: buckets.len(), ..ReduceStats::default() };
     for group_of in buckets.chunks(IN_FLIGHT) {
-        let flats: Vec<Tensor> = group_of
-            .iter()
-            .map(|b| {
-                let views: Vec<Tensor> = b.iter().map(|g| g.reshape([-1])).collect();
-                Tensor::cat(&views, 0).to_kind(opts.wire).to_device(group.device)
-            })
-            .collect();
-        stats.bytes += flats.iter().map(|f| f.numel() * element).sum::<usize>();
+        let flats: Vec<Tensor> = group_of.iter().map(|b| flatten(b, opts.wire, group.device)).collect();
         group.all_reduce(&flats)?;
         for (bucket, flat) in group_of.iter().zip(&flats) {
-            let flat = flat.to_device(device);
-            let mut at = 0;
-            for g in bucket {
-                let n = g.numel() as i64;
-                g.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(g));
-                at += n;
-            }
+            unflatten_into(&flat.to_device(device), bucket);
         }
     }
-    stats.time = started.elapsed();
-    Ok(stats)
+    Ok(buckets.len())
+}
+
+/// `tensors` laid end to end in one flat tensor of `kind` on `device`.
+fn flatten(tensors: &[Tensor], kind: Kind, device: Device) -> Tensor {
+    let views: Vec<Tensor> = tensors.iter().map(|t| t.reshape([-1])).collect();
+    Tensor::cat(&views, 0).to_kind(kind).to_device(device)
+}
+
+/// The inverse of `flatten`: `flat`'s values copied back into `tensors`, in place.
+fn unflatten_into(flat: &Tensor, tensors: &[Tensor]) {
+    let mut at = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        t.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(t));
+        at += n;
+    }
 }
 
 /// Every rank's `values` summed, element by element (float64, for loss sums and counts).
@@ -105,15 +97,9 @@ pub fn all_reduce_sum(group: &ProcessGroup, values: &[f64]) -> Result<Vec<f64>> 
 pub fn broadcast_from_first(group: &ProcessGroup, tensors: &[Tensor]) -> Result<()> {
     let _no_grad = tch::no_grad_guard();
     for chunk in tensors.chunks(64) {
-        let views: Vec<Tensor> = chunk.iter().map(|t| t.reshape([-1]).to_kind(Kind::Float)).collect();
-        let flat = Tensor::cat(&views, 0).to_device(group.device);
+        let flat = flatten(chunk, Kind::Float, group.device);
         group.broadcast(&flat, 0)?;
-        let mut at = 0;
-        for t in chunk {
-            let n = t.numel() as i64;
-            t.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(t));
-            at += n;
-        }
+        unflatten_into(&flat.to_device(chunk[0].device()), chunk);
     }
     Ok(())
 }
@@ -122,7 +108,6 @@ pub fn broadcast_from_first(group: &ProcessGroup, tensors: &[Tensor]) -> Result<
 mod tests {
     use super::*;
     use crate::distributed::group::on_two_ranks;
-    use tch::Device;
 
     fn param(values: &[f32]) -> Tensor {
         Tensor::from_slice(values).set_requires_grad(true)
@@ -140,8 +125,8 @@ mod tests {
                 loss.backward();
                 let params = [a.shallow_clone(), b.shallow_clone(), c.shallow_clone()];
                 let bytes = 2 * wire.elt_size_in_bytes();
-                let stats = all_reduce_grads(&g, &params, BucketOptions { bytes, wire }).unwrap();
-                assert_eq!(stats.buckets, 2, "a and b, one bucket each");
+                let buckets = all_reduce_grads(&g, &params, BucketOptions { bytes, wire }).unwrap();
+                assert_eq!(buckets, 2, "a and b, one bucket each");
                 assert_eq!(Vec::<f32>::try_from(a.grad()).unwrap(), vec![3.0, 3.0]);
                 assert_eq!(Vec::<f32>::try_from(b.grad()).unwrap(), vec![0.5, 0.5], "rank 1's alone");
                 assert!(!c.grad().defined(), "no rank had one: AdamW must leave c alone");

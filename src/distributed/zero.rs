@@ -15,8 +15,9 @@ pub const SLAB: i64 = 1 << 20;
 /// The parameters laid end to end, and each rank's range of them.
 #[derive(Debug, Clone)]
 pub struct Partition {
-    /// Where each parameter starts in the flat order.
+    /// Where each parameter starts in the flat order, and its length.
     starts: Vec<i64>,
+    numels: Vec<i64>,
     total: i64,
     /// Elements per rank (the last range may be shorter).
     chunk: i64,
@@ -32,7 +33,7 @@ impl Partition {
             total += n;
         }
         let chunk = (total + world as i64 - 1) / world as i64;
-        Partition { starts, total, chunk, world }
+        Partition { starts, numels: numels.to_vec(), total, chunk, world }
     }
 
     pub fn owned(&self, rank: usize) -> Range<i64> {
@@ -41,9 +42,9 @@ impl Partition {
     }
 
     /// The pieces of `range` by parameter: (parameter, offset in it, offset in `range`, length).
-    pub fn pieces(&self, range: Range<i64>, numels: &[i64]) -> Vec<(usize, i64, i64, i64)> {
+    pub fn pieces(&self, range: Range<i64>) -> Vec<(usize, i64, i64, i64)> {
         let mut out = vec![];
-        for (i, (&start, &n)) in self.starts.iter().zip(numels).enumerate() {
+        for (i, (&start, &n)) in self.starts.iter().zip(&self.numels).enumerate() {
             let (from, to) = (range.start.max(start), range.end.min(start + n));
             if from < to {
                 out.push((i, from - start, from - range.start, to - from));
@@ -91,8 +92,7 @@ impl Partition {
 /// Copies the flat `range`'s `values` into the parameters it covers.
 pub fn write_into(partition: &Partition, params: &[Tensor], range: Range<i64>, values: &Tensor) {
     let _no_grad = tch::no_grad_guard();
-    let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
-    for (i, offset, at, len) in partition.pieces(range, &numels) {
+    for (i, offset, at, len) in partition.pieces(range) {
         let values = values.narrow(0, at, len).to_device(params[i].device()).to_kind(params[i].kind());
         params[i].view([-1]).narrow(0, offset, len).copy_(&values);
     }
@@ -107,9 +107,9 @@ mod tests {
         let numels = [5i64, 3, 8];
         let p = Partition::new(&numels, 3);
         assert_eq!((p.owned(0), p.owned(1), p.owned(2)), (0..6, 6..12, 12..16));
-        assert_eq!(p.pieces(p.owned(0), &numels), vec![(0, 0, 0, 5), (1, 0, 5, 1)]);
-        assert_eq!(p.pieces(p.owned(1), &numels), vec![(1, 1, 0, 2), (2, 0, 2, 4)]);
-        assert_eq!(p.pieces(p.owned(2), &numels), vec![(2, 4, 0, 4)]);
+        assert_eq!(p.pieces(p.owned(0)), vec![(0, 0, 0, 5), (1, 0, 5, 1)]);
+        assert_eq!(p.pieces(p.owned(1)), vec![(1, 1, 0, 2), (2, 0, 2, 4)]);
+        assert_eq!(p.pieces(p.owned(2)), vec![(2, 4, 0, 4)]);
         let tiny = Partition::new(&[1], 4);
         assert_eq!((tiny.owned(0), tiny.owned(3)), (0..1, 1..1), "more ranks than elements");
     }

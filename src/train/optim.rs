@@ -4,8 +4,9 @@
 //! holds and updates only a range of the parameters laid end to end (`new_owned`).
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::ops::Range;
 use tch::{Kind, Tensor};
+
+use crate::distributed::zero::Partition;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -70,21 +71,23 @@ impl AdamW {
         AdamW { cfg, slots, params, steps: 0 }
     }
 
-    /// An optimiser of the elements `owned` of the parameters laid end to end (in the
-    /// given order, flattened): moments for those only. Parameters must be contiguous.
-    pub fn new_owned(named_params: Vec<(String, Tensor)>, cfg: AdamWConfig, owned: Range<i64>) -> Self {
+    /// An optimiser of rank `rank`'s range of `partition` (the parameters laid end to
+    /// end in the given order, flattened): moments for those elements only. Parameters
+    /// must be contiguous.
+    pub fn new_owned(
+        named_params: Vec<(String, Tensor)>,
+        cfg: AdamWConfig,
+        partition: &Partition,
+        rank: usize,
+    ) -> Self {
         let params = named_params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let mut named: Vec<Option<(String, Tensor)>> = named_params.into_iter().map(Some).collect();
         let mut slots = vec![];
-        let mut start = 0;
-        for (name, param) in named_params {
-            let n = param.numel() as i64;
-            let (from, to) = (owned.start.max(start), owned.end.min(start + n));
-            if from < to {
-                let zeros = || Tensor::zeros([to - from], (Kind::Float, param.device()));
-                let piece = Some((from - start, to - from));
-                slots.push(Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece });
-            }
-            start += n;
+        for (i, offset, _, len) in partition.pieces(partition.owned(rank)) {
+            let (name, param) = named[i].take().expect("a parameter has one piece per range");
+            let zeros = || Tensor::zeros([len], (Kind::Float, param.device()));
+            let piece = Some((offset, len));
+            slots.push(Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece });
         }
         AdamW { cfg, slots, params, steps: 0 }
     }
@@ -295,8 +298,9 @@ mod tests {
         let shallow =
             |v: &[(String, Tensor)]| v.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
         let mut whole = AdamW::new(shallow(&whole_params), cfg);
-        let mut halves =
-            [AdamW::new_owned(shallow(&split_params), cfg, 0..7), AdamW::new_owned(shallow(&split_params), cfg, 7..17)];
+        // Ranges 0..9 and 9..17: `a.weight` (12 elements) is split between them.
+        let partition = Partition::new(&[12, 5], 2);
+        let mut halves = [0, 1].map(|rank| AdamW::new_owned(shallow(&split_params), cfg, &partition, rank));
         for step in 0..3 {
             // Each rank clears every gradient, owned or not (not only its range's).
             whole.zero_grad();

@@ -96,9 +96,9 @@ impl Parallel {
         }
         let numels: Vec<i64> = named.iter().map(|(_, t)| t.numel() as i64).collect();
         let partition = Partition::new(&numels, self.world.world);
-        let owned = partition.owned(self.world.rank);
+        let opt = AdamW::new_owned(named, cfg, &partition, self.world.rank);
         self.zero = Some(partition);
-        AdamW::new_owned(named, cfg, owned)
+        opt
     }
 
     /// Sums `values` over the ranks.
