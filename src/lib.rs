@@ -4,8 +4,9 @@
 //! reader -> batches -> student -> losses -> optimizer -> checkpoint. Each module owns
 //! one step (README.md, "Layout", names the owner of each); configuration is passed
 //! down as typed structs. Imports point one way: `precompute`, `train`, `eval` ->
-//! `batch`, `shards`, `distributed` -> `model`, `losses`, `dataset`, `tokenizer`, `chat`,
-//! `files`.
+//! `batch`, `shards`, `align`, `distributed` -> `model`, `losses`, `dataset`, `tokenizer`,
+//! `chat`, `files`.
+pub mod align;
 pub mod batch;
 pub mod chat;
 pub mod dataset;

@@ -23,6 +23,10 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Merge the shard sets of a sliced precompute into one.
     MergeShards(commands::merge::MergeArgs),
+    /// Mix several teachers' shard sets over the same rows into one set of targets.
+    MergeTeachers(commands::merge::MergeTeachersArgs),
+    /// Move a teacher's shard set to a student's tokenizer (what train --cross-tokenizer trains on).
+    CrossTokenize(commands::cross::CrossTokenizeArgs),
     /// Train a student against precomputed shards (KD, or plain SFT with --alpha 1).
     Train(Box<commands::train::TrainArgs>),
     /// Held-out cross-entropy, perplexity, KL to the teacher and top-1 agreement of models.
@@ -51,6 +55,8 @@ fn main() {
         Command::Precompute(args) => commands::precompute::run(*args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::MergeShards(args) => commands::merge::run(args),
+        Command::MergeTeachers(args) => commands::merge::run_teachers(args),
+        Command::CrossTokenize(args) => commands::cross::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(*args),

@@ -128,6 +128,23 @@ impl TextTokenizer {
         })
     }
 
+    /// Ids of the added tokens marked special (BOS, EOS, chat markers): control tokens
+    /// that stand for no text.
+    pub fn special_ids(&self) -> std::collections::HashSet<u32> {
+        self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect()
+    }
+
+    /// Text of the added tokens that are not special, by id (written as is, not through
+    /// the model's byte mapping).
+    pub fn plain_added_tokens(&self) -> std::collections::HashMap<u32, String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| !t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect()
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)

@@ -69,6 +69,7 @@ fn row(teacher: &Tensor, k: i64, draws: Option<usize>) -> ShardRow {
         tail_logmass: vec![tail; R],
         target_logprob: vec![-1.0; R],
         draws: drawn,
+        uld: None,
     };
     ShardRow { sequence, topk, hidden: vec![] }
 }

@@ -2,13 +2,14 @@
 //! trainer (padding or packing, teacher targets, teacher hidden states; page-locked for
 //! CUDA so the copy to the device is asynchronous). Each micro-batch carries the stream
 //! position after it, which is what a checkpoint stores.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver};
 use tch::{Device, Tensor};
 
 use super::stream::{RowStream, StreamPosition};
-use super::targets::{teacher_targets, TargetOptions};
+use super::targets::{teacher_targets, uld_batch, TargetOptions};
 use super::{move_tensor, PaddedBatch};
+use crate::losses::uld::UldBatch;
 use crate::losses::TeacherTargets;
 use crate::shards::row::ShardRow;
 
@@ -92,6 +93,8 @@ pub struct MicroBatch {
     pub teacher: Option<TeacherTargets>,
     /// Teacher hidden states `[targets, width]` float32, one per requested layer.
     pub teacher_hidden: Vec<Tensor>,
+    /// ULD targets of a cross-tokenizer set (`train --cross-tokenizer`).
+    pub uld: Option<UldBatch>,
     /// Shard row numbers in the batch (for error messages).
     pub row_indices: Vec<u64>,
     /// Real (unpadded) tokens, and trained tokens.
@@ -107,6 +110,8 @@ pub struct BatchContent {
     /// Teacher targets, built so (`None`: none, plain SFT).
     pub teacher: Option<TargetOptions>,
     pub hidden_layers: Vec<usize>,
+    /// ULD targets (cross-tokenizer sets).
+    pub uld: bool,
 }
 
 impl MicroBatch {
@@ -123,6 +128,10 @@ impl MicroBatch {
         Ok(MicroBatch {
             teacher: content.teacher.map(|opts| teacher_targets(&merged, opts)),
             teacher_hidden: content.hidden_layers.iter().map(|&l| teacher_hidden(&merged, l)).collect::<Result<_>>()?,
+            uld: match content.uld {
+                true => Some(uld_batch(&merged).context("the rows hold no ULD targets: not a cross-tokenizer set")?),
+                false => None,
+            },
             row_indices,
             tokens: merged.iter().map(|r| r.sequence.len()).sum(),
             targets,
@@ -145,6 +154,7 @@ impl MicroBatch {
             batch: self.batch.map(&f),
             teacher: self.teacher.as_ref().map(|t| t.map(&f)),
             teacher_hidden: self.teacher_hidden.iter().map(&f).collect(),
+            uld: self.uld.as_ref().map(|u| u.map(&f)),
             row_indices: self.row_indices.clone(),
             tokens: self.tokens,
             targets: self.targets,

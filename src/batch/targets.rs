@@ -15,6 +15,7 @@
 //! All of it is computed in float64 on the host and stored in float32.
 use tch::Tensor;
 
+use crate::losses::uld::UldBatch;
 use crate::losses::TeacherTargets;
 use crate::shards::row::ShardRow;
 
@@ -67,6 +68,38 @@ pub fn teacher_targets(rows: &[ShardRow], opts: TargetOptions) -> TeacherTargets
         }
     }
     pack(&listings)
+}
+
+/// The rows' ULD targets (cross-tokenizer sets), their positions counted in the batch's
+/// predicting order. `None` when the rows hold none.
+pub fn uld_batch(rows: &[ShardRow]) -> Option<UldBatch> {
+    let (mut teacher, mut starts, mut continuations, mut group_of) = (vec![], vec![], vec![], vec![]);
+    let mut position = 0i64;
+    let mut width = 0;
+    for row in rows {
+        let u = row.topk.uld.as_ref()?;
+        width = row.topk.k + 1;
+        for (j, &continues) in u.continues.iter().enumerate() {
+            match continues {
+                // A group never continues across rows: each row's first target starts one.
+                true if !starts.is_empty() => {
+                    continuations.push(position);
+                    group_of.push(starts.len() as i64 - 1);
+                }
+                _ => {
+                    starts.push(position);
+                    teacher.extend(u.logprobs[j * width..(j + 1) * width].iter().map(|l| l.to_f32().exp()));
+                }
+            }
+            position += 1;
+        }
+    }
+    Some(UldBatch {
+        teacher: Tensor::from_slice(&teacher).view([-1, width.max(1) as i64]),
+        starts: Tensor::from_slice(&starts),
+        continuations: Tensor::from_slice(&continuations),
+        group_of: Tensor::from_slice(&group_of),
+    })
 }
 
 /// The token each trained position predicts, in stored order.
@@ -137,6 +170,7 @@ mod tests {
             tail_logmass: vec![0.2f32.ln(), 0.2f32.ln()],
             target_logprob: vec![0.05f32.ln(), 0.6f32.ln()],
             draws: None,
+            uld: None,
         };
         let rows = [row(vec![9, 7, 1], topk)];
         let t = teacher_targets(&rows, TargetOptions { label_bucket: true, use_draws: true });
@@ -159,6 +193,7 @@ mod tests {
             tail_logmass: vec![0.4f32.ln()],
             target_logprob: vec![0.1f32.ln()],
             draws: Some(TailDraws { lengths: vec![2], ids: vec![0, 5], counts: vec![3, 1] }),
+            uld: None,
         };
         let t = teacher_targets(&[row(vec![9, 5], topk)], TargetOptions { label_bucket: true, use_draws: true });
         assert_eq!(Vec::<i64>::try_from(t.ids.reshape([-1])).unwrap(), vec![4, 0, 5]);

@@ -82,6 +82,9 @@ struct ShardEval {
     perplexity: f64,
     kl_to_teacher: f64,
     top1_agreement: f64,
+    /// Cross-tokenizer shards: mean ULD distance to the teacher per aligned group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uld: Option<f64>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -151,6 +154,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     perplexity: r.ce.exp(),
                     kl_to_teacher: r.kl,
                     top1_agreement: r.top1_agreement,
+                    uld: r.uld,
                 })
             }
         };
@@ -183,6 +187,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let width = results.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     if !args.text.is_empty() || args.shards.is_some() {
         print_metrics_table(&results, width);
+    }
+    for r in results.iter().filter_map(|r| Some((&r.name, r.shards.as_ref()?.uld?))) {
+        println!("{}: ULD distance to the teacher {:.4} per aligned group (cross-tokenizer shards; KL is on the matched ids)", r.0, r.1);
+    }
+    if let Some(mix) = set.as_ref().and_then(|s| s.manifest.settings.mixture.as_ref()) {
+        let teachers: Vec<String> =
+            mix.teachers.iter().map(|t| format!("{:.4} {}", t.weight, t.teacher.path)).collect();
+        println!(
+            "(shard CE, KL and top-1 are against the mixture of {} teachers: {})",
+            teachers.len(),
+            teachers.join(", ")
+        );
     }
     if results.iter().any(|r| r.generation.is_some()) {
         print_generation_table(&results, width);

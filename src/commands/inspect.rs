@@ -83,6 +83,19 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
         "capture     top-k {} ({:?} ids, {} log-probs), tail: {}, hidden states {:?}",
         s.capture.top_k, s.capture.id_type, s.capture.logprob_dtype, s.capture.tail, s.capture.hidden_layers
     );
+    if let Some(mix) = &s.mixture {
+        println!("teachers    {} mixed ({})", mix.teachers.len(), mix.rule);
+        for t in &mix.teachers {
+            println!(
+                "  {:.4}  {} {} layers, top-{}, {} (set {}, {})",
+                t.weight, t.teacher.architecture, t.teacher.num_layers, t.top_k, t.teacher.path, t.set, t.set_hash
+            );
+        }
+        for sw in &mix.source_weights {
+            let w: Vec<String> = sw.weights.iter().map(|w| format!("{w:.4}")).collect();
+            println!("  documents of {}: weights {}", sw.source, w.join(", "));
+        }
+    }
     if let Some(d) = &s.capture.draws {
         println!("draws       {} per position (seed {}) from {}", d.per_position, d.seed, d.from);
     }

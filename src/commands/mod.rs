@@ -1,6 +1,7 @@
 //! One file per subcommand: argument parsing, merging over a TOML pipeline file, and
 //! output; the work and its defaults live in the library.
 pub mod bench_reader;
+pub mod cross;
 pub mod env;
 pub mod eval;
 pub mod generate;

@@ -13,7 +13,7 @@ use distill::runtime::parse_device;
 use distill::train::hidden::HiddenMap;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
-use distill::train::{train, HiddenSettings, ParallelSettings, Precision, TrainConfig};
+use distill::train::{train, CrossTokenizerSettings, HiddenSettings, ParallelSettings, Precision, TrainConfig};
 use std::time::Duration;
 use tch::{Device, Kind};
 
@@ -137,9 +137,21 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --output.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     resume: Option<bool>,
-    /// Train even if the shards were made with another tokenizer.
+    /// Train even if the shards were made with another tokenizer file (same ids).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     force_tokenizer: Option<bool>,
+    /// The shards come from a teacher with another tokenizer: move them to the student's
+    /// tokens once (into OUTPUT/student-targets) and train with ULD plus the KL on the
+    /// teacher ids whose strings the student's vocabulary holds.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    cross_tokenizer: Option<bool>,
+    /// With --cross-tokenizer: the directory of the tokenizer the shards were made with
+    /// [default: the teacher's path in the shards' manifest].
+    #[arg(long)]
+    teacher_tokenizer: Option<PathBuf>,
+    /// With --cross-tokenizer: weight of ULD beside the matched-id KL [default: 1].
+    #[arg(long)]
+    uld_weight: Option<f64>,
     /// Positions per chunk of the head and loss [default: 64 MiB of float32 logits on a CPU, 256 MiB on a GPU].
     #[arg(long)]
     head_chunk: Option<i64>,
@@ -277,7 +289,14 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         }),
         world,
         parallel,
+        cross_tokenizer: a.cross_tokenizer.unwrap_or(false).then(|| CrossTokenizerSettings {
+            teacher_tokenizer: a.teacher_tokenizer.clone(),
+            uld_weight: a.uld_weight.unwrap_or(1.0),
+        }),
     };
+    if !a.cross_tokenizer.unwrap_or(false) && (a.teacher_tokenizer.is_some() || a.uld_weight.is_some()) {
+        bail!("--teacher-tokenizer and --uld-weight go with --cross-tokenizer");
+    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::feed::{BatchContent, BatchLoader, Feed, FeedOptions};
 use crate::batch::stream::{RowStream, StreamOptions, StreamPosition};
 use crate::batch::targets::TargetOptions;
+use crate::losses::uld::{head_logits, uld_sum, UldBatch};
 use crate::losses::{cross_entropy, Divergence, KdLoss, TopKMode};
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
@@ -23,6 +24,8 @@ pub struct EvalResult {
     pub targets: usize,
     /// Token slots of the batches, padding included.
     pub slots: usize,
+    /// Cross-tokenizer sets: mean ULD distance per aligned group (0..2; `losses::uld`).
+    pub uld: Option<f64>,
 }
 
 /// Every row of `set` once, batched by `batching` (padded or packed: the results agree).
@@ -35,6 +38,7 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
         );
     }
     let kd = KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 };
+    let cross = set.manifest.settings.capture.cross_tokenizer.is_some();
     let stream = RowStream::new(
         set,
         StreamOptions { seed: 0, window: 8, prefetch: 2, epochs: Some(1), shuffle: true },
@@ -42,13 +46,17 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
     );
     let feed = Feed::new(stream, batching);
     // The plain (k+1) buckets: one measure for students trained on any kind of targets.
-    let content =
-        BatchContent { teacher: Some(TargetOptions { label_bucket: false, use_draws: false }), hidden_layers: vec![] };
+    let content = BatchContent {
+        teacher: Some(TargetOptions { label_bucket: false, use_draws: false }),
+        hidden_layers: vec![],
+        uld: cross,
+    };
     let loader = BatchLoader::new(feed, content, device, 2);
     let chunk = chunk_positions(model.config.vocab_size, default_logits_budget(device));
     let sum = |t: Tensor| t.sum(Kind::Double);
     let zero = || Tensor::zeros([], (Kind::Double, device));
     let (mut kl, mut ce, mut agree, mut n) = (zero(), zero(), zero(), 0usize);
+    let (mut uld, mut groups) = (zero(), 0i64);
     let mut slots = 0;
     while let Some(mb) = loader.next()? {
         let mb = mb.to_device(device, device.is_cuda());
@@ -65,6 +73,10 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
             agree += sum(logits.argmax(-1, false).eq_tensor(&top1).to_kind(Kind::Double));
             Ok(())
         })?;
+        if let Some(u) = mb.uld.as_ref().filter(|u| u.groups() > 0) {
+            uld += uld_of_groups(model, &h, &mb.batch.next_tokens, u);
+            groups += u.groups();
+        }
         n += mb.targets;
         slots += mb.batch.ids.numel();
     }
@@ -73,5 +85,20 @@ pub fn evaluate(model: &CausalLm, set: Arc<ShardSet>, device: Device, batching: 
     }
     let d = n as f64;
     let read = |t: &Tensor| t.double_value(&[]) / d;
-    Ok(EvalResult { kl: read(&kl), ce: read(&ce), top1_agreement: read(&agree), targets: n, slots })
+    let uld = (cross && groups > 0).then(|| uld.double_value(&[]) / groups as f64);
+    Ok(EvalResult { kl: read(&kl), ce: read(&ce), top1_agreement: read(&agree), targets: n, slots, uld })
+}
+
+/// ULD summed over a micro-batch's groups: the head on the groups' positions only,
+/// logits of at most 16M values at a time.
+fn uld_of_groups(model: &CausalLm, h: &Tensor, labels: &Tensor, u: &UldBatch) -> Tensor {
+    let t = &model.transformer;
+    let vocab = t.lm_head_weight().size()[0];
+    let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
+    for piece in u.pieces((1 << 24) / vocab.max(1)) {
+        let (rows, local) = piece.gathered();
+        let logits = head_logits(&h.index_select(0, &rows), t.lm_head_weight(), t.final_softcap());
+        sum += uld_sum(&logits.log_softmax(-1, Kind::Float), &labels.index_select(0, &rows), &local);
+    }
+    sum
 }

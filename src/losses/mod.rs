@@ -19,6 +19,7 @@
 //! All results are per position (`[P]`, float32); callers sum and normalise by the
 //! global count of trained tokens.
 pub mod fused;
+pub mod uld;
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};

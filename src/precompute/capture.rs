@@ -211,6 +211,7 @@ impl HostTargets {
                     let m = s.per_position;
                     tail_draws(&d[range.start * m..range.end * m], m)
                 }),
+                uld: None,
             });
             offset = range.end;
         }

@@ -95,6 +95,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         None
     };
     let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
+    manifest.source_examples = prepared.source_examples.clone();
     let dir = &out.dir;
     manifest.planned_shards = shards.len();
     let resumed_tokens: usize = manifest.total_tokens();

@@ -23,6 +23,8 @@ pub struct Prepared {
     pub rows: Vec<Sequence>,
     pub skipped: SkipReport,
     pub teacher_config: ModelConfig,
+    /// Examples read from each input file (see `Manifest::source_examples`).
+    pub source_examples: Vec<u64>,
 }
 
 pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
@@ -85,6 +87,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         sampler_logprobs,
         id_type,
         hidden: cfg.hidden_layers.iter().map(|&l| (l, teacher_config.hidden_size)).collect(),
+        uld: false,
     };
     let settings = Settings {
         teacher: TeacherInfo {
@@ -115,6 +118,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
                 from: "the teacher's distribution at temperature 1 renormalised over the ids outside the top-k".into(),
             }),
             sampler_logprobs,
+            cross_tokenizer: None,
         },
         data: DataInfo {
             sources: files
@@ -144,8 +148,18 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
             row_group_rows: cfg.parquet.row_group_rows,
             byte_stream_split: cfg.parquet.byte_stream_split,
         },
+        mixture: None,
     };
-    Ok(Prepared { settings, layout, rows, skipped, teacher_config })
+    // Records of each file (locations are `FILE:LINE`), so that a row's `row_index`
+    // tells which file its examples came from.
+    let source_examples = files
+        .iter()
+        .map(|f| {
+            let path = f.display().to_string();
+            records.iter().filter(|r| r.location.rsplit_once(':').is_some_and(|(p, _)| p == path)).count() as u64
+        })
+        .collect();
+    Ok(Prepared { settings, layout, rows, skipped, teacher_config, source_examples })
 }
 
 /// Rows `[index * n / count, (index + 1) * n / count)`: contiguous, disjoint, covering.

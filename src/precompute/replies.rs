@@ -91,6 +91,7 @@ impl ReplyTargets {
         let plan = OutputPlan::check(&cfg.output, &prepared.settings, cfg.slice, cfg.overwrite)?;
         let done = plan.listed_shards();
         let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
+        manifest.source_examples = prepared.source_examples.clone();
         manifest.planned_shards = shards.len();
         let settings_json = serde_json::to_string(&prepared.settings)?;
         let mut captured = self.rows.into_inner();

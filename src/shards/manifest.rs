@@ -22,6 +22,10 @@ pub struct Settings {
     pub capture: CaptureInfo,
     pub data: DataInfo,
     pub sharding: ShardingInfo,
+    /// A set merged from several teachers' sets (`distill merge-teachers`): who they
+    /// are and how their distributions were mixed. Absent for one teacher's set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixture: Option<MixtureInfo>,
 }
 
 impl Settings {
@@ -31,8 +35,9 @@ impl Settings {
         ShardLayout {
             top_k: c.top_k,
             draws: c.draws.is_some(),
-            adaptive: c.top_p.is_some(),
+            adaptive: c.top_p.is_some() || c.cross_tokenizer.is_some(),
             sampler_logprobs: c.sampler_logprobs,
+            uld: c.cross_tokenizer.is_some(),
             id_type: c.id_type,
             hidden: c.hidden_layers.iter().map(|&l| (l, self.teacher.hidden_size)).collect(),
         }
@@ -45,7 +50,8 @@ impl Settings {
             vocab: self.tokenizer.vocab_size,
             hidden: self.layout().hidden,
             draws: self.capture.draws.as_ref().map_or(0, |d| d.per_position),
-            adaptive: self.capture.top_p.is_some(),
+            adaptive: self.capture.top_p.is_some() || self.capture.cross_tokenizer.is_some(),
+            cross: self.capture.cross_tokenizer.is_some(),
         }
     }
 }
@@ -92,6 +98,22 @@ pub struct CaptureInfo {
     /// column holds its log-probability of each trained token (format version 2).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sampler_logprobs: bool,
+    /// Targets moved to another tokenizer (`train --cross-tokenizer`): the rows are the
+    /// student's tokens, `settings.tokenizer` the student's (format version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_tokenizer: Option<CrossTokenizerInfo>,
+}
+
+/// Where a cross-tokenizer set's targets came from and how they were moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrossTokenizerInfo {
+    /// The teacher's shard set and the xxh3 of its shard checksums.
+    pub teacher_set: String,
+    pub teacher_set_hash: String,
+    pub teacher_tokenizer: TokenizerInfo,
+    /// Teacher ids whose strings the student's vocabulary holds exactly.
+    pub matched_ids: usize,
+    pub rule: String,
 }
 
 /// How the `draw_ids` / `draw_counts` columns were drawn.
@@ -131,6 +153,39 @@ pub struct ShardingInfo {
     pub zstd_level: i32,
     pub row_group_rows: usize,
     pub byte_stream_split: bool,
+}
+
+/// How a merged set's targets were made from several teachers' sets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixtureInfo {
+    pub teachers: Vec<MixedTeacher>,
+    /// Weights by data source (a domain expert per file), in the order of `teachers`;
+    /// a document from a source not listed here takes each teacher's `weight`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_weights: Vec<SourceWeights>,
+    /// How an id missing from a teacher's top-k is given a share of that teacher's tail.
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixedTeacher {
+    /// The input shard set as given on the command line.
+    pub set: String,
+    /// xxh3 of the input set's shard checksums, in order: which targets were mixed.
+    pub set_hash: String,
+    pub teacher: TeacherInfo,
+    pub tokenizer_hash: String,
+    pub top_k: usize,
+    /// Weight of this teacher's distribution (the weights sum to 1).
+    pub weight: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceWeights {
+    /// A path of `data.sources`.
+    pub source: String,
+    /// One weight per teacher, summing to 1.
+    pub weights: Vec<f64>,
 }
 
 /// Which part of the data this set covers: rows `[index * n / count, (index+1) * n / count)`.
@@ -215,6 +270,11 @@ pub struct Manifest {
     pub complete: bool,
     pub shards: Vec<ShardEntry>,
     pub skipped: SkipReport,
+    /// Examples read from each file of `settings.data.sources`, in order: they fix which
+    /// `row_index` values come from which file (per-source mixture weights). Empty in
+    /// sets made before distill recorded it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_examples: Vec<u64>,
 }
 
 impl Manifest {
@@ -229,6 +289,7 @@ impl Manifest {
             complete: false,
             shards: vec![],
             skipped,
+            source_examples: vec![],
         }
     }
 

@@ -62,6 +62,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<Manifest> {
     let out = create_staged(output)?;
     let mut merged = Manifest::new(first.settings.clone(), Slice { index: 0, count: 1 }, 0, Default::default());
     merged.slices = expected;
+    merged.source_examples = first.source_examples.clone();
     for (dir, m) in &manifests {
         merged.skipped.invalid_rows += m.skipped.invalid_rows;
         merged.skipped.truncated_examples += m.skipped.truncated_examples;

@@ -12,10 +12,11 @@ use arrow::datatypes::{Float16Type, Float32Type, Int32Type, UInt16Type, UInt64Ty
 use bytes::Bytes;
 use half::f16;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use super::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
+use super::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets, UldTargets};
 use super::schema::{columns, hidden_column, hidden_rms_column, IdType};
 use crate::dataset::sequence::Sequence;
 
@@ -103,7 +104,7 @@ impl ShardSet {
         }
         if t.hash != tokenizer_hash && !force {
             bail!(
-                "{}: the targets were made for another tokenizer than the student's: tokenizer.json hash {} (shards) vs {tokenizer_hash} (student); use a student with the teacher's tokenizer, or force it",
+                "{}: the targets were made for another tokenizer than the student's: tokenizer.json hash {} (shards) vs {tokenizer_hash} (student); use a student with the teacher's tokenizer, train with --cross-tokenizer (another vocabulary), or --force-tokenizer (the same ids in another file)",
                 manifest.display(),
                 t.hash
             );
@@ -130,6 +131,25 @@ impl ShardSet {
 
     pub fn row_groups(&self) -> &[RowGroupRef] {
         &self.row_groups
+    }
+
+    /// Every row's `row_index`, in stored order, read from that column alone.
+    pub fn row_indices(&self) -> Result<Vec<u64>> {
+        let mut out = vec![];
+        for (entry, shard) in self.manifest.shards.iter().zip(&self.shards) {
+            let schema = shard.metadata.metadata().file_metadata().schema_descr();
+            let mask = ProjectionMask::columns(schema, [columns::ROW_INDEX]);
+            let reader =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(shard.bytes.clone(), shard.metadata.clone())
+                    .with_projection(mask)
+                    .build()?;
+            for batch in reader {
+                let batch =
+                    batch.with_context(|| format!("{}: cannot decode", self.dir.join(&entry.file).display()))?;
+                out.extend(batch.column(0).as_primitive::<UInt64Type>().values().iter().copied());
+            }
+        }
+        Ok(out)
     }
 
     /// Decodes one row group into rows.
@@ -172,6 +192,7 @@ impl ShardSet {
     fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<(ShardRow, [i32; 2])>> {
         use columns::*;
         let cap = &self.manifest.settings.capture;
+        let adaptive = self.manifest.settings.layout().adaptive;
         let col = |name: &str| batch.column_by_name(name).with_context(|| format!("column `{name}` is missing"));
         let list = |name: &str| -> Result<ListArray> {
             col(name)?.as_list_opt::<i32>().cloned().with_context(|| format!("column `{name}` is not a list"))
@@ -189,6 +210,8 @@ impl ShardSet {
         let topk = if cap.top_k > 0 { Some((list(TOPK_IDS)?, list(TOPK_LOGPROBS)?)) } else { None };
         let draws = if cap.draws.is_some() { Some((list(DRAW_IDS)?, list(DRAW_COUNTS)?)) } else { None };
         let sampled = if cap.sampler_logprobs { Some(list(SAMPLER_LOGPROB)?) } else { None };
+        let uld =
+            if cap.cross_tokenizer.is_some() { Some((list(ULD_LOGPROBS)?, list(GROUP_CONTINUES)?)) } else { None };
         let hidden: Vec<(usize, ListArray, ListArray)> = cap
             .hidden_layers
             .iter()
@@ -216,7 +239,7 @@ impl ShardSet {
                 sampler_logprobs: sampled.as_ref().filter(|l| l.is_valid(r)).map(|l| f32s(&l.value(r))).transpose()?,
             };
             let (lengths, ids, logprobs) = match &topk {
-                Some((ids, lps)) if cap.top_p.is_some() => {
+                Some((ids, lps)) if adaptive => {
                     let ((lengths, ids), (lp_lengths, lps)) = (lists(&ids.value(r))?, lists(&lps.value(r))?);
                     if lengths != lp_lengths {
                         bail!("`{TOPK_IDS}` and `{TOPK_LOGPROBS}` hold lists of different lengths");
@@ -236,6 +259,15 @@ impl ShardSet {
                 draws: draws
                     .as_ref()
                     .map(|(ids, counts)| tail_draws(&ids.value(r), &counts.value(r), cap.id_type))
+                    .transpose()?,
+                uld: uld
+                    .as_ref()
+                    .map(|(lps, cont)| {
+                        Ok::<_, anyhow::Error>(UldTargets {
+                            logprobs: fixed_f16(&lps.value(r))?,
+                            continues: bools(&cont.value(r))?,
+                        })
+                    })
                     .transpose()?,
             };
             rows.push((ShardRow { sequence, topk, hidden }, [num_tokens.value(r), num_targets.value(r)]));

@@ -35,6 +35,30 @@ pub struct TopKTargets {
     /// Ids drawn from the teacher's tail (its whole distribution when k = 0), when the
     /// shard set holds draws.
     pub draws: Option<TailDraws>,
+    /// Cross-tokenizer sets: the teacher's distribution over each aligned group of
+    /// tokens, for ULD (see `UldTargets`).
+    pub uld: Option<UldTargets>,
+}
+
+/// A cross-tokenizer set's targets beyond the matched ids (`train --cross-tokenizer`):
+/// per trained position, the teacher's probabilities for the group of tokens that
+/// starts there, sorted in descending order, and whether the position continues the
+/// group of the position before (its student probability multiplies into that group's
+/// instead of starting one).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UldTargets {
+    /// `k + 1` log-probabilities per position: the k largest of the group's teacher
+    /// probabilities, descending, then the rest of its mass; all -inf where the
+    /// position continues a group.
+    pub logprobs: Vec<f16>,
+    pub continues: Vec<bool>,
+}
+
+impl UldTargets {
+    pub fn append(&mut self, other: UldTargets) {
+        self.logprobs.extend(other.logprobs);
+        self.continues.extend(other.continues);
+    }
 }
 
 /// Per position, the distinct ids drawn from the teacher's distribution renormalised
@@ -109,6 +133,7 @@ impl TopKTargets {
             tail_logmass: vec![],
             target_logprob: vec![],
             draws: None,
+            uld: None,
         }
     }
 
@@ -144,6 +169,11 @@ impl TopKTargets {
             (mine @ None, Some(theirs)) if was_empty => *mine = Some(theirs),
             (_, theirs) => debug_assert!(theirs.is_none(), "rows of one shard set all hold draws or none"),
         }
+        match (&mut self.uld, other.uld) {
+            (Some(mine), Some(theirs)) => mine.append(theirs),
+            (mine @ None, Some(theirs)) if was_empty => *mine = Some(theirs),
+            (_, theirs) => debug_assert!(theirs.is_none(), "rows of one shard set all hold ULD targets or none"),
+        }
     }
 }
 
@@ -166,6 +196,9 @@ pub struct RowLimits {
     pub draws: usize,
     /// Mass-adaptive top-k: each position keeps 1..=top_k ids.
     pub adaptive: bool,
+    /// Cross-tokenizer set: positions may list no id (only teacher ids whose strings the
+    /// student's vocabulary has are listed), and ULD targets (k + 1 per position) are held.
+    pub cross: bool,
 }
 
 impl ShardRow {
@@ -216,10 +249,13 @@ impl ShardRow {
                 bail!("column `{column}`: {len} entries for the row's {targets} trained positions");
             }
         }
+        let least = usize::from(!limits.cross);
         let held = match &t.lengths {
             None if !limits.adaptive => targets * t.k,
             Some(l)
-                if limits.adaptive && l.len() == targets && l.iter().all(|&n| (1..=t.k).contains(&(n as usize))) =>
+                if limits.adaptive
+                    && l.len() == targets
+                    && l.iter().all(|&n| (least..=t.k).contains(&(n as usize))) =>
             {
                 l.iter().map(|&n| n as usize).sum()
             }
@@ -245,6 +281,7 @@ impl ShardRow {
             }
         }
         self.check_draws(limits)?;
+        self.check_uld(limits)?;
         let layers: Vec<(usize, usize)> = self.hidden.iter().map(|h| (h.layer, h.width)).collect();
         if layers != limits.hidden {
             bail!("hidden-state columns {layers:?} (layer, width) differ from the manifest's {:?}", limits.hidden);
@@ -259,6 +296,33 @@ impl ShardRow {
             }
             if let Some(x) = h.rms.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
                 bail!("column `{rms}`: {x} is not a positive RMS");
+            }
+        }
+        Ok(())
+    }
+
+    /// ULD columns: k + 1 log-probabilities per position (k descending, then the rest)
+    /// and a continuation flag.
+    fn check_uld(&self, limits: &RowLimits) -> anyhow::Result<()> {
+        use super::schema::columns::{GROUP_CONTINUES, ULD_LOGPROBS};
+        use anyhow::bail;
+        let t = &self.topk;
+        let u = match (&t.uld, limits.cross) {
+            (None, false) => return Ok(()),
+            (Some(u), true) => u,
+            _ => bail!(
+                "columns `{ULD_LOGPROBS}` / `{GROUP_CONTINUES}`: the row and the manifest disagree on holding them"
+            ),
+        };
+        let (p, width) = (t.positions(), limits.top_k + 1);
+        if u.logprobs.len() != p * width || u.continues.len() != p {
+            bail!(
+                "columns `{ULD_LOGPROBS}` / `{GROUP_CONTINUES}`: lengths do not match {p} positions of {width} entries"
+            );
+        }
+        for (i, v) in u.logprobs.chunks(width).enumerate() {
+            if v.iter().any(|x| x.is_nan() || x.to_f32() > 0.0) || v[..width - 1].windows(2).any(|w| w[0] < w[1]) {
+                bail!("column `{ULD_LOGPROBS}`: position {i}: {v:?} are not log-probabilities, descending before the rest");
             }
         }
         Ok(())

@@ -52,6 +52,9 @@ pub struct ShardLayout {
     pub adaptive: bool,
     /// The `sampler_logprob` column is present (rows sampled from a model).
     pub sampler_logprobs: bool,
+    /// Cross-tokenizer set: the `uld_logprobs` ([top_k + 1] per target) and
+    /// `group_continues` columns are present.
+    pub uld: bool,
     pub id_type: IdType,
     /// (layer number, width) of each captured hidden state.
     pub hidden: Vec<(usize, usize)>,
@@ -73,6 +76,8 @@ pub mod columns {
     pub const DRAW_IDS: &str = "draw_ids";
     pub const DRAW_COUNTS: &str = "draw_counts";
     pub const SAMPLER_LOGPROB: &str = "sampler_logprob";
+    pub const ULD_LOGPROBS: &str = "uld_logprobs";
+    pub const GROUP_CONTINUES: &str = "group_continues";
 }
 
 pub fn hidden_column(layer: usize) -> String {
@@ -94,7 +99,7 @@ fn fixed_list_of(item: DataType, n: usize) -> DataType {
 impl ShardLayout {
     /// The format version a set of this layout is written as.
     pub fn format_version(&self) -> u32 {
-        if self.draws || self.adaptive || self.top_k == 0 || self.sampler_logprobs {
+        if self.draws || self.adaptive || self.top_k == 0 || self.sampler_logprobs || self.uld {
             FORMAT_VERSION
         } else {
             1
@@ -129,6 +134,10 @@ impl ShardLayout {
         if self.sampler_logprobs {
             // Null for a row of fixed data mixed into a round of samples.
             fields.push(Field::new(SAMPLER_LOGPROB, list_of(DataType::Float32), true));
+        }
+        if self.uld {
+            fields.push(Field::new(ULD_LOGPROBS, list_of(fixed_list_of(DataType::Float16, self.top_k + 1)), false));
+            fields.push(Field::new(GROUP_CONTINUES, list_of(DataType::Boolean), false));
         }
         for &(layer, width) in &self.hidden {
             fields.push(Field::new(hidden_column(layer), list_of(fixed_list_of(DataType::Float16, width)), false));

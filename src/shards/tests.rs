@@ -30,6 +30,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             hidden_dtype: "float16".into(),
             draws: layout.draws.then(|| DrawInfo { per_position: DRAWS, seed: 1, from: "tail".into() }),
             sampler_logprobs: layout.sampler_logprobs,
+            cross_tokenizer: None,
         },
         data: DataInfo {
             sources: vec![],
@@ -41,6 +42,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             skip_invalid: false,
         },
         sharding: ShardingInfo { shard_tokens: 100, zstd_level: 3, row_group_rows: 2, byte_stream_split: true },
+        mixture: None,
     }
 }
 
@@ -84,6 +86,7 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
         tail_logmass: (0..p).map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { -value(i).abs() }).collect(),
         target_logprob: (0..p).map(|i| -1.5 - value(i)).collect(),
         draws: layout.draws.then(|| draws(p, max_id)),
+        uld: None,
     };
     let hidden = layout
         .hidden
@@ -149,6 +152,7 @@ fn rows_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Uint16,
             hidden: vec![(1, 4), (3, 4)],
+            uld: false,
         },
         65_000,
     );
@@ -160,6 +164,7 @@ fn rows_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Int32,
             hidden: vec![],
+            uld: false,
         },
         70_000,
     );
@@ -175,6 +180,7 @@ fn rows_with_draws_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Uint16,
             hidden: vec![(2, 4)],
+            uld: false,
         },
         65_000,
     );
@@ -187,6 +193,7 @@ fn rows_with_draws_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Int32,
             hidden: vec![],
+            uld: false,
         },
         70_000,
     );
@@ -199,6 +206,7 @@ fn rows_with_draws_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Uint16,
             hidden: vec![],
+            uld: false,
         },
         65_000,
     );
@@ -210,6 +218,7 @@ fn rows_with_draws_read_back_as_written() {
             sampler_logprobs: false,
             id_type: IdType::Int32,
             hidden: vec![(1, 4)],
+            uld: false,
         },
         70_000,
     );
@@ -222,6 +231,7 @@ fn rows_with_draws_read_back_as_written() {
             sampler_logprobs: true,
             id_type: IdType::Uint16,
             hidden: vec![],
+            uld: false,
         },
         65_000,
     );

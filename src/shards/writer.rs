@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::manifest::ShardEntry;
-use super::row::{ShardRow, TailDraws};
+use super::row::{ShardRow, TailDraws, UldTargets};
 use super::schema::{columns, IdType, ShardLayout, FORMAT_NAME, META_FORMAT, META_SETTINGS, META_VERSION};
 use crate::files::checksum_file;
 
@@ -138,7 +138,9 @@ impl ShardWriter {
         for r in rows {
             let layers: Vec<(usize, usize)> = r.hidden.iter().map(|h| (h.layer, h.width)).collect();
             let t = &r.topk;
-            let kinds = t.draws.is_some() == self.layout.draws && t.lengths.is_some() == self.layout.adaptive;
+            let kinds = t.draws.is_some() == self.layout.draws
+                && t.lengths.is_some() == self.layout.adaptive
+                && t.uld.is_some() == self.layout.uld;
             if t.k != k || layers != self.layout.hidden || !kinds {
                 bail!("row {} was captured with other settings than this shard", r.sequence.row_index);
             }
@@ -154,6 +156,7 @@ impl ShardWriter {
                         && d.counts.len() == d.ids.len()
                         && d.lengths.iter().map(|&n| n as usize).sum::<usize>() == d.ids.len()
                 })
+                && t.uld.as_ref().is_none_or(|u| u.logprobs.len() == p * (k + 1) && u.continues.len() == p)
                 && r.hidden.iter().all(|h| h.values.len() == p * h.width && h.rms.len() == p)
                 && r.sequence.sampler_logprobs.as_ref().is_none_or(|l| self.layout.sampler_logprobs && l.len() == p);
             if !agree {
@@ -210,6 +213,13 @@ impl ShardWriter {
             let valid = NullBuffer::from_iter(rows.iter().map(|r| r.sequence.sampler_logprobs.is_some()));
             columns.push(Arc::new(ListArray::new(field, OffsetBuffer::from_lengths(lengths), values, Some(valid))));
         }
+        if self.layout.uld {
+            let uld: Vec<&UldTargets> = rows.iter().filter_map(|r| r.topk.uld.as_ref()).collect();
+            let values = Float16Array::from_iter_values(uld.iter().flat_map(|u| u.logprobs.iter().copied()));
+            columns.push(by_target(fixed(Arc::new(values), k + 1)));
+            let continues = BooleanArray::from_iter(uld.iter().flat_map(|u| u.continues.iter().map(|&c| Some(c))));
+            columns.push(by_target(Arc::new(continues)));
+        }
         for (i, &(_, width)) in self.layout.hidden.iter().enumerate() {
             let values = Float16Array::from_iter_values(rows.iter().flat_map(|r| r.hidden[i].values.iter().copied()));
             columns.push(by_target(fixed(Arc::new(values), width)));
@@ -240,4 +250,68 @@ fn fixed(values: ArrayRef, n: usize) -> ArrayRef {
 fn list(values: ArrayRef, lengths: &[usize]) -> ArrayRef {
     let field = Arc::new(Field::new("item", values.data_type().clone(), false));
     Arc::new(ListArray::new(field, OffsetBuffer::from_lengths(lengths.iter().copied()), values, None))
+}
+
+/// Rows streamed into consecutive shards of at least `shard_tokens` tokens each, every
+/// complete shard listed in the manifest (saved after each) as precompute does; for
+/// sets made from other sets (`merge-teachers`, cross-tokenizer targets).
+pub struct RollingShards<'a> {
+    dir: &'a Path,
+    layout: ShardLayout,
+    opts: ParquetOptions,
+    settings_json: String,
+    shard_tokens: usize,
+    current: Option<(ShardWriter, usize)>,
+}
+
+impl<'a> RollingShards<'a> {
+    pub fn new(dir: &'a Path, settings: &super::manifest::Settings) -> Result<Self> {
+        let s = &settings.sharding;
+        Ok(RollingShards {
+            dir,
+            layout: settings.layout(),
+            opts: ParquetOptions {
+                zstd_level: s.zstd_level,
+                row_group_rows: s.row_group_rows,
+                byte_stream_split: s.byte_stream_split,
+            },
+            settings_json: serde_json::to_string(settings)?,
+            shard_tokens: s.shard_tokens,
+            current: None,
+        })
+    }
+
+    pub fn write(&mut self, rows: &[ShardRow], manifest: &mut super::manifest::Manifest) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if self.current.is_none() {
+            let w = ShardWriter::create(
+                self.dir,
+                manifest.shards.len(),
+                self.layout.clone(),
+                &self.opts,
+                &self.settings_json,
+            )?;
+            self.current = Some((w, 0));
+        }
+        let (w, tokens) = self.current.as_mut().unwrap();
+        w.write(rows)?;
+        *tokens += rows.iter().map(|r| r.sequence.len()).sum::<usize>();
+        if *tokens >= self.shard_tokens {
+            manifest.shards.push(self.current.take().unwrap().0.finish()?);
+            manifest.save(self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the last shard and marks the set complete.
+    pub fn finish(mut self, manifest: &mut super::manifest::Manifest) -> Result<()> {
+        if let Some((w, _)) = self.current.take() {
+            manifest.shards.push(w.finish()?);
+        }
+        manifest.planned_shards = manifest.shards.len();
+        manifest.complete = true;
+        manifest.save(self.dir)
+    }
 }

@@ -66,6 +66,20 @@ pub struct TrainConfig {
     /// This process's place in a data-parallel job (`None`: it trains alone).
     pub world: Option<WorldInfo>,
     pub parallel: ParallelSettings,
+    /// A teacher with another tokenizer than the student's (`--cross-tokenizer`).
+    pub cross_tokenizer: Option<CrossTokenizerSettings>,
+}
+
+/// Cross-tokenizer KD: the shards are moved to the student's tokens once, into
+/// `OUTPUT/student-targets` (`align::set`), and trained on with ULD plus the KL on the
+/// teacher ids whose strings the student's vocabulary holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossTokenizerSettings {
+    /// The tokenizer the shards were made with (default: the teacher's path in the
+    /// manifest).
+    pub teacher_tokenizer: Option<PathBuf>,
+    /// Weight of ULD beside the matched-id KL (both within KD's `1 - alpha`).
+    pub uld_weight: f64,
 }
 
 /// How the ranks of a data-parallel job work together (ignored when training alone).
@@ -154,6 +168,7 @@ impl Default for TrainConfig {
             stop_at: None,
             world: None,
             parallel: ParallelSettings::default(),
+            cross_tokenizer: None,
         }
     }
 }
@@ -184,6 +199,10 @@ impl TrainConfig {
     pub fn target_options(&self, capture: &CaptureInfo) -> Result<Option<TargetOptions>> {
         if self.alpha >= 1.0 {
             return Ok(None);
+        }
+        if capture.cross_tokenizer.is_some() {
+            // Listed: the matched ids; positions inside a group list none (KL 0 there).
+            return Ok(Some(TargetOptions { label_bucket: false, use_draws: false }));
         }
         let bucket = self.kd.mode == TopKMode::Bucket;
         let forward_kl_t1 = bucket && self.kd.divergence == Divergence::ForwardKl && self.kd.temperature == 1.0;
@@ -253,6 +272,14 @@ impl TrainConfig {
         if let Some(h) = &self.hidden {
             if !(h.weight.is_finite() && h.weight >= 0.0) {
                 bail!("--hidden-weight must be a number >= 0, not {}", h.weight);
+            }
+        }
+        if let Some(c) = &self.cross_tokenizer {
+            if !(c.uld_weight.is_finite() && c.uld_weight >= 0.0) {
+                bail!("--uld-weight must be a number >= 0, not {}", c.uld_weight);
+            }
+            if self.hidden.is_some() {
+                bail!("--cross-tokenizer: hidden-state distillation needs the teacher's positions; the student's tokens are others");
             }
         }
         Ok(())

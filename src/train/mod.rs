@@ -13,5 +13,5 @@ pub mod run_dir;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{HiddenSettings, ParallelSettings, Precision, TrainConfig};
+pub use config::{CrossTokenizerSettings, HiddenSettings, ParallelSettings, Precision, TrainConfig};
 pub use trainer::{train, StepLog};

@@ -14,6 +14,8 @@ use crate::files::{checksum_file, dir_entries, write_atomic, xxh3_string};
 use crate::shards::manifest::{json_diff, Manifest};
 
 pub const RUN_FILE: &str = "run.json";
+/// The teacher's targets in the student's tokens (`--cross-tokenizer`), made by the run.
+pub const STUDENT_TARGETS_DIR: &str = "student-targets";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 const FORMAT: &str = "distill-run";
 
@@ -69,6 +71,9 @@ impl RunRecord {
         let mut settings = settings;
         if cfg.router_aux_weight > 0.0 {
             settings["router_aux_weight"] = cfg.router_aux_weight.into();
+        }
+        if let Some(c) = &cfg.cross_tokenizer {
+            settings["cross_tokenizer"] = serde_json::json!({ "uld_weight": c.uld_weight });
         }
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
     }
@@ -157,7 +162,15 @@ pub fn start(out: &Path, record: &RunRecord, resumed_step: u64) -> Result<std::f
 /// What a run of distill train writes into its directory.
 fn is_run_entry(name: &str) -> bool {
     let checkpoint = |n: &str| n.strip_prefix("checkpoint-").is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()));
-    matches!(name, RUN_FILE | METRICS_FILE | "loss.png" | "loss.png.tmp" | "run.tmp-distill" | "metrics.tmp-distill")
-        || checkpoint(name)
+    matches!(
+        name,
+        RUN_FILE
+            | METRICS_FILE
+            | STUDENT_TARGETS_DIR
+            | "loss.png"
+            | "loss.png.tmp"
+            | "run.tmp-distill"
+            | "metrics.tmp-distill"
+    ) || checkpoint(name)
         || name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).is_some_and(checkpoint)
 }

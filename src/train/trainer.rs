@@ -13,19 +13,22 @@ use tch::{Device, Kind, Tensor};
 
 use super::autocast::AutocastGuard;
 use super::checkpoint::{restore, Checkpoint, TrainerState};
-use super::config::{HiddenSettings, Precision, TrainConfig};
+use super::config::{CrossTokenizerSettings, HiddenSettings, Precision, TrainConfig};
 use super::hidden::HiddenDistill;
 use super::optim::{clip_grad_norm, AdamW};
 use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
+use crate::align::set::student_targets;
 use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
 use crate::files::checksum_file;
 use crate::losses::fused::{fused_head_loss, HeadLoss};
+use crate::losses::uld::{head_logits, uld_per_group, UldBatch};
 use crate::model::backward::StepLosses;
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
+use crate::shards::manifest::Manifest;
 use crate::shards::reader::ShardSet;
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,16 +121,23 @@ impl<'a> Run<'a> {
     /// from), projections, optimiser, and the batches from the stream position.
     fn setup(cfg: &'a TrainConfig) -> Result<Self> {
         cfg.validate()?;
-        let set = Arc::new(ShardSet::open(&cfg.shards, false)?);
+        let mut set = Arc::new(ShardSet::open(&cfg.shards, false)?);
         let config = crate::model::ModelConfig::from_dir(&cfg.student)?;
         if cfg.router_aux_weight > 0.0 && config.moe.is_none() {
             bail!("--router-aux-weight: the student {} has no mixture of experts", cfg.student.display());
         }
         let tokenizer_hash = checksum_file(&cfg.student.join("tokenizer.json"))?;
-        set.check_student(&tokenizer_hash, config.vocab_size, cfg.force_tokenizer)?;
-        let targets = cfg.target_options(&set.manifest.settings.capture)?;
+        if cfg.cross_tokenizer.is_none() {
+            set.check_student(&tokenizer_hash, config.vocab_size, cfg.force_tokenizer)?;
+        }
+        // The record names the teacher's set: the student-side one follows from it.
         let record = RunRecord::new(cfg, &set.manifest)?;
         let resume_from = run_dir::check(cfg, &record)?;
+        if let Some(c) = &cfg.cross_tokenizer {
+            set = Arc::new(student_side_set(cfg, c)?);
+            set.check_student(&tokenizer_hash, config.vocab_size, false)?;
+        }
+        let targets = cfg.target_options(&set.manifest.settings.capture)?;
         let mut parallel = match &cfg.world {
             Some(world) => {
                 let p = Parallel::join(world, cfg.parallel, cfg.device)?;
@@ -293,6 +303,34 @@ impl<'a> Run<'a> {
 }
 
 /// Micro-batches from the stream position of `state`, built ahead on a thread.
+/// The teacher's targets in the student's tokens, made in `OUTPUT/student-targets` by
+/// the first run and reused by later ones (and by every rank of a data-parallel run,
+/// which only reads them).
+fn student_side_set(cfg: &TrainConfig, c: &CrossTokenizerSettings) -> Result<ShardSet> {
+    let dir = cfg.output.join(run_dir::STUDENT_TARGETS_DIR);
+    let several = cfg.world.as_ref().is_some_and(|w| w.world > 1);
+    if several && !Manifest::load(&dir).is_ok_and(|m| m.complete) {
+        bail!(
+            "--cross-tokenizer with several processes: {} does not hold the student-side targets yet; make them with one process first (e.g. --steps 1 --stop-at 1), then --resume",
+            dir.display()
+        );
+    }
+    let made = student_targets(&cfg.shards, c.teacher_tokenizer.as_deref(), &cfg.student, &dir)?;
+    if let Some(s) = made.stats {
+        eprintln!(
+            "student-side targets in {}: {} groups ({} of one token on each side) cover {} of the teacher's {} targets; {} rows, {} tokens",
+            made.dir.display(),
+            s.groups,
+            s.one_to_one,
+            s.aligned_targets,
+            s.teacher_targets,
+            made.manifest.shards.iter().map(|e| e.rows).sum::<usize>(),
+            made.manifest.total_tokens()
+        );
+    }
+    ShardSet::open(&made.dir, false)
+}
+
 fn batch_loader(
     cfg: &TrainConfig,
     set: &Arc<ShardSet>,
@@ -306,8 +344,11 @@ fn batch_loader(
         StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None, shuffle: cfg.shuffle },
         state.position,
     );
-    let content =
-        BatchContent { teacher: targets, hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default() };
+    let content = BatchContent {
+        teacher: targets,
+        hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default(),
+        uld: cfg.cross_tokenizer.is_some() && targets.is_some(),
+    };
     let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
     BatchLoader::shared(feed, content, cfg.device, 2 * cfg.grad_accum.max(1) * share.of, share)
@@ -395,7 +436,18 @@ impl StepLosses for MicroLosses<'_> {
             logit_softcap: self.model.transformer.final_softcap(),
         };
         let started = Instant::now();
-        let out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
+        let mut out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
+        if let (Some(u), Some(c)) = (&mb.uld, &cfg.cross_tokenizer) {
+            let weight = (1.0 - cfg.alpha) * c.uld_weight;
+            if u.groups() > 0 && weight > 0.0 {
+                let softcap = self.model.transformer.final_softcap();
+                let g = uld_gradients(&h, head, &mb.batch.next_tokens, u, weight * self.scale, softcap);
+                out.grad_hidden += g.grad_hidden.to_kind(out.grad_hidden.kind());
+                out.grad_head += g.grad_head.to_kind(out.grad_head.kind());
+                self.sums.loss.push(g.sum.shallow_clone() * (weight * self.scale));
+                self.sums.kd.push(g.sum);
+            }
+        }
         self.sums.head_time += started.elapsed();
         self.sums.loss.push(out.loss);
         self.sums.kd.push(out.kd_sum);
@@ -424,6 +476,42 @@ impl StepLosses for MicroLosses<'_> {
         self.sums.hidden.push(raw);
         Ok(term)
     }
+}
+
+/// ULD's sum over a micro-batch's groups and its gradients (times `scale`) with respect
+/// to the trained positions' hidden states `[P, H]` and the head, by autograd on the
+/// rows of the groups' positions: the cross-tokenizer term beside the fused head's.
+struct UldGradients {
+    sum: Tensor,
+    grad_hidden: Tensor,
+    grad_head: Tensor,
+}
+
+fn uld_gradients(
+    h: &Tensor,
+    head: &Tensor,
+    labels: &Tensor,
+    u: &UldBatch,
+    scale: f64,
+    softcap: Option<f64>,
+) -> UldGradients {
+    let mut grad_hidden = Tensor::zeros(h.size(), (Kind::Float, h.device()));
+    let mut grad_head = Tensor::zeros(head.size(), (Kind::Float, head.device()));
+    let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
+    // Logits of at most 16M values (64 MiB) at a time.
+    let vocab = head.size()[0];
+    for piece in u.pieces((1 << 24) / vocab.max(1)) {
+        let (rows, local) = piece.gathered();
+        let h_sel = h.detach().index_select(0, &rows).to_kind(Kind::Float).set_requires_grad(true);
+        let w = head.detach().to_kind(Kind::Float).set_requires_grad(true);
+        let log_q = head_logits(&h_sel, &w, softcap).log_softmax(-1, Kind::Float);
+        let per_group = uld_per_group(&log_q, &labels.index_select(0, &rows), &local);
+        (per_group.sum(Kind::Float) * scale).backward();
+        grad_hidden = grad_hidden.index_add(0, &rows, &h_sel.grad());
+        grad_head += w.grad();
+        sum += per_group.detach().sum(Kind::Double);
+    }
+    UldGradients { sum, grad_hidden, grad_head }
 }
 
 /// Forward, chunked head + losses, hidden-state terms and backward for one micro-batch.
