@@ -3,19 +3,21 @@
 # SmolLM2-135M-Instruct (byte-level BPE, 49,152 ids, no BOS), teaches a student with its
 # own tokenizer (`real_data.py student`: a SentencePiece-style BPE of VOCAB ids trained on
 # the main job's corpora, BOS in front; a Llama of the main job's student's width with
-# fresh weights). Two students from the same initial weights, the same student-side rows
-# in the same order, STEPS steps of BATCH_TOKENS tokens each:
-#   kd    cross-tokenizer KD: hard-label CE (alpha 0.5) + ULD + KL on the matched ids
+# fresh weights). Students from the same initial weights, the same student-side rows in
+# the same order, STEPS steps of BATCH_TOKENS tokens each:
+#   kd-A  cross-tokenizer KD: hard-label CE (weight A, for each A in KD_ALPHAS) and, with
+#         weight 1 - A, ULD + KL on the matched ids
 #   sft   the hard labels alone (alpha 1)
 # Judged on the held-out text rows (perplexity in the student's tokens) and on the
 # held-out top-64 shards moved to the student's tokens (ULD per aligned group, KL on the
 # matched ids). Prints the table (also in RUN_DIR/cross.md). Run scripts/run.sh once
 # first (teacher, data, shards, tools, release build).
 #
-# Knobs (environment): VOCAB LAYERS STEPS BATCH_TOKENS LR ULD_WEIGHT
+# Knobs (environment): VOCAB LAYERS STEPS BATCH_TOKENS LR ULD_WEIGHT KD_ALPHAS
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${VOCAB:=8192}" "${LAYERS:=15}" "${STEPS:=48}" "${BATCH_TOKENS:=2048}" "${LR:=1e-3}" "${ULD_WEIGHT:=1}"
+: "${KD_ALPHAS:=0.5 0.8}"
 cache=.cache/real
 run=${RUN_DIR:-.cache/runs/cross}
 started=$(date +%s)
@@ -40,8 +42,11 @@ stamp "held-out top-64 shards in the student's tokens"
 $distill cross-tokenize --shards "$heldout_shards" --student "$student" --output "$run/heldout-student"
 
 ckpt=$(printf "checkpoint-%07d" "$STEPS")
-for mode in kd sft; do
-  alpha=0.5; [[ $mode == sft ]] && alpha=1
+modes=()
+for a in $KD_ALPHAS; do modes+=("kd-$a"); done
+modes+=(sft)
+for mode in "${modes[@]}"; do
+  alpha=${mode#kd-}; [[ $mode == sft ]] && alpha=1
   [[ -d $run/$mode/$ckpt ]] && continue
   stamp "train $mode ($STEPS steps of $BATCH_TOKENS tokens, alpha $alpha)"
   $distill train --student "$student" --shards "$train_shards" --output "$run/$mode" --resume --cross-tokenizer \
@@ -50,8 +55,10 @@ for mode in kd sft; do
 done
 
 stamp "evaluate"
-$distill eval --device cpu --text "$run/heldout-text.jsonl" --shards "$run/heldout-student" \
-  --model student-init="$student" --model kd="$run/kd/$ckpt" --model sft="$run/sft/$ckpt" --json > "$run/results.json"
+models=(--model student-init="$student")
+for mode in "${modes[@]}"; do models+=(--model "$mode=$run/$mode/$ckpt"); done
+$distill eval --device cpu --text "$run/heldout-text.jsonl" --shards "$run/heldout-student" "${models[@]}" \
+  --json > "$run/results.json"
 python - "$run" <<'PY'
 import json, sys
 run = sys.argv[1]

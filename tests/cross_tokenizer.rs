@@ -153,6 +153,32 @@ fn cross_tokenizer_kd_beats_sft_at_the_same_budget() {
         &[&held_student],
     );
 
+    // A set already in the student's tokens trains without the flag, ULD included.
+    let first_kd = |uld_weight: &str| {
+        let out = dir.join(format!("direct-{uld_weight}"));
+        ok(distill(&[
+            "train",
+            "--student",
+            s(&student),
+            "--shards",
+            s(&held_student),
+            "--output",
+            s(&out),
+            "--device",
+            "cpu",
+            "--batch-tokens",
+            "512",
+            "--steps",
+            "1",
+            "--uld-weight",
+            uld_weight,
+        ]));
+        let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()["kd"].as_f64().unwrap()
+    };
+    let (without, with) = (first_kd("0"), first_kd("1"));
+    assert!(with > without + 0.05, "kd with ULD {with}, without {without}");
+
     let run = |name: &str, alpha: &str| {
         let out = dir.join(name);
         ok(distill(&[

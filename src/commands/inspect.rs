@@ -83,6 +83,12 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
         "capture     top-k {} ({:?} ids, {} log-probs), tail: {}, hidden states {:?}",
         s.capture.top_k, s.capture.id_type, s.capture.logprob_dtype, s.capture.tail, s.capture.hidden_layers
     );
+    if let Some(c) = &s.capture.cross_tokenizer {
+        println!(
+            "cross-tok   the targets of {} ({} ids, tokenizer {}) in a student's tokens ({} ids, tokenizer {}); {} teacher ids match a student id; pass the student's --tokenizer to see text",
+            c.teacher_set, c.teacher_tokenizer.vocab_size, c.teacher_tokenizer.hash, s.tokenizer.vocab_size, s.tokenizer.hash, c.matched_ids
+        );
+    }
     if let Some(mix) = &s.mixture {
         println!("teachers    {} mixed ({})", mix.teachers.len(), mix.rule);
         for t in &mix.teachers {

@@ -149,7 +149,8 @@ pub struct TrainArgs {
     /// [default: the teacher's path in the shards' manifest].
     #[arg(long)]
     teacher_tokenizer: Option<PathBuf>,
-    /// With --cross-tokenizer: weight of ULD beside the matched-id KL [default: 1].
+    /// On a teacher of another tokenizer (--cross-tokenizer, or shards made by
+    /// `distill cross-tokenize`): weight of ULD beside the matched-id KL [default: 1].
     #[arg(long)]
     uld_weight: Option<f64>,
     /// Positions per chunk of the head and loss [default: 64 MiB of float32 logits on a CPU, 256 MiB on a GPU].
@@ -289,13 +290,14 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         }),
         world,
         parallel,
-        cross_tokenizer: a.cross_tokenizer.unwrap_or(false).then(|| CrossTokenizerSettings {
-            teacher_tokenizer: a.teacher_tokenizer.clone(),
-            uld_weight: a.uld_weight.unwrap_or(1.0),
-        }),
+        cross_tokenizer: a
+            .cross_tokenizer
+            .unwrap_or(false)
+            .then(|| CrossTokenizerSettings { teacher_tokenizer: a.teacher_tokenizer.clone() }),
+        uld_weight: a.uld_weight.unwrap_or(d.uld_weight),
     };
-    if !a.cross_tokenizer.unwrap_or(false) && (a.teacher_tokenizer.is_some() || a.uld_weight.is_some()) {
-        bail!("--teacher-tokenizer and --uld-weight go with --cross-tokenizer");
+    if !a.cross_tokenizer.unwrap_or(false) && a.teacher_tokenizer.is_some() {
+        bail!("--teacher-tokenizer goes with --cross-tokenizer");
     }
     cfg.validate()?;
     Ok(cfg)

@@ -68,6 +68,10 @@ pub struct TrainConfig {
     pub parallel: ParallelSettings,
     /// A teacher with another tokenizer than the student's (`--cross-tokenizer`).
     pub cross_tokenizer: Option<CrossTokenizerSettings>,
+    /// On shards in the student's tokens made from another tokenizer's (`--cross-tokenizer`
+    /// or `distill cross-tokenize`): weight of ULD beside the matched-id KL, both within
+    /// KD's `1 - alpha`.
+    pub uld_weight: f64,
 }
 
 /// Cross-tokenizer KD: the shards are moved to the student's tokens once, into
@@ -78,8 +82,6 @@ pub struct CrossTokenizerSettings {
     /// The tokenizer the shards were made with (default: the teacher's path in the
     /// manifest).
     pub teacher_tokenizer: Option<PathBuf>,
-    /// Weight of ULD beside the matched-id KL (both within KD's `1 - alpha`).
-    pub uld_weight: f64,
 }
 
 /// How the ranks of a data-parallel job work together (ignored when training alone).
@@ -169,6 +171,7 @@ impl Default for TrainConfig {
             world: None,
             parallel: ParallelSettings::default(),
             cross_tokenizer: None,
+            uld_weight: 1.0,
         }
     }
 }
@@ -274,13 +277,11 @@ impl TrainConfig {
                 bail!("--hidden-weight must be a number >= 0, not {}", h.weight);
             }
         }
-        if let Some(c) = &self.cross_tokenizer {
-            if !(c.uld_weight.is_finite() && c.uld_weight >= 0.0) {
-                bail!("--uld-weight must be a number >= 0, not {}", c.uld_weight);
-            }
-            if self.hidden.is_some() {
-                bail!("--cross-tokenizer: hidden-state distillation needs the teacher's positions; the student's tokens are others");
-            }
+        if !(self.uld_weight.is_finite() && self.uld_weight >= 0.0) {
+            bail!("--uld-weight must be a number >= 0, not {}", self.uld_weight);
+        }
+        if self.cross_tokenizer.is_some() && self.hidden.is_some() {
+            bail!("--cross-tokenizer: hidden-state distillation needs the teacher's positions; the student's tokens are others");
         }
         Ok(())
     }

@@ -35,6 +35,7 @@ pub struct RunRecord {
 
 impl RunRecord {
     pub fn new(cfg: &TrainConfig, shards: &Manifest) -> Result<Self> {
+        let cross_shards = shards.settings.capture.cross_tokenizer.is_some();
         let student = serde_json::json!({
             "path": cfg.student.display().to_string(),
             "config": checksum_file(&cfg.student.join("config.json"))?,
@@ -72,8 +73,11 @@ impl RunRecord {
         if cfg.router_aux_weight > 0.0 {
             settings["router_aux_weight"] = cfg.router_aux_weight.into();
         }
-        if let Some(c) = &cfg.cross_tokenizer {
-            settings["cross_tokenizer"] = serde_json::json!({ "uld_weight": c.uld_weight });
+        if cfg.cross_tokenizer.is_some() || cross_shards {
+            settings["uld_weight"] = cfg.uld_weight.into();
+        }
+        if cfg.cross_tokenizer.is_some() {
+            settings["cross_tokenizer"] = true.into();
         }
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
     }

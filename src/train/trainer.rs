@@ -347,7 +347,8 @@ fn batch_loader(
     let content = BatchContent {
         teacher: targets,
         hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default(),
-        uld: cfg.cross_tokenizer.is_some() && targets.is_some(),
+        // A set moved to the student's tokens (by --cross-tokenizer or cross-tokenize).
+        uld: set.manifest.settings.capture.cross_tokenizer.is_some() && targets.is_some(),
     };
     let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
@@ -437,8 +438,8 @@ impl StepLosses for MicroLosses<'_> {
         };
         let started = Instant::now();
         let mut out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
-        if let (Some(u), Some(c)) = (&mb.uld, &cfg.cross_tokenizer) {
-            let weight = (1.0 - cfg.alpha) * c.uld_weight;
+        if let Some(u) = &mb.uld {
+            let weight = (1.0 - cfg.alpha) * cfg.uld_weight;
             if u.groups() > 0 && weight > 0.0 {
                 let softcap = self.model.transformer.final_softcap();
                 let g = uld_gradients(&h, head, &mb.batch.next_tokens, u, weight * self.scale, softcap);
