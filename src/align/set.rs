@@ -85,10 +85,11 @@ pub fn student_targets(
         if existing.complete && diff.is_empty() {
             return Ok(CrossTokenizerSet { dir: output.to_path_buf(), manifest: existing, stats: None });
         }
+        let why = if diff.is_empty() { vec!["complete: false (not written by this command)".into()] } else { diff };
         bail!(
             "{} holds student-side targets made otherwise:\n  {}\nremove it or choose another output",
             output.display(),
-            diff.join("\n  ")
+            why.join("\n  ")
         );
     }
     if c.top_k == 0 {

@@ -95,7 +95,10 @@ pub fn mix_position(teachers: &[TeacherPosition], weights: &[f64], vocab: usize,
         order.truncate(keep);
         order
     };
-    let kept: Vec<bool> = (0..union.len()).map(|u| order.contains(&u)).collect();
+    let mut kept = vec![false; union.len()];
+    for &u in &order {
+        kept[u] = true;
+    }
     let tail = (0..teachers.len())
         .map(|t| {
             let mut rest = f64::from(teachers[t].tail_logmass).exp();
