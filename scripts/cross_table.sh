@@ -16,10 +16,10 @@
 # Knobs (environment): VOCAB LAYERS STEPS BATCH_TOKENS LR ULD_WEIGHT KD_ALPHAS
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-: "${VOCAB:=8192}" "${LAYERS:=15}" "${STEPS:=48}" "${BATCH_TOKENS:=2048}" "${LR:=1e-3}" "${ULD_WEIGHT:=1}"
-: "${KD_ALPHAS:=0.5 0.8}"
+: "${VOCAB:=8192}" "${LAYERS:=15}" "${STEPS:=96}" "${BATCH_TOKENS:=2048}" "${LR:=1e-3}" "${ULD_WEIGHT:=1}"
+: "${KD_ALPHAS:=0.5}"
 cache=.cache/real
-run=${RUN_DIR:-.cache/runs/cross}
+run=${RUN_DIR:-.cache/runs/cross-$STEPS}
 started=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
 data=$cache/data-270-50
