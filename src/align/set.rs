@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::targets::{matched_ids, ConvertStats, RowConverter};
 use super::token_bytes::TokenBytes;
 use super::Aligner;
-use crate::files::{checksum_bytes, checksum_file};
+use crate::files::checksum_file;
 use crate::shards::dir::{create_staged, holds_shard_set};
 use crate::shards::manifest::{settings_diff, CrossTokenizerInfo, Manifest, Settings, TokenizerInfo};
 use crate::shards::reader::ShardSet;
@@ -72,9 +72,7 @@ pub fn student_targets(
     c.tail = "log of the teacher's mass outside the listed (matched) ids".into();
     c.cross_tokenizer = Some(CrossTokenizerInfo {
         teacher_set: teacher_set.display().to_string(),
-        teacher_set_hash: checksum_bytes(
-            set.manifest.shards.iter().map(|e| e.checksum.as_str()).collect::<Vec<_>>().join(",").as_bytes(),
-        ),
+        teacher_set_hash: set.manifest.shards_hash(),
         teacher_tokenizer: s.tokenizer.clone(),
         matched_ids: matched.len(),
         rule: RULE.into(),

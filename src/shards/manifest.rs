@@ -320,6 +320,13 @@ impl Manifest {
         write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
     }
 
+    /// xxh3-64 of the listed shards' checksums joined by commas: which targets a set
+    /// made from this one (a mixture, a cross-tokenizer set) was made from.
+    pub fn shards_hash(&self) -> String {
+        let listed: Vec<&str> = self.shards.iter().map(|e| e.checksum.as_str()).collect();
+        checksum_bytes(listed.join(",").as_bytes())
+    }
+
     pub fn total_tokens(&self) -> usize {
         self.shards.iter().map(|s| s.tokens).sum()
     }

@@ -18,7 +18,6 @@ use super::mixture::{mix_position, TeacherPosition, UNLISTED_RULE};
 use super::reader::ShardSet;
 use super::row::{ShardRow, TopKTargets};
 use super::writer::RollingShards;
-use crate::files::checksum_bytes;
 
 /// One input: a teacher's shard set and its weight.
 #[derive(Debug, Clone)]
@@ -74,9 +73,7 @@ pub fn merge_teachers(inputs: &[TeacherSet], opts: &MixOptions, output: &Path) -
             .zip(&weights)
             .map(|((s, i), &weight)| MixedTeacher {
                 set: i.dir.display().to_string(),
-                set_hash: checksum_bytes(
-                    s.manifest.shards.iter().map(|e| e.checksum.as_str()).collect::<Vec<_>>().join(",").as_bytes(),
-                ),
+                set_hash: s.manifest.shards_hash(),
                 teacher: s.manifest.settings.teacher.clone(),
                 tokenizer_hash: s.manifest.settings.tokenizer.hash.clone(),
                 top_k: s.manifest.settings.capture.top_k,
