@@ -8,7 +8,8 @@
 //! LD_LIBRARY_PATH (LD_LIBRARY_PATH still wins, which is how a prebuilt binary is
 //! pointed at another machine's torch).
 //!
-//! It also compiles `src/distributed/shim.cpp`, the c10d binding (see its header),
+//! It also compiles `src/distributed/shim.cpp`, the c10d binding (see its header), and
+//! `src/model/flash_varlen.cpp`, the variable-length flash attention forward,
 //! against the libtorch headers next to that folder, with the C++ ABI libtorch was built
 //! with (`LIBTORCH_CXX11_ABI`, default 1 as torch-sys assumes: every torch wheel since
 //! 2.7 uses the C++11 ABI).
@@ -34,6 +35,7 @@ fn main() {
 
 fn compile_c10d_shim(lib: &Path) {
     println!("cargo:rerun-if-changed=src/distributed/shim.cpp");
+    println!("cargo:rerun-if-changed=src/model/flash_varlen.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib.parent().expect("libtorch's lib folder has a parent").join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -41,6 +43,7 @@ fn compile_c10d_shim(lib: &Path) {
     build
         .cpp(true)
         .file("src/distributed/shim.cpp")
+        .file("src/model/flash_varlen.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

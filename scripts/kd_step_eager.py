@@ -4,7 +4,7 @@ comparison in scripts/bench_train.py: same student, same shards, same loss (forw
 the (k+1) buckets: top-k ids and the tail), same batches (rows in shard order, up to
 BATCH_TOKENS padded tokens, as `distill train --shuffle false`), AdamW, clipping at 1.0.
 
-    kd_step_eager.py STUDENT_DIR SHARD_DIR STEPS BATCH_TOKENS DEVICE [--mode MODE]
+    kd_step_eager.py STUDENT_DIR SHARD_DIR STEPS BATCH_TOKENS DEVICE [--mode MODE] [--gradient-checkpointing]
 
 MODE `identical` (default) does what distill does: the head only at the positions that
 have targets. MODE `users` is the step as people usually write it: the model's full
@@ -98,9 +98,13 @@ def main():
     ap.add_argument("batch_tokens", type=int)
     ap.add_argument("device")
     ap.add_argument("--mode", choices=["identical", "users"], default="identical")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="transformers' activation checkpointing per layer (what `distill train --recompute` does)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32).to(a.device).train()
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     rates = []
     for i, batch in zip(range(a.steps), batches(a.shards, a.batch_tokens)):

@@ -22,6 +22,14 @@
                                     (hidden 256, 4 layers, soft-capping 50 / 30,
                                     window 64 on every other layer, 384 ids), so that
                                     soft-capped attention takes its share
+    tiny_models.py scale-model OUT_DIR SHAPE [FIELD=VALUE ...]
+                                    a random model at a published shape (SCALE_SHAPES:
+                                    smollm2-135m, smollm2-360m, smollm2-1.7b, qwen3-0.6b,
+                                    qwen3-1.7b, gemma3-270m), float32, transformers' own
+                                    init; the tiny BPE padded with added tokens to the
+                                    shape's vocabulary; FIELD=VALUE overrides a config
+                                    field (vocab_size=49152: the same body with another
+                                    vocabulary)
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -424,6 +432,60 @@ def bench_model(out_dir: Path, shape: str):
     tmp.rename(out_dir)
 
 
+# Published configs (config.json of each model on the hub), for scripts/bench_scale.py.
+SCALE_SHAPES = {
+    "smollm2-135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True)),
+    "smollm2-360m": ("LlamaConfig", dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+        num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True)),
+    "smollm2-1.7b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, rope_theta=130000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True)),
+    "qwen3-0.6b": ("Qwen3Config", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "qwen3-1.7b": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    # Every sixth layer global (window 512 on the others), 262,144 ids.
+    "gemma3-270m": ("Gemma3TextConfig", dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+        query_pre_attn_scalar=256, sliding_window=512,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)])),
+}
+
+
+def scale_model(out_dir: Path, shape: str, overrides=()):
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    if out_dir.exists():
+        return
+    cls, fields = SCALE_SHAPES[shape]
+    fields = {**COMMON, **fields}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        fields[key] = json.loads(value)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    train_tokenizer(tmp)
+    tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    extra = fields["vocab_size"] - tok.get_vocab_size()
+    tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
+    tok.save(str(tmp / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls)(**fields)
+    cfg.use_cache = False
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(tmp)
+    write_tokenizer_files(tmp, tmp, False)
+    tmp.rename(out_dir)
+
+
 def chat(model_dir: Path, messages: Path, out: Path):
     import transformers
 
@@ -440,6 +502,8 @@ if __name__ == "__main__":
         make(Path(sys.argv[2]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "bench-model":
         bench_model(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "small")
+    elif len(sys.argv) >= 4 and sys.argv[1] == "scale-model":
+        scale_model(Path(sys.argv[2]), sys.argv[3], sys.argv[4:])
     elif len(sys.argv) == 5 and sys.argv[1] == "chat":
         chat(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif len(sys.argv) == 5 and sys.argv[1] == "logits":

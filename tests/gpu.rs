@@ -231,3 +231,71 @@ fn nccl_process_group_on_cuda() {
         assert!(d < 1e-3, "{name}: 2 GPUs differ from one by {d:e}");
     }
 }
+
+/// Packed rows on CUDA in bf16 go through libtorch's variable-length flash attention,
+/// and each document's hidden states and the parameters' gradients equal those of the
+/// per-bucket path (the same attention, computed per bucket of documents) within bf16
+/// rounding; windows (Mistral) take the kernel's window.
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn packed_documents_on_cuda_take_flash_varlen() {
+    use distill::model::packed::PackedDocuments;
+    use distill::model::{CausalLm, ForwardInput};
+    use tch::Tensor;
+    for name in ["qwen3", "mistral", "llama"] {
+        let dir = model_dir(name);
+        let model = CausalLm::load(&dir, Device::Cuda(0), Kind::BFloat16).unwrap();
+        let docs = [vec![5u32, 70, 20], vec![90]];
+        let width = 100i64;
+        tch::manual_seed(3);
+        let ids = Tensor::randint(300, [2, width], (Kind::Int64, Device::Cuda(0)));
+        let mut positions = vec![0i64; 200];
+        for (r, row) in docs.iter().enumerate() {
+            let mut at = 0;
+            for &n in row {
+                for t in 0..n as usize {
+                    positions[r * 100 + at + t] = t as i64;
+                }
+                at += n as usize;
+            }
+        }
+        let positions = Tensor::from_slice(&positions).view([2, width]).to_device(Device::Cuda(0));
+        let layout = PackedDocuments::new(&docs, width as usize).to_device(Device::Cuda(0));
+        let input = ForwardInput { input_ids: &ids, attention_mask: None, position_ids: Some(&positions), documents: Some(&layout) };
+        let flash = tch::no_grad(|| model.transformer.forward_hidden(&input, &[])).unwrap().last;
+        assert!(distill::model::flash_varlen::ran(), "{name}: the variable-length flash kernel did not run");
+        // The same in float32 takes the bucket path.
+        let f32_model = CausalLm::load(&dir, Device::Cuda(0), Kind::Float).unwrap();
+        let buckets = tch::no_grad(|| f32_model.transformer.forward_hidden(&input, &[])).unwrap().last;
+        let e = norm_rel_err(&flash.to_kind(Kind::Float), &buckets, None);
+        eprintln!("{name}: packed rows, flash varlen bf16 vs bucket path float32: {e:.2e}");
+        assert!(e < 3e-2, "{name}: flash varlen differs by {e:.3e}");
+    }
+}
+
+/// `--offload-optimizer` keeps AdamW's state in host memory and trains to the weights of
+/// the same run with the state on the GPU (the update runs on the GPU either way).
+#[test]
+#[ignore = "needs a CUDA GPU; run through scripts/gpu_check.sh"]
+fn offloaded_optimizer_state_trains_like_state_on_the_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    ok(precompute("llama", &sample(), &shards, &["--top-k", "16"]));
+    let run = |out: &str, extra: &[&str]| {
+        let student = model_dir("qwen3");
+        let out = tmp.path().join(out);
+        let mut args = vec!["train", "--student", student.to_str().unwrap(), "--shards", shards.to_str().unwrap()];
+        args.extend(["--output", out.to_str().unwrap(), "--device", "cuda", "--steps", "4", "--save-every", "4"]);
+        args.extend(["--batch-tokens", "512", "--weights", "bf16", "--optimizer-moments", "8bit"]);
+        args.extend(extra);
+        let printed = ok(distill(&args));
+        (read_tensors(&out.join("checkpoint-0000004/model.safetensors")), printed)
+    };
+    let ((near, _), (far, printed)) = (run("near", &[]), run("far", &["--offload-optimizer"]));
+    eprintln!("{printed}");
+    assert!(printed.contains("in host memory"), "{printed}");
+    for (name, a) in &near {
+        let d = (a.to_kind(Kind::Float) - far[name].to_kind(Kind::Float)).abs().max().double_value(&[]);
+        assert!(d == 0.0, "{name}: offloaded state trains other weights (max |difference| {d:e})");
+    }
+}

@@ -1,7 +1,7 @@
 //! Shard rows -> what a step consumes, shared by training, evaluation and the teacher
 //! pass: the row order over a shard set (`stream`), rows grouped into padded or packed
 //! micro-batches built ahead on a thread (`feed`), and the padded batch tensors
-//! themselves (here): ids, attention mask, per-document position ids, segment ids for
+//! themselves (here): ids, attention mask, per-document position ids, the documents of
 //! packed rows, and the flat indices of the positions that predict a trained token.
 pub mod feed;
 pub mod stream;
@@ -10,6 +10,7 @@ pub mod targets;
 use tch::{Device, Tensor};
 
 use crate::dataset::sequence::Sequence;
+use crate::model::packed::PackedDocuments;
 use crate::model::ForwardInput;
 
 /// Rows right-padded to the longest one, as tensors.
@@ -17,7 +18,8 @@ pub struct PaddedBatch {
     pub ids: Tensor,
     pub mask: Tensor,
     pub positions: Tensor,
-    pub segments: Option<Tensor>,
+    /// Packed rows: their documents, laid out for per-document attention.
+    pub documents: Option<PackedDocuments>,
     /// Flat index `row * width + t - 1` for every trained token t, row-major.
     pub predicting: Tensor,
     /// The token each predicting position must predict.
@@ -35,8 +37,7 @@ impl PaddedBatch {
         let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
         let b = rows.len();
         let packed = rows.iter().any(|r| r.doc_lengths.len() > 1);
-        let (mut ids, mut mask, mut pos, mut seg) =
-            (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![-1i64; b * width]);
+        let (mut ids, mut mask, mut pos) = (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width]);
         let (mut predicting, mut next, mut counts) = (vec![], vec![], vec![]);
         for (r, row) in rows.iter().enumerate() {
             let (base, n) = (r * width, row.ids.len());
@@ -45,7 +46,6 @@ impl PaddedBatch {
                 mask[base + t] = 1;
             }
             pos[base..base + n].copy_from_slice(&row.position_ids());
-            seg[base..base + n].copy_from_slice(&row.segment_ids());
             let mut count = 0;
             for t in 1..n {
                 if row.loss_mask[t] {
@@ -62,7 +62,10 @@ impl PaddedBatch {
             ids: tensor(&ids),
             mask: tensor(&mask),
             positions: tensor(&pos),
-            segments: packed.then(|| tensor(&seg)),
+            documents: packed.then(|| {
+                let docs: Vec<Vec<u32>> = rows.iter().map(|r| r.doc_lengths.clone()).collect();
+                PackedDocuments::new(&docs, width)
+            }),
             predicting: Tensor::from_slice(&predicting),
             next_tokens: Tensor::from_slice(&next),
             targets_per_row: counts,
@@ -85,7 +88,7 @@ impl PaddedBatch {
             ids: f(&self.ids),
             mask: f(&self.mask),
             positions: f(&self.positions),
-            segments: self.segments.as_ref().map(&f),
+            documents: self.documents.as_ref().map(|d| d.map(&f)),
             predicting: f(&self.predicting),
             next_tokens: f(&self.next_tokens),
             targets_per_row: self.targets_per_row.clone(),
@@ -97,7 +100,7 @@ impl PaddedBatch {
             input_ids: &self.ids,
             attention_mask: Some(&self.mask),
             position_ids: Some(&self.positions),
-            segment_ids: self.segments.as_ref(),
+            documents: self.documents.as_ref(),
         }
     }
 }

@@ -11,6 +11,8 @@ use distill::distributed::WorldInfo;
 use distill::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use distill::runtime::parse_device;
 use distill::train::hidden::HiddenMap;
+use distill::train::config::MemorySettings;
+use distill::train::moments::MomentStorage;
 use distill::train::optim::AdamWConfig;
 use distill::train::schedule::{Decay, LrSchedule};
 use distill::train::{train, CrossTokenizerSettings, HiddenSettings, ParallelSettings, Precision, TrainConfig};
@@ -69,7 +71,7 @@ pub struct TrainArgs {
     #[arg(long)]
     batch_tokens: Option<usize>,
     /// Pack several shard rows into each batch row (less padding; attention stays
-    /// within each document) [default: when the shards' rows are at most 1024 tokens].
+    /// within each document, at the cost of each document's own length) [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pack: Option<bool>,
     /// Tokens per packed batch row [default: the shards' max_len].
@@ -81,6 +83,17 @@ pub struct TrainArgs {
     /// auto (bf16 on CUDA, f32 on CPU), f32, or bf16 autocast with float32 weights [default: auto].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
+    /// The student's weights (and gradients): f32, or bf16 with a float32 master copy
+    /// in the optimiser (computes under bf16 autocast) [default: f32].
+    #[arg(long, value_enum)]
+    weights: Option<WeightsArg>,
+    /// AdamW's moments: float32, bf16, or 8bit (block-wise, as bitsandbytes' AdamW8bit;
+    /// tensors under 4096 values stay float32) [default: float32].
+    #[arg(long, value_enum)]
+    optimizer_moments: Option<MomentsArg>,
+    /// On CUDA: keep the optimiser's state (moments, master weights) in host memory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    offload_optimizer: Option<bool>,
     /// Micro-batches per step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
@@ -190,6 +203,26 @@ pub struct TrainArgs {
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
+enum WeightsArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq)]
+enum MomentsArg {
+    #[value(name = "float32")]
+    #[serde(rename = "float32")]
+    Float32,
+    #[value(name = "bf16")]
+    #[serde(rename = "bf16")]
+    Bf16,
+    #[value(name = "8bit")]
+    #[serde(rename = "8bit")]
+    Eight,
+}
+
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
 enum WireArg {
     F32,
     Bf16,
@@ -256,6 +289,15 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             None | Some(PrecisionArg::Auto) => Precision::Auto,
             Some(PrecisionArg::F32) => Precision::Float32,
             Some(PrecisionArg::Bf16) => Precision::Bf16Autocast,
+        },
+        memory: MemorySettings {
+            bf16_weights: a.weights == Some(WeightsArg::Bf16),
+            moments: match a.optimizer_moments {
+                None | Some(MomentsArg::Float32) => MomentStorage::Float32,
+                Some(MomentsArg::Bf16) => MomentStorage::Bf16,
+                Some(MomentsArg::Eight) => MomentStorage::Blockwise8Bit,
+            },
+            offload: a.offload_optimizer.unwrap_or(false),
         },
         grad_accum: a.grad_accum.unwrap_or(d.grad_accum),
         schedule: LrSchedule {
@@ -342,7 +384,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     match logs.last() {
-        Some(last) => println!("trained to step {} in {}; metrics in metrics.jsonl", last.step, cfg.output.display()),
+        Some(last) => {
+            println!("trained to step {} in {}; metrics in metrics.jsonl", last.step, cfg.output.display());
+            println!("training state: {}", last.state_bytes.summary());
+        }
         None => println!("nothing to do: {} is already at step {}", cfg.output.display(), cfg.steps),
     }
     Ok(())

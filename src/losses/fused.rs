@@ -64,12 +64,26 @@ pub fn fused_head_loss(
     chunk: i64,
     scale: f64,
 ) -> Result<HeadLossOutput> {
+    let grad_kind = if head.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let grad_head = Tensor::zeros(head.size(), (grad_kind, head.device()));
+    fused_head_loss_into(hidden, head, loss, chunk, scale, grad_head)
+}
+
+/// `fused_head_loss` adding the head's gradient into `grad_head` (float32 or float64,
+/// e.g. the head's own `.grad()`: no `[V, H]` buffer of its own), which the output
+/// returns.
+pub fn fused_head_loss_into(
+    hidden: &Tensor,
+    head: &Tensor,
+    loss: &HeadLoss,
+    chunk: i64,
+    scale: f64,
+    mut grad_head: Tensor,
+) -> Result<HeadLossOutput> {
     let _no_grad = tch::no_grad_guard();
     let device = hidden.device();
     let positions = hidden.size()[0];
     let (mut total, mut kd_sum, mut ce_sum) = (zero_sum(device), zero_sum(device), zero_sum(device));
-    let grad_kind = if head.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-    let mut grad_head = Tensor::zeros(head.size(), (grad_kind, head.device()));
     let mut grad_hidden = Vec::new();
     let mut start = 0;
     while start < positions {
@@ -91,13 +105,11 @@ pub fn fused_head_loss(
     Ok(HeadLossOutput { loss: total, kd_sum, ce_sum, grad_hidden, grad_head })
 }
 
-/// `grad_head += grad^T @ h`, in place when the kinds agree (no `[V, H]` temporary).
+/// `grad_head += grad^T @ h`, in place, in `grad_head`'s precision (a bfloat16 chunk
+/// is widened first: `[n, H]`, never a `[V, H]` temporary).
 fn accumulate_head_grad(grad_head: &mut Tensor, grad: &Tensor, h: &Tensor) {
-    if h.kind() == grad_head.kind() && grad.kind() == grad_head.kind() {
-        let _ = grad_head.addmm_(&grad.tr(), h);
-    } else {
-        *grad_head += grad.tr().mm(h).to_kind(grad_head.kind());
-    }
+    let kind = grad_head.kind();
+    let _ = grad_head.addmm_(&grad.to_kind(kind).tr(), &h.to_kind(kind));
 }
 
 struct ChunkSums {

@@ -8,17 +8,53 @@ use tch::{Kind, Tensor};
 
 use super::config::ModelConfig;
 use super::decode::LayerKv;
+use super::flash_varlen::flash_varlen;
 use super::layers::{soft_cap, Linear, RmsNorm};
+use super::packed::PackedDocuments;
 use super::rope::apply_rotary;
 use super::weights::VarBuilder;
 
 /// How attention may look back. `Causal` lets SDPA pick its fastest kernel; `Explicit`
 /// is a boolean `[batch, 1, seq, keys]` mask (true = may attend); `All`: every key
-/// (one new token over a cache without padding).
+/// (one new token over a cache without padding); `Documents`: packed rows, each
+/// document causally on its own (`packed.rs`).
 pub enum AttentionMask {
     Causal,
     Explicit(Tensor),
     All,
+    Documents(DocumentMask),
+}
+
+/// Per-document attention for one layer: the batch's documents and, for a layer with a
+/// sliding window, a `[1, 1, len, len]` band per bucket longer than the window.
+pub struct DocumentMask {
+    pub layout: PackedDocuments,
+    pub window: Option<usize>,
+    pub bands: Vec<Option<Tensor>>,
+}
+
+impl DocumentMask {
+    pub fn new(layout: &PackedDocuments, window: Option<usize>) -> Self {
+        let layout = layout.map(Tensor::shallow_clone);
+        let device = layout.cu_seqlens.device();
+        let bands = layout
+            .buckets
+            .iter()
+            .map(|b| match window {
+                Some(w) if (w as i64) < b.len => Some(PackedDocuments::window_mask(b.len, w, device).view([1, 1, b.len, b.len])),
+                _ => None,
+            })
+            .collect();
+        DocumentMask { layout, window, bands }
+    }
+
+    pub fn to_device(&self, device: tch::Device) -> Self {
+        DocumentMask {
+            layout: self.layout.to_device(device),
+            window: self.window,
+            bands: self.bands.iter().map(|b| b.as_ref().map(|t| t.to_device(device))).collect(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -59,7 +95,13 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Tensor {
-        let (q, k, v) = self.project(x, cos, sin);
+        if let AttentionMask::Documents(docs) = mask {
+            // Positions first: the per-document layouts index positions, so no transposed
+            // copy of q, k and v is made for them.
+            let (q, k, v) = self.project(x, cos, sin, true);
+            return self.o_proj.forward(&self.per_document(&q, &k, &v, docs));
+        }
+        let (q, k, v) = self.project(x, cos, sin, false);
         self.attend(&q, &k, &v, mask)
     }
 
@@ -74,14 +116,14 @@ impl Attention {
         mask: &AttentionMask,
         cache: &mut Option<LayerKv>,
     ) -> Tensor {
-        let (q, k, v) = self.project(x, cos, sin);
+        let (q, k, v) = self.project(x, cos, sin, false);
         let (k, v) = LayerKv::append(cache, &k, &v);
         self.attend(&q, &k, &v, mask)
     }
 
-    /// Queries, keys and values `[batch, heads, seq, head_dim]`, normed (Qwen3, Gemma 3)
-    /// and rotated.
-    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+    /// Queries, keys and values `[batch, heads, seq, head_dim]` (or, `positions_first`,
+    /// `[batch, seq, heads, head_dim]`), normed (Qwen3, Gemma 3) and rotated.
+    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, positions_first: bool) -> (Tensor, Tensor, Tensor) {
         let (b, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
             let t = t.view([b, s, n, self.head_dim]);
@@ -89,19 +131,40 @@ impl Attention {
                 Some(norm) => norm.forward(&t),
                 None => t,
             };
-            t.transpose(1, 2)
+            if positions_first {
+                t
+            } else {
+                t.transpose(1, 2)
+            }
         };
         let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
         let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
         let v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
-        (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
+        // The tables are `[batch, 1, seq, head_dim]`: as `[batch, seq, 1, head_dim]` views
+        // they broadcast over heads in the positions-first layout.
+        let (cos, sin) = if positions_first { (cos.transpose(1, 2), sin.transpose(1, 2)) } else { (cos.shallow_clone(), sin.shallow_clone()) };
+        (apply_rotary(&q, &cos, &sin), apply_rotary(&k, &cos, &sin), v)
     }
 
     /// Attention of `q` over `k`, `v`, then the output projection: `[batch, seq, hidden]`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
         let (b, _, s, _) = q.size4().expect("[batch, heads, seq, head_dim]");
+        let out = match mask {
+            AttentionMask::Documents(docs) => {
+                self.per_document(&q.transpose(1, 2), &k.transpose(1, 2), &v.transpose(1, 2), docs)
+            }
+            _ => self.core(q, k, v, mask).transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]),
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// Attention `[batch, heads, seq, head_dim]` of `q` over `k`, `v` under `mask`
+    /// (anything but `Documents`).
+    fn core(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
+        let s = q.size()[2];
         let gqa = self.num_kv_heads != self.num_heads;
-        let out = match (mask, self.softcap) {
+        match (mask, self.softcap) {
+            (AttentionMask::Documents(_), _) => unreachable!("documents are attended by per_document"),
             (_, Some(cap)) => self.softcapped(q, k, v, mask, cap),
             (AttentionMask::Causal, None) => {
                 Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, self.scale, gqa)
@@ -119,9 +182,44 @@ impl Attention {
             (AttentionMask::All, None) => {
                 Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, self.scale, gqa)
             }
-        };
-        let out = out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out)
+        }
+    }
+
+    /// Packed rows: each document attends causally to itself only. `q`, `k`, `v` are
+    /// `[batch, seq, heads, head_dim]`; the result `[batch, seq, heads * head_dim]`. On
+    /// CUDA in bf16/f16 one variable-length flash call does every document; elsewhere
+    /// (and with soft-capping) one causal call per bucket of documents of similar length
+    /// (see `packed.rs`).
+    fn per_document(&self, q: &Tensor, k: &Tensor, v: &Tensor, docs: &DocumentMask) -> Tensor {
+        let (b, s, h, d) = q.size4().expect("[batch, seq, heads, head_dim]");
+        let width = h * d;
+        // [batch * seq, heads, head_dim]: a view of the positions-first layout.
+        let flat = |t: &Tensor| t.reshape([b * s, t.size()[2], d]);
+        let (qf, kf, vf) = (flat(q), flat(k), flat(v));
+        if self.softcap.is_none() {
+            if let Some(out) = flash_varlen(&qf, &kf, &vf, &docs.layout, self.scale, docs.window) {
+                return out.reshape([b, s, width]);
+            }
+        }
+        let layout = &docs.layout;
+        let outs: Vec<Tensor> = layout
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, bucket)| {
+                let slots = |t: &Tensor| {
+                    layout.gather(i, t).view([bucket.count, bucket.len, t.size()[1], d]).transpose(1, 2)
+                };
+                let mask = match &docs.bands[i] {
+                    Some(band) => AttentionMask::Explicit(band.shallow_clone()),
+                    None => AttentionMask::Causal,
+                };
+                let out = self.core(&slots(&qf), &slots(&kf), &slots(&vf), &mask);
+                out.transpose(1, 2).reshape([bucket.count * bucket.len, width])
+            })
+            .collect();
+        let joined = if outs.len() == 1 { outs.into_iter().next().expect("one") } else { Tensor::cat(&outs, 0) };
+        layout.scatter(&joined).view([b, s, width])
     }
 
     /// Soft-capped attention, `[batch, heads, seq, head_dim]`: scores `cap * tanh(q k^T
@@ -143,6 +241,7 @@ impl Attention {
                 Some(Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).le_tensor(&qi).view([1, 1, 1, s, t]))
             }
             AttentionMask::Explicit(m) => Some(m.unsqueeze(2)),
+            AttentionMask::Documents(_) => unreachable!("documents are attended by per_document"),
         };
         let scores = match allowed {
             Some(a) => scores.masked_fill(&a.logical_not(), f64::NEG_INFINITY),

@@ -5,7 +5,9 @@
 //! layer's intermediates to one `[batch, seq, hidden]` tensor per layer plus one
 //! layer's graph, for one extra forward pass. tch has no custom autograd functions, so
 //! the chain rule across layers is applied here: a layer's output gradient enters its
-//! recomputed graph as the surrogate `sum(output * gradient)`.
+//! recomputed graph as the surrogate `sum(output * gradient)`. Either way, in a step's
+//! first micro-batch, the embeddings' output is a leaf whose gradient is added into the
+//! embedding matrix's row by row (`Transformer::embed_backward`).
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
@@ -25,6 +27,12 @@ pub trait StepLosses {
     }
     /// The pass's load-balancing loss, unweighted (for the log).
     fn on_router_balance(&mut self, _loss: f64) {}
+    /// Whether the parameters' gradients hold nothing of this step yet (the step's first
+    /// micro-batch): the embedding matrix's may then be written in place (see
+    /// `Transformer::embeds_in_place`).
+    fn fresh_gradients(&self) -> bool {
+        false
+    }
 }
 
 impl Transformer {
@@ -42,7 +50,9 @@ impl Transformer {
         let real = if balance { real_tokens(input) } else { Tensor::new() };
         if !recompute {
             self.record_routing(balance);
-            let out = self.forward_hidden(input, capture);
+            let in_place = self.embeds_in_place(losses.fresh_gradients());
+            let embedded = if in_place { self.embed_leaf(input.input_ids) } else { self.embed(input.input_ids) };
+            let out = self.forward_from(embedded.shallow_clone(), input, capture);
             let records = self.take_routing();
             self.record_routing(false);
             let out = out?;
@@ -59,6 +69,9 @@ impl Transformer {
                 total = total.g_add(&(loss * weight));
             }
             total.backward();
+            if in_place {
+                self.embed_backward(input.input_ids, &grad_or_zeros(&embedded));
+            }
             return Ok(());
         }
         let n = self.check_capture(capture)?;
@@ -112,13 +125,17 @@ impl Transformer {
         }
         self.record_routing(false);
         // The embeddings: their lookup has the embedding matrix's gradient.
-        let x = self.embed(input.input_ids);
+        let in_place = self.embeds_in_place(losses.fresh_gradients());
+        let x = if in_place { self.embed_leaf(input.input_ids) } else { self.embed(input.input_ids) };
         let mut total = (&x * grad.to_device(x.device())).sum(Kind::Float);
         for slot in slots_at(0) {
             total = total.g_add(&losses.on_captured(slot, &x)?.to_device(total.device()));
         }
         if total.requires_grad() {
             total.backward();
+        }
+        if in_place {
+            self.embed_backward(input.input_ids, &grad_or_zeros(&x));
         }
         Ok(())
     }

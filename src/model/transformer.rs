@@ -5,11 +5,12 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::attention::{Attention, AttentionMask};
+use super::attention::{Attention, AttentionMask, DocumentMask};
 use super::config::ModelConfig;
 use super::decode::LayerKv;
 use super::layers::{linear, soft_cap, RmsNorm};
 use super::moe::FeedForward;
+use super::packed::PackedDocuments;
 use super::rope::RotaryEmbedding;
 use super::weights::{Init, VarBuilder};
 
@@ -108,12 +109,13 @@ pub struct ForwardInput<'a> {
     pub input_ids: &'a Tensor,
     pub attention_mask: Option<&'a Tensor>,
     pub position_ids: Option<&'a Tensor>,
-    pub segment_ids: Option<&'a Tensor>,
+    /// Packed rows: their documents (attention stays within each).
+    pub documents: Option<&'a PackedDocuments>,
 }
 
 impl<'a> ForwardInput<'a> {
     pub fn new(input_ids: &'a Tensor, attention_mask: Option<&'a Tensor>) -> Self {
-        ForwardInput { input_ids, attention_mask, position_ids: None, segment_ids: None }
+        ForwardInput { input_ids, attention_mask, position_ids: None, documents: None }
     }
 }
 
@@ -211,10 +213,16 @@ impl Transformer {
     /// Runs the body. `input_ids` `[batch, seq]` int64; `attention_mask` `[batch, seq]`
     /// (1 = token, 0 = padding, either side); `position_ids` default to the count of
     /// real tokens before each position, so padding does not shift positions;
-    /// `segment_ids` (packed rows) stop attention from crossing document boundaries.
+    /// `documents` (packed rows) keep attention within each document, at the cost of
+    /// the documents' squares (see `packed.rs`).
     pub fn forward_hidden(&self, input: &ForwardInput, capture: &[usize]) -> Result<Hidden> {
+        self.forward_from(self.embed(input.input_ids), input, capture)
+    }
+
+    /// `forward_hidden` from `x`, the embeddings' output for `input` (a leaf that
+    /// collects their gradient in a training step: see `embed_backward`).
+    pub(super) fn forward_from(&self, mut x: Tensor, input: &ForwardInput, capture: &[usize]) -> Result<Hidden> {
         let n = self.check_capture(capture)?;
-        let mut x = self.embed(input.input_ids);
         let mut ctx = self.layer_context(input, x.kind())?;
         let mut captured = Captures::new(capture);
         captured.keep(0, || x.shallow_clone());
@@ -246,6 +254,51 @@ impl Transformer {
         }
     }
 
+    /// The embeddings' output for `input_ids` without a graph to the embedding matrix:
+    /// a leaf whose gradient `embed_backward` takes to the matrix.
+    pub(super) fn embed_leaf(&self, input_ids: &Tensor) -> Tensor {
+        tch::no_grad(|| self.embed(input_ids)).set_requires_grad(true)
+    }
+
+    /// Whether a training pass may take the embedding matrix's gradient in place
+    /// (`embed_leaf` + `embed_backward`): the matrix has a gradient and it holds nothing
+    /// of this step yet (`fresh`). Later micro-batches of a step go through autograd, so
+    /// that their sums are autograd's, bit for bit (N micro-batches in one process then
+    /// sum exactly as N ranks do).
+    pub(super) fn embeds_in_place(&self, fresh: bool) -> bool {
+        fresh && self.embed_tokens.grad().defined()
+    }
+
+    /// Adds `grad` (of the embeddings' output `[.., hidden]` for `input_ids`) into the
+    /// embedding matrix's gradient in place: no `[vocab, hidden]` temporary as
+    /// autograd's dense embedding backward makes (a 262k vocabulary's is as large as the
+    /// matrix). The rows of each id are summed first in token order, over the batch's
+    /// distinct ids only, then added: the dense backward's sums, bit for bit.
+    pub(super) fn embed_backward(&self, input_ids: &Tensor, grad: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let mut target = self.embed_tokens.grad();
+        let width = self.embed_tokens.size()[1];
+        let mut rows = grad.to_device(self.embed_device()).reshape([-1, width]);
+        if let Some(scale) = &self.embed_scale {
+            rows = rows * scale;
+        }
+        let rows = rows.to_kind(target.kind());
+        let (distinct, slot, _) = input_ids.reshape([-1]).unique_dim(0, true, true, false);
+        let summed = Tensor::zeros([distinct.size()[0], width], (rows.kind(), rows.device())).index_add(0, &slot, &rows);
+        let _ = target.index_add_(0, &distinct, &summed);
+    }
+
+    /// Gives the embedding matrix and the head a zero gradient before the first step,
+    /// so that every step adds into them in place (`embed_backward`, the fused head's
+    /// loss) rather than through `[vocab, hidden]` temporaries.
+    pub fn define_vocab_grads(&self) {
+        for w in [&self.embed_tokens, &self.lm_head] {
+            if w.requires_grad() && !w.grad().defined() {
+                (w.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+    }
+
     /// Rotary tables (cos, sin) for `positions`, one pair per table in `self.rotary`.
     pub(super) fn rotary_tables(&self, positions: &Tensor, kind: Kind) -> RotaryTables {
         self.rotary.iter().map(|r| r.cos_sin(positions, kind)).collect()
@@ -253,7 +306,7 @@ impl Transformer {
 
     /// What every layer of one forward pass shares: positions -> rotary tables, and masks.
     pub(super) fn layer_context(&self, input: &ForwardInput, kind: Kind) -> Result<LayerContext> {
-        let ForwardInput { input_ids, attention_mask, position_ids, segment_ids } = *input;
+        let ForwardInput { input_ids, attention_mask, position_ids, documents } = *input;
         let (b, s) = input_ids.size2()?;
         let device = input_ids.device();
         let mask = attention_mask.map(|m| m.to_kind(Kind::Int64));
@@ -263,7 +316,7 @@ impl Transformer {
             (None, None) => Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0).expand([b, s], false),
         };
         let tables = self.rotary_tables(&positions, kind);
-        let masks = LayerMasks::new(mask.as_ref(), segment_ids, &self.layers, s, device);
+        let masks = LayerMasks::new(mask.as_ref(), documents, &self.layers, s, device);
         Ok(LayerContext { per_device: vec![(device, tables, masks)] })
     }
 
@@ -323,13 +376,23 @@ struct LayerMasks {
 }
 
 impl LayerMasks {
-    fn new(mask: Option<&Tensor>, segments: Option<&Tensor>, layers: &[DecoderLayer], s: i64, device: Device) -> Self {
+    fn new(
+        mask: Option<&Tensor>,
+        documents: Option<&PackedDocuments>,
+        layers: &[DecoderLayer],
+        s: i64,
+        device: Device,
+    ) -> Self {
         // Right padding (or none) needs no mask under causal attention: a real token
-        // never sees a later pad. Left padding, windows and packed documents do.
+        // never sees a later pad. Left padding and windows do; packed documents are
+        // attended one by one (a packed row's padding is a segment of its own).
         let needs_key_mask = mask.is_some_and(|m| !is_right_padded(m));
         let key_mask = if needs_key_mask { mask } else { None };
         let build = |window: Option<usize>| -> AttentionMask {
-            if key_mask.is_none() && window.is_none() && segments.is_none() {
+            if let Some(docs) = documents {
+                return AttentionMask::Documents(DocumentMask::new(docs, window));
+            }
+            if key_mask.is_none() && window.is_none() {
                 return AttentionMask::Causal;
             }
             let i = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(1);
@@ -339,10 +402,6 @@ impl LayerMasks {
                 allowed = allowed.logical_and(&(&i - &j).lt(w as i64));
             }
             let mut allowed = allowed.view([1, 1, s, s]);
-            if let Some(seg) = segments {
-                let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1)).unsqueeze(1);
-                allowed = allowed.logical_and(&same);
-            }
             if let Some(m) = key_mask {
                 let keys = m.ne(0).unsqueeze(1).unsqueeze(1);
                 // A padding query with no visible key would make SDPA produce NaN, which
@@ -363,6 +422,7 @@ impl LayerMasks {
             AttentionMask::Causal => AttentionMask::Causal,
             AttentionMask::All => AttentionMask::All,
             AttentionMask::Explicit(t) => AttentionMask::Explicit(t.to_device(device)),
+            AttentionMask::Documents(d) => AttentionMask::Documents(d.to_device(device)),
         };
         LayerMasks {
             full: move_mask(&self.full),

@@ -7,16 +7,14 @@ use std::time::Duration;
 use tch::Device;
 
 use super::hidden::HiddenMap;
-use super::optim::AdamWConfig;
+use super::moments::MomentStorage;
+use super::optim::{AdamWConfig, OptimizerMemory};
 use super::schedule::{Decay, LrSchedule};
 use crate::batch::targets::TargetOptions;
 use crate::distributed::buckets::BucketOptions;
 use crate::distributed::WorldInfo;
 use crate::losses::{Divergence, HiddenLoss, KdLoss, TopKMode};
 use crate::shards::manifest::CaptureInfo;
-
-/// The longest packed row that `--pack auto` packs to (see `TrainConfig::pack_to`).
-pub const AUTO_PACK_MAX_LEN: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -35,6 +33,8 @@ pub struct TrainConfig {
     /// Keep only each layer's input and recompute the layer during backward.
     pub recompute: bool,
     pub precision: Precision,
+    /// How the training state is kept: weights, moments, where (see `MemorySettings`).
+    pub memory: MemorySettings,
     pub grad_accum: usize,
     /// Its `total_steps` is taken from `steps` (see `schedule()`).
     pub schedule: LrSchedule,
@@ -101,8 +101,38 @@ impl Default for ParallelSettings {
     }
 }
 
-/// Arithmetic of the forward and backward passes; weights and optimiser state are
-/// float32 either way.
+/// The training state's storage, each a flag for a smaller device: bf16 weights (and
+/// gradients) with a float32 master copy in the optimiser, AdamW's moments in bf16 or
+/// block-wise 8-bit, the optimiser's state in host memory while training on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MemorySettings {
+    pub bf16_weights: bool,
+    pub moments: MomentStorage,
+    pub offload: bool,
+}
+
+impl MemorySettings {
+    pub fn optimizer(&self) -> OptimizerMemory {
+        OptimizerMemory { moments: self.moments, offload: self.offload }
+    }
+
+    /// The dtype the student's weights are kept in.
+    pub fn weight_kind(&self) -> tch::Kind {
+        if self.bf16_weights {
+            tch::Kind::BFloat16
+        } else {
+            tch::Kind::Float
+        }
+    }
+
+    /// Whether any setting differs from float32 weights and moments next to the weights.
+    pub fn is_default(&self) -> bool {
+        *self == MemorySettings::default()
+    }
+}
+
+/// Arithmetic of the forward and backward passes (the weights' storage is
+/// `MemorySettings`' choice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// bf16 autocast on CUDA, float32 elsewhere.
@@ -143,6 +173,7 @@ impl Default for TrainConfig {
             seq_len: None,
             recompute: false,
             precision: Precision::Auto,
+            memory: MemorySettings::default(),
             grad_accum: 1,
             schedule: LrSchedule {
                 peak_lr: 1e-4,
@@ -177,21 +208,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The learning-rate schedule over `steps`.
     /// Tokens per packed batch row, or `None` for padded batches. `--pack auto` (the
-    /// default) packs when the rows would be at most `AUTO_PACK_MAX_LEN` long: packing
-    /// removes padding, but attention over a packed row is dense and masked, so its cost
-    /// grows with the row's length. On the main job's student and shards (2 cores, rows
-    /// up to 256 tokens, `--batch-tokens 2048`, shuffled) padded batches (45% padding)
-    /// trained at 166-177 tokens/s, rows packed to 256 at 264-267; in shard order, rows
-    /// packed to 256 at 275-282 and to 1024 at 211-225. On a tiny model (attention a
-    /// larger share) rows of 2048 ran at 0.40x padded.
+    /// default) packs: attention over a packed row runs per document (`model::packed`),
+    /// so its cost is the sum of the documents' squares whatever the row's length, and
+    /// packing only removes padding. (Before per-document attention, a packed row's
+    /// attention was dense and masked and auto packing stopped at 1024 tokens: rows
+    /// packed to 1024 trained at 211-225 tokens/s against 275-282 packed to 256.)
     pub fn pack_to(&self, shards_max_len: usize) -> Option<usize> {
         let len = self.seq_len.unwrap_or(shards_max_len);
-        match self.pack {
-            Some(pack) => pack.then_some(len),
-            None => (self.seq_len.is_some() || len <= AUTO_PACK_MAX_LEN).then_some(len),
-        }
+        self.pack.unwrap_or(true).then_some(len)
     }
 
     /// How the teacher targets of shards captured as `capture` are built for the loss,
@@ -215,6 +240,16 @@ impl TrainConfig {
             );
         }
         Ok(Some(TargetOptions { label_bucket: self.label_bucket && bucket, use_draws: forward_kl_t1 }))
+    }
+
+    /// The arithmetic of this run: `precision` resolved for the device; bf16 weights
+    /// always run under bf16 autocast, through whose casts their matmuls meet the
+    /// float32 tensors of the head's loss and the hidden-state projections.
+    pub fn resolved_precision(&self) -> Precision {
+        if self.memory.bf16_weights {
+            return Precision::Bf16Autocast;
+        }
+        self.precision.resolve(self.device)
     }
 
     pub fn schedule(&self) -> LrSchedule {
@@ -280,6 +315,22 @@ impl TrainConfig {
         if !(self.uld_weight.is_finite() && self.uld_weight >= 0.0) {
             bail!("--uld-weight must be a number >= 0, not {}", self.uld_weight);
         }
+        let m = &self.memory;
+        if m.offload && !self.device.is_cuda() {
+            bail!(
+                "--offload-optimizer keeps AdamW's state in host memory while the student trains on CUDA; on {:?} it is in host memory already",
+                self.device
+            );
+        }
+        if m.bf16_weights && self.precision == Precision::Float32 {
+            bail!("--weights bf16 computes in bfloat16; --precision f32 asks for float32 arithmetic");
+        }
+        if self.parallel.zero1 && !m.is_default() {
+            bail!(
+                "--zero1 shards float32 moments of float32 weights; with --optimizer-moments {} or --weights bf16 train without --zero1",
+                m.moments.name()
+            );
+        }
         if self.cross_tokenizer.is_some() && self.hidden.is_some() {
             bail!("--cross-tokenizer: hidden-state distillation needs the teacher's positions; the student's tokens are others");
         }
@@ -316,16 +367,37 @@ mod tests {
     }
 
     #[test]
-    fn auto_packs_rows_up_to_the_measured_length() {
+    fn auto_packs_rows_of_any_length() {
         let auto = TrainConfig { student: "s".into(), shards: "d".into(), output: "o".into(), ..Default::default() };
         auto.validate().unwrap();
         assert_eq!(auto.pack_to(256), Some(256));
-        assert_eq!(auto.pack_to(AUTO_PACK_MAX_LEN), Some(AUTO_PACK_MAX_LEN));
-        assert_eq!(auto.pack_to(2048), None, "long rows: dense attention over them costs more than padding");
-        assert_eq!(TrainConfig { seq_len: Some(4096), ..auto.clone() }.pack_to(2048), Some(4096), "asked for");
-        assert_eq!(TrainConfig { pack: Some(true), ..auto.clone() }.pack_to(2048), Some(2048));
+        assert_eq!(auto.pack_to(16384), Some(16384), "per-document attention: no length limit");
+        assert_eq!(TrainConfig { seq_len: Some(4096), ..auto.clone() }.pack_to(256), Some(4096), "asked for");
         assert_eq!(TrainConfig { pack: Some(false), ..auto.clone() }.pack_to(256), None);
         let e = TrainConfig { pack: Some(false), seq_len: Some(64), ..auto }.validate().unwrap_err().to_string();
         assert!(e.contains("--pack false"), "{e}");
+    }
+
+    #[test]
+    fn memory_settings_that_cannot_work_are_refused_by_name() {
+        let cfg = TrainConfig {
+            student: "s".into(),
+            shards: "d".into(),
+            output: "o".into(),
+            device: Device::Cpu,
+            ..Default::default()
+        };
+        let with = |memory: MemorySettings| TrainConfig { memory, ..cfg.clone() };
+        let offload = MemorySettings { offload: true, ..Default::default() };
+        assert!(with(offload).validate().unwrap_err().to_string().contains("--offload-optimizer"));
+        let bf16 = MemorySettings { bf16_weights: true, ..Default::default() };
+        assert_eq!(with(bf16).resolved_precision(), Precision::Bf16Autocast);
+        let f32_arith = TrainConfig { precision: Precision::Float32, ..with(bf16) };
+        assert!(f32_arith.validate().unwrap_err().to_string().contains("--precision f32"));
+        let eight = MemorySettings { moments: MomentStorage::Blockwise8Bit, ..Default::default() };
+        with(eight).validate().unwrap();
+        let mut zero = with(eight);
+        zero.parallel.zero1 = true;
+        assert!(zero.validate().unwrap_err().to_string().contains("--zero1"));
     }
 }

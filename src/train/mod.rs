@@ -6,6 +6,7 @@ pub mod autocast;
 pub mod checkpoint;
 pub mod config;
 pub mod hidden;
+pub mod moments;
 pub mod optim;
 pub mod parallel;
 pub mod plot;

@@ -1,11 +1,14 @@
 //! AdamW whose state we own (so a checkpoint can hold it and `--resume` continue
 //! exactly), with PyTorch's update order and arithmetic, and gradient clipping by
 //! global norm. Norm weights and biases take no weight decay. With ZeRO-1 an optimiser
-//! holds and updates only a range of the parameters laid end to end (`new_owned`).
-use anyhow::{bail, Result};
+//! holds and updates only a range of the parameters laid end to end (`new_owned`). The
+//! state may be kept smaller (`OptimizerMemory`, `moments.rs`): 8-bit or bf16 moments,
+//! bf16 weights with float32 master copies, moments in host memory on CUDA.
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::moments::{MasterLowBits, MomentStorage, StateTensor, SLAB};
 use crate::distributed::zero::Partition;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -22,22 +25,49 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Where and how AdamW keeps its state (see `moments.rs`): moments in float32, bf16 or
+/// block-wise 8-bit, and, on CUDA, in host memory instead of the GPU's. A bfloat16
+/// parameter (`--weights bf16`) always gets a float32 master copy (kept as its low bits,
+/// `MasterLowBits`), which the update works on; the parameter is its rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct OptimizerMemory {
+    pub moments: MomentStorage,
+    pub offload: bool,
+}
+
 struct Slot {
     name: String,
     param: Tensor,
     /// The (offset, length) of the parameter's flat elements this slot updates; `None`:
     /// all of them.
     piece: Option<(i64, i64)>,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    exp_avg: StateTensor,
+    exp_avg_sq: StateTensor,
+    /// The float32 master copy of a bfloat16 parameter (its low bits).
+    master: Option<MasterLowBits>,
     decay: bool,
 }
 
 impl Slot {
-    /// The part of `t` (the parameter or its gradient) this slot updates.
+    fn new(name: String, param: Tensor, piece: Option<(i64, i64)>, memory: OptimizerMemory) -> Self {
+        let device = param.device();
+        let numel = piece.map_or(param.numel() as i64, |p| p.1);
+        let state_device = if memory.offload { Device::Cpu } else { device };
+        let zeros = |signed| StateTensor::zeros(numel, memory.moments, signed, state_device, Some(device));
+        let (exp_avg, exp_avg_sq) = (zeros(true), zeros(false));
+        assert!(
+            matches!(param.kind(), Kind::Float | Kind::BFloat16),
+            "{name}: AdamW trains float32 or bfloat16 parameters, not {:?}",
+            param.kind()
+        );
+        let master = (param.kind() == Kind::BFloat16).then(|| MasterLowBits::zeros(numel, state_device, Some(device)));
+        Slot { decay: decays(&name), name, param, piece, exp_avg, exp_avg_sq, master }
+    }
+
+    /// The part of `t` (the parameter or its gradient) this slot updates, flat.
     fn part(&self, t: &Tensor) -> Tensor {
         match self.piece {
-            None => t.shallow_clone(),
+            None => t.reshape([-1]),
             Some((offset, len)) => t.view([-1]).narrow(0, offset, len),
         }
     }
@@ -60,14 +90,13 @@ pub fn decays(name: &str) -> bool {
 impl AdamW {
     /// Moments start at zero, in float32 (master precision), on each parameter's device.
     pub fn new(named_params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+        Self::with_memory(named_params, cfg, OptimizerMemory::default())
+    }
+
+    /// Like `new`, with the state kept as `memory` says.
+    pub fn with_memory(named_params: Vec<(String, Tensor)>, cfg: AdamWConfig, memory: OptimizerMemory) -> Self {
         let params = named_params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        let slots = named_params
-            .into_iter()
-            .map(|(name, param)| {
-                let zeros = || Tensor::zeros_like(&param).to_kind(Kind::Float);
-                Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece: None }
-            })
-            .collect();
+        let slots = named_params.into_iter().map(|(name, param)| Slot::new(name, param, None, memory)).collect();
         AdamW { cfg, slots, params, steps: 0 }
     }
 
@@ -85,9 +114,7 @@ impl AdamW {
         let mut slots = vec![];
         for (i, offset, _, len) in partition.pieces(partition.owned(rank)) {
             let (name, param) = named[i].take().expect("a parameter has one piece per range");
-            let zeros = || Tensor::zeros([len], (Kind::Float, param.device()));
-            let piece = Some((offset, len));
-            slots.push(Slot { decay: decays(&name), exp_avg: zeros(), exp_avg_sq: zeros(), name, param, piece });
+            slots.push(Slot::new(name, param, Some((offset, len)), OptimizerMemory::default()));
         }
         AdamW { cfg, slots, params, steps: 0 }
     }
@@ -100,7 +127,8 @@ impl AdamW {
 
     /// The owned elements' moments (exp_avg, exp_avg_sq), laid end to end likewise.
     pub fn owned_moments(&self) -> [Tensor; 2] {
-        [self.owned_flat(|s| s.exp_avg.shallow_clone()), self.owned_flat(|s| s.exp_avg_sq.shallow_clone())]
+        let whole = |t: &StateTensor, s: &Slot| t.load(0, s.piece.map_or(s.param.numel() as i64, |p| p.1), s.param.device());
+        [self.owned_flat(|s| whole(&s.exp_avg, s)), self.owned_flat(|s| whole(&s.exp_avg_sq, s))]
     }
 
     fn owned_flat(&self, part: impl Fn(&Slot) -> Tensor) -> Tensor {
@@ -112,7 +140,9 @@ impl AdamW {
     }
 
     /// One update with rate `lr` from the parameters' `.grad()`. Parameters without a
-    /// gradient are left alone, as PyTorch does.
+    /// gradient are left alone, as PyTorch does. Each parameter is updated a slab of
+    /// `SLAB` elements at a time (the same arithmetic, elementwise, as a whole-tensor
+    /// update; the temporaries stay a few slabs).
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
@@ -120,23 +150,43 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bias1 = 1.0 - b1.powi(t);
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let decay = 1.0 - lr * self.cfg.weight_decay;
         for s in &mut self.slots {
             let grad = s.param.grad();
             if !grad.defined() {
                 continue;
             }
-            let g = s.part(&grad).to_kind(Kind::Float);
-            let mut param = s.part(&s.param);
-            if s.decay && self.cfg.weight_decay != 0.0 {
-                let _ = param.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+            debug_assert!(s.param.is_contiguous(), "{}: parameters are updated through flat views", s.name);
+            let (grad, param) = (s.part(&grad), s.part(&s.param));
+            let (n, device) = (param.numel() as i64, param.device());
+            let mut offset = 0;
+            while offset < n {
+                let len = SLAB.min(n - offset);
+                let g = grad.narrow(0, offset, len).to_kind(Kind::Float);
+                let mut p = param.narrow(0, offset, len);
+                let mut w = match &s.master {
+                    Some(m) => m.load(&p, offset),
+                    None => p.shallow_clone(),
+                };
+                let mut m = s.exp_avg.load(offset, len, device);
+                let mut v = s.exp_avg_sq.load(offset, len, device);
+                if s.decay && self.cfg.weight_decay != 0.0 {
+                    let _ = w.g_mul_scalar_(decay);
+                }
+                // exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.g_add_(&(g.square() * (1.0 - b2)));
+                let denom = v.sqrt() / bias2_sqrt + self.cfg.eps;
+                let update = (&m / denom) * (-lr / bias1);
+                let _ = w.g_add_(&update.to_kind(w.kind()));
+                if let Some(master) = &mut s.master {
+                    master.store(offset, &w, &mut p);
+                }
+                s.exp_avg.store(offset, &m);
+                s.exp_avg_sq.store(offset, &v);
+                offset += len;
             }
-            // exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
-            let _ = s.exp_avg.lerp_(&g, 1.0 - b1);
-            let _ = s.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = s.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
-            let denom = s.exp_avg_sq.sqrt() / bias2_sqrt + self.cfg.eps;
-            let update = (&s.exp_avg / denom) * (-lr / bias1);
-            let _ = param.g_add_(&update.to_kind(param.kind()));
         }
     }
 
@@ -149,39 +199,52 @@ impl AdamW {
         }
     }
 
-    /// The moments by name (`exp_avg.NAME`, `exp_avg_sq.NAME`), for a checkpoint (of an
-    /// optimiser of whole parameters; a ZeRO-1 one's are gathered by `train::parallel`).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .flat_map(|s| {
-                [
-                    (format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()),
-                    (format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.shallow_clone()),
-                ]
-            })
-            .collect()
+    /// Bytes of optimiser state (moments, block scales, master copies): (on the
+    /// parameters' devices, in host memory while the parameters are on a GPU).
+    pub fn state_bytes(&self) -> (i64, i64) {
+        let (mut near, mut host) = (0, 0);
+        for s in &self.slots {
+            let offloaded = s.param.device().is_cuda();
+            let parts = [(s.exp_avg.bytes(), s.exp_avg.is_host()), (s.exp_avg_sq.bytes(), s.exp_avg_sq.is_host())];
+            let master = s.master.as_ref().map(|m| (m.bytes(), m.is_host()));
+            for (bytes, on_host) in parts.into_iter().chain(master) {
+                if offloaded && on_host {
+                    host += bytes;
+                } else {
+                    near += bytes;
+                }
+            }
+        }
+        (near, host)
     }
 
-    /// Restores moments saved by `state` (of whole parameters; an owned piece takes its
-    /// part); every parameter must be present.
+    /// The state by name (`exp_avg.NAME`, `exp_avg_sq.NAME` and, for a parameter kept
+    /// in bf16, `master_low.NAME`; 8-bit moments add `exp_avg.NAME.absmax`), for a checkpoint
+    /// (of an optimiser of whole parameters; a ZeRO-1 one's are gathered by
+    /// `train::parallel`).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        for s in &self.slots {
+            let shape = s.param.size();
+            out.extend(s.exp_avg.saved(&format!("exp_avg.{}", s.name), &shape));
+            out.extend(s.exp_avg_sq.saved(&format!("exp_avg_sq.{}", s.name), &shape));
+            if let Some(m) = &s.master {
+                out.push(m.saved(&format!("master_low.{}", s.name)));
+            }
+        }
+        out
+    }
+
+    /// Restores the state saved by `state` (of whole parameters; an owned piece takes
+    /// its part); every parameter must be present, stored as this optimiser keeps it.
     pub fn load_state(&mut self, steps: u64, state: &[(String, Tensor)]) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for s in &mut self.slots {
             let shape = s.param.size();
-            let piece = s.piece;
-            for (prefix, slot) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
-                let key = format!("{prefix}.{}", s.name);
-                let Some((_, saved)) = state.iter().find(|(n, _)| *n == key) else {
-                    bail!("optimizer state has no {key}");
-                };
-                if saved.size() != shape {
-                    bail!("optimizer state {key} has shape {:?}, the parameter {shape:?}", saved.size());
-                }
-                match piece {
-                    None => slot.copy_(saved),
-                    Some((offset, len)) => slot.copy_(&saved.reshape([-1]).narrow(0, offset, len)),
-                }
+            s.exp_avg.restore(&format!("exp_avg.{}", s.name), state, &shape, s.piece)?;
+            s.exp_avg_sq.restore(&format!("exp_avg_sq.{}", s.name), state, &shape, s.piece)?;
+            if let Some(m) = &mut s.master {
+                m.restore(&format!("master_low.{}", s.name), state, s.piece)?;
             }
         }
         self.steps = steps;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 use super::config::ParallelSettings;
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{OptimizerMemory, AdamW, AdamWConfig};
 use crate::batch::feed::Share;
 use crate::distributed::buckets::{all_reduce_grads, all_reduce_sum, broadcast_from_first};
 use crate::distributed::zero::{write_into, Partition};
@@ -90,9 +90,9 @@ impl Parallel {
     }
 
     /// AdamW over all parameters, or over this rank's range of them with ZeRO-1.
-    pub fn optimizer(&mut self, named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> AdamW {
+    pub fn optimizer(&mut self, named: Vec<(String, Tensor)>, cfg: AdamWConfig, memory: OptimizerMemory) -> AdamW {
         if !self.settings.zero1 {
-            return AdamW::new(named, cfg);
+            return AdamW::with_memory(named, cfg, memory);
         }
         let numels: Vec<i64> = named.iter().map(|(_, t)| t.numel() as i64).collect();
         let partition = Partition::new(&numels, self.world.world);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::checkpoint::latest_checkpoint;
 use super::config::TrainConfig;
+use super::moments::MomentStorage;
 use crate::files::{checksum_file, dir_entries, write_atomic, xxh3_string};
 use crate::shards::manifest::{json_diff, Manifest};
 
@@ -28,8 +29,8 @@ pub struct RunRecord {
     /// The shard set: its settings and the checksums of its shards.
     pub shards: Json,
     /// Every option that changes what is learned. Options that do not (the device,
-    /// precision, recomputation, head chunk, checkpoint cadence, steps and stop) may
-    /// differ between a run and its resumption.
+    /// precision, recomputation, head chunk, checkpoint cadence, steps and stop, where
+    /// the optimiser's state lives) may differ between a run and its resumption.
     pub settings: Json,
 }
 
@@ -78,6 +79,14 @@ impl RunRecord {
         }
         if cfg.cross_tokenizer.is_some() {
             settings["cross_tokenizer"] = true.into();
+        }
+        // The moments' and weights' storage change the arithmetic of every step (where
+        // the state lives, --offload-optimizer, does not).
+        if cfg.memory.moments != MomentStorage::Float32 {
+            settings["optimizer_moments"] = cfg.memory.moments.name().into();
+        }
+        if cfg.memory.bf16_weights {
+            settings["weights"] = "bf16".into();
         }
         Ok(RunRecord { format: FORMAT.into(), student, shards, settings })
     }

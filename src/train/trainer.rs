@@ -23,7 +23,7 @@ use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptio
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
 use crate::files::checksum_file;
-use crate::losses::fused::{fused_head_loss, HeadLoss};
+use crate::losses::fused::{fused_head_loss_into, HeadLoss};
 use crate::losses::uld::{head_logits, uld_per_group, UldBatch};
 use crate::model::backward::StepLosses;
 use crate::model::logits::{chunk_positions, default_logits_budget};
@@ -54,6 +54,56 @@ pub struct StepLog {
     pub gpu_memory_bytes: Option<u64>,
     pub tokens_per_s: f64,
     pub time: StepTime,
+    pub state_bytes: StateBytes,
+}
+
+/// Bytes of training state, read off the live tensors after the step: the weights and
+/// gradients of every trained tensor, and the optimiser's state (moments, block scales,
+/// master copies) next to them or, offloaded, in host memory.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StateBytes {
+    pub parameters: i64,
+    pub weights: i64,
+    pub gradients: i64,
+    pub optimizer: i64,
+    pub optimizer_host: i64,
+}
+
+impl StateBytes {
+    fn measure(params: &[Tensor], opt: &AdamW) -> Self {
+        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        let (optimizer, optimizer_host) = opt.state_bytes();
+        let grads = params.iter().map(Tensor::grad).filter(Tensor::defined);
+        StateBytes {
+            parameters: params.iter().map(|p| p.numel() as i64).sum(),
+            weights: params.iter().map(bytes).sum(),
+            gradients: grads.map(|g| bytes(&g)).sum(),
+            optimizer,
+            optimizer_host,
+        }
+    }
+
+    /// Bytes per parameter on the training device.
+    pub fn per_parameter(&self) -> f64 {
+        (self.weights + self.gradients + self.optimizer) as f64 / self.parameters.max(1) as f64
+    }
+
+    pub fn summary(&self) -> String {
+        let per = |b: i64| b as f64 / self.parameters.max(1) as f64;
+        let host = if self.optimizer_host > 0 {
+            format!(", plus {:.2} in host memory", per(self.optimizer_host))
+        } else {
+            String::new()
+        };
+        format!(
+            "{:.2} bytes per parameter ({:.2} weights, {:.2} gradients, {:.2} optimizer{host}) of {} parameters",
+            self.per_parameter(),
+            per(self.weights),
+            per(self.gradients),
+            per(self.optimizer),
+            self.parameters
+        )
+    }
 }
 
 /// Where a step's wall time went, in seconds: waiting for batches, the student's body
@@ -159,7 +209,9 @@ impl<'a> Run<'a> {
         };
         tch::manual_seed(cfg.seed as i64);
 
-        let model = CausalLm::load(resume_from.as_deref().unwrap_or(&cfg.student), cfg.device, Kind::Float)?;
+        let weights = cfg.memory.weight_kind();
+        let model = CausalLm::load(resume_from.as_deref().unwrap_or(&cfg.student), cfg.device, weights)?;
+        model.transformer.define_vocab_grads();
         let mut hidden = match &cfg.hidden {
             Some(h) => Some(hidden_distill(h, &set, &model, cfg.device)?),
             None => None,
@@ -172,8 +224,8 @@ impl<'a> Run<'a> {
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let shallow = || named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let mut opt = match parallel.as_mut() {
-            Some(p) => p.optimizer(shallow(), cfg.adamw),
-            None => AdamW::new(shallow(), cfg.adamw),
+            Some(p) => p.optimizer(shallow(), cfg.adamw, cfg.memory.optimizer()),
+            None => AdamW::with_memory(shallow(), cfg.adamw, cfg.memory.optimizer()),
         };
         let state = match &resume_from {
             Some(dir) => restore(dir, &mut opt, hidden.as_mut(), cfg.device)?,
@@ -187,7 +239,7 @@ impl<'a> Run<'a> {
         let metrics = first.then(|| run_dir::start(&cfg.output, &record, state.step)).transpose()?;
         let share = parallel.as_ref().map_or(Share::ALL, Parallel::share);
         let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state, share);
-        let precision = cfg.precision.resolve(cfg.device);
+        let precision = cfg.resolved_precision();
         Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, metrics, parallel })
     }
 
@@ -203,10 +255,11 @@ impl<'a> Run<'a> {
         let tokens: usize = counts.iter().map(|m| m.tokens).sum();
         let padded: usize = counts.iter().map(|m| m.padded).sum();
         let mut sums = LossSums::default();
-        for mb in &micro {
+        for (i, mb) in micro.iter().enumerate() {
             let mb = mb.to_device(cfg.device, cfg.device.is_cuda());
             let _autocast = (self.precision == Precision::Bf16Autocast).then(|| AutocastGuard::bf16(cfg.device));
-            micro_step(&self.model, self.hidden.as_ref(), &mb, cfg, 1.0 / targets.max(1) as f64, &mut sums)?;
+            let scale = 1.0 / targets.max(1) as f64;
+            micro_step(&self.model, self.hidden.as_ref(), &mb, cfg, scale, &mut sums, i == 0)?;
         }
         let (mut loss_sum, mut kd_sum, mut ce_sum, mut hidden_sum) = sums.read();
         let communication_started = Instant::now();
@@ -260,6 +313,7 @@ impl<'a> Run<'a> {
                 optimizer: optimizer.as_secs_f64(),
                 communication: self.parallel.is_some().then_some(communication.as_secs_f64()),
             },
+            state_bytes: StateBytes::measure(&self.params, &self.opt),
         })
     }
 
@@ -418,6 +472,8 @@ struct MicroLosses<'a> {
     cfg: &'a TrainConfig,
     scale: f64,
     sums: &'a mut LossSums,
+    /// The step's first micro-batch: gradients hold nothing of this step yet.
+    fresh: bool,
 }
 
 impl StepLosses for MicroLosses<'_> {
@@ -437,14 +493,22 @@ impl StepLosses for MicroLosses<'_> {
             logit_softcap: self.model.transformer.final_softcap(),
         };
         let started = Instant::now();
-        let mut out = fused_head_loss(&h.detach(), head, &loss, chunk, self.scale)?;
+        // The head's gradient goes straight into its `.grad()` when that holds nothing
+        // of this step yet and is float32 (no `[V, H]` buffer and surrogate); a later
+        // micro-batch's enters through autograd, which adds it as it adds each
+        // micro-batch's gradient (so N micro-batches in one process sum exactly as N
+        // ranks do).
+        let existing = head.grad();
+        let direct = self.fresh && existing.defined() && existing.kind() == Kind::Float;
+        let into = if direct { existing } else { Tensor::zeros(head.size(), (Kind::Float, head.device())) };
+        let mut out = fused_head_loss_into(&h.detach(), head, &loss, chunk, self.scale, into)?;
         if let Some(u) = &mb.uld {
             let weight = (1.0 - cfg.alpha) * cfg.uld_weight;
             if u.groups() > 0 && weight > 0.0 {
                 let softcap = self.model.transformer.final_softcap();
                 let g = uld_gradients(&h, head, &mb.batch.next_tokens, u, weight * self.scale, softcap);
                 out.grad_hidden += g.grad_hidden.to_kind(out.grad_hidden.kind());
-                out.grad_head += g.grad_head.to_kind(out.grad_head.kind());
+                let _ = out.grad_head.g_add_(&g.grad_head);
                 self.sums.loss.push(g.sum.shallow_clone() * (weight * self.scale));
                 self.sums.kd.push(g.sum);
             }
@@ -454,9 +518,16 @@ impl StepLosses for MicroLosses<'_> {
         self.sums.kd.push(out.kd_sum);
         self.sums.ce.push(out.ce_sum);
         // The gradients enter the graph through the surrogates sum(h * dL/dh) (the body)
-        // and sum(W * dL/dW) (the head, tied or not).
+        // and, unless added in place above, sum(W * dL/dW) (the head, tied or not).
         let body = (&h * out.grad_hidden).sum(Kind::Float);
+        if direct {
+            return Ok(body);
+        }
         Ok(body + (head * out.grad_head).sum(Kind::Float))
+    }
+
+    fn fresh_gradients(&self) -> bool {
+        self.fresh
     }
 
     /// Each micro-batch's balance loss counts by its share of the step's trained tokens,
@@ -523,8 +594,9 @@ fn micro_step(
     cfg: &TrainConfig,
     scale: f64,
     sums: &mut LossSums,
+    fresh: bool,
 ) -> Result<()> {
     let capture = hidden.map(|h| h.student_layers()).unwrap_or_default();
-    let mut losses = MicroLosses { model, hidden, mb, cfg, scale, sums };
+    let mut losses = MicroLosses { model, hidden, mb, cfg, scale, sums, fresh };
     model.transformer.forward_backward(&mb.batch.input(), &capture, cfg.recompute, &mut losses)
 }
