@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How distill's cost grows with model size, row length and vocabulary (not a test).
 
-    bench_scale.py DISTILL_BINARY WORK_DIR [--sections precompute,train,rows,memory,vocab]
+    bench_scale.py DISTILL_BINARY WORK_DIR [--sections precompute,train,rows,memory,kd60,vocab]
                    [--device cpu] [--quick]
 
 Random-weight models at published shapes (scripts/tiny_models.py scale-model: SmolLM2
@@ -12,16 +12,16 @@ memory is read by a parent that runs nothing else (GPU memory in use on CUDA):
   precompute  distill precompute (top-16, no draws) against transformers (scripts/
               capture_eager.py: full logits, log-softmax, top-k) on the same token rows:
               tokens/s, peak memory, seconds per billion parameter-tokens.
-  train       per student size: distill's KD step (float32; and with bf16 weights + 8-bit
-              moments) against the eager PyTorch step on identical padded batches
+  train       per student size: distill's KD step (float32; with 8-bit moments; and with
+              --recompute) against the eager PyTorch step on identical padded batches
               (scripts/kd_step_eager.py): tokens/s, peak memory, the ratio to eager.
   rows        the 135M shape across row lengths: 256-token documents packed to 256 / 1k /
               4k / 16k tokens (the same documents, the same 16,384 tokens per step), and
               single rows of 4k and 16k tokens with --recompute: tokens/s, peak memory,
               memory per 1k tokens of row length.
   memory      the 360M shape with each training-state option: bytes per parameter (read
-              off the live tensors), peak memory, tokens/s; and the KD loss after 60
-              steps of 8-bit moments against float32 on the 135M shape.
+              off the live tensors), peak memory, tokens/s.
+  kd60        the KD loss after 60 steps of 8-bit moments against float32 (135M shape).
   vocab       Gemma 3 270M's body with 262,144 and 49,152 ids: precompute and train peak
               memory, and the memory above the training state (weights, gradients, AdamW).
 
@@ -59,7 +59,8 @@ def measure(args, env=None):
 
 
 def model(a, shape, **overrides):
-    """The random model of `shape` (made once, cached under WORK_DIR/models)."""
+    """The random model of `shape` (made once, cached under WORK_DIR/models); `seed=1`
+    draws a student for the teacher of seed 0 (the same tokenizer file, copied)."""
     suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     out = a.work / "models" / f"{shape}{suffix}"
     if not out.exists():
@@ -67,6 +68,9 @@ def model(a, shape, **overrides):
         fields = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
         subprocess.run([sys.executable, ROOT / "scripts/tiny_models.py", "scale-model", out, shape, *fields],
                        check=True)
+        if overrides.get("seed"):
+            teacher = model(a, shape, **{k: v for k, v in overrides.items() if k != "seed"})
+            shutil.copy(teacher / "tokenizer.json", out / "tokenizer.json")
     return out
 
 
@@ -183,15 +187,16 @@ def section_train(a):
           "| training state (bytes/parameter) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in students:
-        student = model(a, shape)
+        student = model(a, shape, seed=1)
         n = parameters(student)
         data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
-        shard_dir = shards(a, student, data, 1024, f"train-{shape}")
+        shard_dir = shards(a, model(a, shape), data, 1024, f"train-{shape}")
         e_rate, e_mem = eager_train(a, student, shard_dir, steps, batch)
+        # bf16 weights are a GPU option: without AVX512-BF16 a CPU runs bf16 matmuls at a
+        # third of float32's rate (the memory section shows them).
         lines = [("distill, float32", []),
-                 ("distill, bf16 weights + 8-bit moments", ["--weights", "bf16", "--optimizer-moments", "8bit"]),
-                 ("distill, bf16 weights + 8-bit moments, --recompute",
-                  ["--weights", "bf16", "--optimizer-moments", "8bit", "--recompute"])]
+                 ("distill, 8-bit moments", ["--optimizer-moments", "8bit"]),
+                 ("distill, 8-bit moments, --recompute", ["--optimizer-moments", "8bit", "--recompute"])]
         rows = [("PyTorch eager + transformers (AdamW, float32)", e_rate, e_mem, "16.00 (float32 AdamW)")]
         for name, extra in lines:
             rate, mem, logs = distill_train(a, f"train-{shape}", student, shard_dir, steps, batch,
@@ -250,10 +255,10 @@ def section_rows(a):
 
 def section_memory(a):
     shape = "smollm2-360m"
-    student = model(a, shape)
+    student = model(a, shape, seed=1)
     n = parameters(student)
     data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
-    shard_dir = shards(a, student, data, 1024, f"train-{shape}")
+    shard_dir = shards(a, model(a, shape), data, 1024, f"train-{shape}")
     options = [("float32 weights and moments", []),
                ("8-bit moments", ["--optimizer-moments", "8bit"]),
                ("bf16 moments", ["--optimizer-moments", "bf16"]),
@@ -272,17 +277,19 @@ def section_memory(a):
         held, _ = state_bytes(logs[-1])
         print(f"| {name} | {held / b['parameters']:.3f} | {per('weights'):.2f} | {per('gradients'):.2f} | "
               f"{per('optimizer'):.3f} | {mem / GIB:.2f} GiB | {rate:.0f} |", flush=True)
+
+
+def section_kd60(a):
     # The loss after 60 steps: 8-bit moments against float32, on the 135M shape.
-    small = model(a, "smollm2-135m")
+    small = model(a, "smollm2-135m", seed=1)
     data = text_rows(a.work / "data" / "rows-512x64.jsonl", 64, 512)
-    small_shards = shards(a, small, data, 512, "kd-135m")
+    small_shards = shards(a, model(a, "smollm2-135m"), data, 512, "kd-135m")
     steps = 20 if a.quick else 60
     print(f"\nKD loss over {steps} steps (smollm2-135m shape, 1024 tokens per step, lr 1e-4, cosine):")
     print("| option | loss at step 1 | mean of the last 10 steps | vs float32 | bytes per parameter |")
     print("|---|---|---|---|---|")
     base = None
-    for name, extra in [("float32", []), ("8-bit moments", ["--optimizer-moments", "8bit"]),
-                        ("bf16 weights + 8-bit moments", ["--weights", "bf16", "--optimizer-moments", "8bit"])]:
+    for name, extra in [("float32", []), ("8-bit moments", ["--optimizer-moments", "8bit"])]:
         _, _, logs = distill_train(a, "kd60", small, small_shards, steps, 1024, ["--pack", "false", *extra])
         tail = statistics.mean(l["loss"] for l in logs[-10:])
         base = base or tail
@@ -300,6 +307,7 @@ def section_vocab(a):
     rows = {}
     for vocab in [49152, 262144]:
         m = model(a, "gemma3-270m", vocab_size=vocab)
+        student = model(a, "gemma3-270m", vocab_size=vocab, seed=1)
         n = parameters(m)
         data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
         out = a.work / "shards" / f"vocab-{vocab}"
@@ -307,9 +315,9 @@ def section_vocab(a):
         _, p_rss, _ = measure([a.binary, "precompute", "--teacher", m, "--input", data, "--output", out, "--top-k",
                                "16", "--sample", "0", "--max-len", 1024, "--devices", a.device, "--batch-tokens",
                                2048, "--no-progress"])
-        _, t_mem, logs = distill_train(a, f"vocab-{vocab}", m, out, 3, 2048, ["--pack", "false"])
+        _, t_mem, logs = distill_train(a, f"vocab-{vocab}", student, out, 3, 2048, ["--pack", "false"])
         held, _ = state_bytes(logs[-1])
-        e_rate, e_mem = eager_train(a, m, out, 3, 2048)
+        e_rate, e_mem = eager_train(a, student, out, 3, 2048)
         rows[vocab] = t_mem - held
         print(f"| {vocab} | {n / 1e6:.0f}M | {p_rss / GIB:.2f} GiB | {t_mem / GIB:.2f} GiB | {held / GIB:.2f} GiB | "
               f"{(t_mem - held) / GIB:.2f} GiB | {e_mem / GIB:.2f} GiB | {(e_mem - held) / GIB:.2f} GiB |", flush=True)
@@ -325,7 +333,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("work", type=Path)
-    ap.add_argument("--sections", default="precompute,train,rows,memory,vocab")
+    ap.add_argument("--sections", default="precompute,train,rows,memory,kd60,vocab")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and steps (a smoke run)")
     a = ap.parse_args()
@@ -333,7 +341,7 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     print(f"bench_scale: {a.device}, {os.cpu_count()} CPUs, sections {a.sections}", file=sys.stderr)
     sections = {"precompute": section_precompute, "train": section_train, "rows": section_rows,
-                "memory": section_memory, "vocab": section_vocab}
+                "memory": section_memory, "kd60": section_kd60, "vocab": section_vocab}
     for name in a.sections.split(","):
         started = time.perf_counter()
         sections[name](a)

@@ -29,7 +29,8 @@
                                     init; the tiny BPE padded with added tokens to the
                                     shape's vocabulary; FIELD=VALUE overrides a config
                                     field (vocab_size=49152: the same body with another
-                                    vocabulary)
+                                    vocabulary); seed=N draws other weights (a student
+                                    for a teacher of the same shape)
     tiny_models.py chat MODEL_DIR MESSAGES_JSON OUT_JSON
                                     transformers' apply_chat_template of a conversation:
                                     the rendered text and its token ids
@@ -468,16 +469,20 @@ def scale_model(out_dir: Path, shape: str, overrides=()):
         return
     cls, fields = SCALE_SHAPES[shape]
     fields = {**COMMON, **fields}
+    seed = 0
     for item in overrides:
         key, value = item.split("=", 1)
-        fields[key] = json.loads(value)
+        if key == "seed":
+            seed = int(value)
+        else:
+            fields[key] = json.loads(value)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     train_tokenizer(tmp)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     extra = fields["vocab_size"] - tok.get_vocab_size()
     tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra)])
     tok.save(str(tmp / "tokenizer.json"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = getattr(transformers, cls)(**fields)
     cfg.use_cache = False
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

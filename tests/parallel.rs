@@ -173,7 +173,9 @@ fn torchrun_launches_the_ranks() {
     assert!(d <= SAME, "differs by {d:e}");
 }
 
-/// Starts rank `rank` of 2 as torchrun would, with its own arguments.
+/// Starts rank `rank` of 2 as torchrun would (one OpenMP thread), with its own
+/// arguments. Two ranks of two spinning threads each beside the other tests' processes
+/// oversubscribe a 2-core machine enough to stall a step for minutes.
 fn start_rank(rank: usize, port: u16, args: &[String]) -> Child {
     let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
     Command::new(bin)
@@ -183,6 +185,7 @@ fn start_rank(rank: usize, port: u16, args: &[String]) -> Child {
         .env("WORLD_SIZE", "2")
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
+        .env("OMP_NUM_THREADS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

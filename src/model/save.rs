@@ -16,24 +16,30 @@ use crate::files::write_atomic;
 /// transformers' default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-/// A tensor copied to host memory, in the form the safetensors writer wants.
-struct HostTensor {
+/// A tensor as the safetensors writer takes it, read only when written: a CPU tensor's
+/// own bytes (no copy), another device's copied to the host then, one tensor at a time.
+/// So saving holds at most one tensor's copy, never the whole model's or optimiser's (a
+/// 1.7B float32 student with AdamW: 6.8 GB of weights and 13.6 GB of moments).
+pub struct TensorView {
+    tensor: Tensor,
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
 }
 
-impl HostTensor {
-    fn from_tensor(t: &Tensor) -> Result<Self> {
-        let t = t.detach().to_device(Device::Cpu).contiguous();
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
-        Ok(HostTensor { dtype: dtype_of(t.kind())?, shape: t.size().iter().map(|&d| d as usize).collect(), bytes })
+impl TensorView {
+    pub fn new(t: &Tensor) -> Result<Self> {
+        let tensor = t.detach();
+        // A CPU tensor is read in place, so it must be laid out as it is written.
+        let tensor = if tensor.device() == Device::Cpu { tensor.contiguous() } else { tensor };
+        Ok(TensorView {
+            dtype: dtype_of(tensor.kind())?,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+            tensor,
+        })
     }
 }
 
-impl View for &HostTensor {
+impl View for &TensorView {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -41,11 +47,30 @@ impl View for &HostTensor {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
+        let n = self.data_len();
+        if n == 0 {
+            return Cow::Borrowed(&[]);
+        }
+        if self.tensor.device() == Device::Cpu {
+            // SAFETY: a contiguous CPU tensor (made so in `new`) holds `n` bytes from its
+            // data pointer, alive as long as `self.tensor`, which this borrow outlives not.
+            return Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, n) });
+        }
+        let host = self.tensor.to_device(Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; n];
+        host.copy_data_u8(&mut bytes, host.numel());
+        Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
-        self.bytes.len()
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
     }
+}
+
+/// Writes `tensors` to the safetensors file `path` through `TensorView`s.
+pub fn write_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let views = tensors.iter().map(|(n, t)| Ok((n.as_str(), TensorView::new(t)?))).collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), None, path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 impl CausalLm {
@@ -54,12 +79,12 @@ impl CausalLm {
     pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let vars: BTreeMap<String, Tensor> = self.vs.variables().into_iter().collect();
-        let mut shards: Vec<Vec<(String, HostTensor)>> = vec![vec![]];
+        let mut shards: Vec<Vec<(String, TensorView)>> = vec![vec![]];
         let mut shard_bytes = 0usize;
         let mut total = 0usize;
         for (name, t) in &vars {
-            let host = HostTensor::from_tensor(t).with_context(|| format!("copying {name} to host"))?;
-            let n = host.bytes.len();
+            let host = TensorView::new(t).with_context(|| format!("{name}"))?;
+            let n = (&host).data_len();
             if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
                 shards.push(vec![]);
                 shard_bytes = 0;

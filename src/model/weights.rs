@@ -158,6 +158,9 @@ pub fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
         Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Uint8 => Dtype::U8,
         other => bail!("cannot store tensors of kind {other:?}"),
     })
 }

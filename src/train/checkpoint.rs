@@ -11,7 +11,7 @@ use tch::{Device, Tensor};
 use super::hidden::HiddenDistill;
 use super::optim::AdamW;
 use crate::batch::stream::StreamPosition;
-use crate::model::save::DEFAULT_MAX_SHARD_BYTES;
+use crate::model::save::{write_tensors, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::CausalLm;
 use crate::tokenizer::copy_tokenizer_files;
 
@@ -80,7 +80,7 @@ impl Checkpoint<'_> {
         if let Some(h) = self.hidden {
             h.save(&dir.join(PROJECTIONS_FILE))?;
         }
-        Tensor::write_safetensors(self.optimizer_state, dir.join(OPTIMIZER_FILE))?;
+        write_tensors(self.optimizer_state, &dir.join(OPTIMIZER_FILE))?;
         std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(self.state)?)?;
         Ok(())
     }

@@ -93,8 +93,7 @@ impl HiddenDistill {
     /// Writes the projections to the safetensors file `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        Tensor::write_safetensors(&named, path)?;
-        Ok(())
+        crate::model::save::write_tensors(&named, path)
     }
 
     /// Reads the projections from the safetensors file `path`; every one must be there.

@@ -84,9 +84,75 @@ fn blocks_of(n: i64) -> i64 {
 }
 
 fn map_tensor(signed: bool, device: Device) -> Tensor {
-    static MAPS: OnceLock<[Vec<f32>; 2]> = OnceLock::new();
-    let maps = MAPS.get_or_init(|| [dynamic_map(true), dynamic_map(false)]);
-    Tensor::from_slice(&maps[usize::from(!signed)]).to_device(device)
+    Tensor::from_slice(&maps()[usize::from(!signed)].values).to_device(device)
+}
+
+/// A dynamic map and the table that quantises to it: for each of the 65,536 values of a
+/// float32's upper 16 bits (sign, exponent, 7 mantissa bits), the nearest code of the
+/// bucket's lower and upper end and the midpoint between them. Every bucket spans less
+/// than the gap between neighbouring codes (at most 2^-8 relative, against at least 0.7%
+/// between codes), so the nearest code of any value is the lower end's or the next, picked
+/// by one comparison with their midpoint: the exact nearest code (what binary search over
+/// the map gives, as bitsandbytes' kernels do), with two table lookups instead of a search.
+struct QuantMap {
+    values: Vec<f32>,
+    /// The lower end's code; the upper end's is the next one when `midpoint` is finite.
+    low: Vec<u8>,
+    midpoint: Vec<f32>,
+}
+
+fn maps() -> &'static [QuantMap; 2] {
+    static MAPS: OnceLock<[QuantMap; 2]> = OnceLock::new();
+    MAPS.get_or_init(|| [QuantMap::new(dynamic_map(true)), QuantMap::new(dynamic_map(false))])
+}
+
+impl QuantMap {
+    fn new(values: Vec<f32>) -> Self {
+        let nearest = |x: f32| nearest_code(&values, x);
+        let (mut low, mut midpoint) = (vec![0u8; 1 << 16], vec![f32::INFINITY; 1 << 16]);
+        for p in 0..1u32 << 16 {
+            let (a, b) = (f32::from_bits(p << 16), f32::from_bits((p << 16) | 0xFFFF));
+            if !a.is_finite() || !b.is_finite() {
+                continue;
+            }
+            let (lo, hi) = (nearest(a.min(b).clamp(-1.0, 1.0)), nearest(a.max(b).clamp(-1.0, 1.0)));
+            assert!(hi <= lo + 1, "a bucket of 16 upper bits spans two gaps of the map");
+            low[p as usize] = lo as u8;
+            if hi != lo {
+                // The smallest float32 at or above the exact midpoint: `x >= it` holds
+                // exactly for the values at or past the midpoint (a tie takes the upper
+                // code, as `nearest_code` does).
+                let exact = (f64::from(values[lo]) + f64::from(values[hi])) / 2.0;
+                let mut m = exact as f32;
+                if f64::from(m) < exact {
+                    m = f32::from_bits(if m >= 0.0 { m.to_bits() + 1 } else { m.to_bits() - 1 });
+                }
+                midpoint[p as usize] = m;
+            }
+        }
+        QuantMap { values, low, midpoint }
+    }
+}
+
+/// The index of `values`' (sorted) nearest entry to `x`, by exact distances (a tie takes
+/// the upper one).
+fn nearest_code(values: &[f32], x: f32) -> usize {
+    let i = values.partition_point(|&v| v < x).clamp(1, values.len() - 1);
+    let (below, above) = (f64::from(x) - f64::from(values[i - 1]), f64::from(values[i]) - f64::from(x));
+    if below < above {
+        i - 1
+    } else {
+        i
+    }
+}
+
+/// Codes (uint8) of `normed` (float32 in [-1, 1], contiguous) in `map`'s table.
+fn nearest_codes(normed: &Tensor, map: &QuantMap) -> Tensor {
+    let device = normed.device();
+    let bucket = normed.view_dtype(Kind::Int).bitwise_right_shift_tensor_scalar(16).bitwise_and(0xFFFF).view([-1]);
+    let low = Tensor::from_slice(&map.low).to_device(device).index_select(0, &bucket);
+    let midpoint = Tensor::from_slice(&map.midpoint).to_device(device).index_select(0, &bucket);
+    (low + normed.view([-1]).ge_tensor(&midpoint)).view_as(normed)
 }
 
 /// One state tensor of `numel` elements.
@@ -148,7 +214,7 @@ impl StateTensor {
             }
             StateTensor::Quantized { codes, absmax, map, .. } => {
                 let (first, blocks) = (offset / BLOCK, blocks_of(len));
-                let codes = codes.narrow(0, first * BLOCK, blocks * BLOCK).to_device(device).to_kind(Kind::Int64);
+                let codes = codes.narrow(0, first * BLOCK, blocks * BLOCK).to_device(device).to_kind(Kind::Int);
                 let scale = absmax.narrow(0, first, blocks).to_device(device).unsqueeze(1);
                 let map = map.to_device(device);
                 (map.index_select(0, &codes).view([blocks, BLOCK]) * scale).view([-1]).narrow(0, 0, len)
@@ -167,10 +233,10 @@ impl StateTensor {
             StateTensor::Plain(t) => {
                 let _ = t.narrow(0, offset, len).copy_(value);
             }
-            StateTensor::Quantized { codes, absmax, map, .. } => {
+            StateTensor::Quantized { codes, absmax, signed, .. } => {
                 let (first, blocks) = (offset / BLOCK, blocks_of(len));
-                let padded = value.constant_pad_nd([0, blocks * BLOCK - len]).view([blocks, BLOCK]);
-                let (q, scale) = quantize(&padded, &map.to_device(value.device()));
+                let padded = if len == blocks * BLOCK { value.shallow_clone() } else { value.constant_pad_nd([0, blocks * BLOCK - len]) };
+                let (q, scale) = quantize(&padded.view([blocks, BLOCK]), *signed);
                 let _ = codes.narrow(0, first * BLOCK, blocks * BLOCK).copy_(&q.view([-1]).to_device(device));
                 let _ = absmax.narrow(0, first, blocks).copy_(&scale.to_device(device));
             }
@@ -252,8 +318,9 @@ impl StateTensor {
 /// The float32 master copy of a bfloat16 weight, kept as only what the weight lacks: the
 /// weight is the master rounded to bfloat16, and the difference of their bit patterns
 /// (float32 bits minus the bfloat16 bits shifted up 16) lies in [-2^15, 2^15) because
-/// rounding to nearest moves a float32 by at most half of 2^16 units of its last place;
-/// stored as int16 it rebuilds the master exactly. 2 bytes per parameter instead of 4.
+/// rounding to nearest moves a float32 by at most half of 2^16 units of its last place
+/// (a tie goes to the side that keeps it in range); stored as int16 it rebuilds the
+/// master exactly. 2 bytes per parameter instead of 4.
 pub struct MasterLowBits(Tensor);
 
 impl MasterLowBits {
@@ -270,19 +337,20 @@ impl MasterLowBits {
     /// The float32 master of `weight` (a flat bfloat16 slab at `offset`), on its device.
     pub fn load(&self, weight: &Tensor, offset: i64) -> Tensor {
         let len = weight.size()[0];
-        let high = upper_bits(weight);
-        let low = self.0.narrow(0, offset, len).to_device(weight.device()).to_kind(Kind::Int64);
-        // (high + low) mod 2^32 as the int32 of the same bits.
-        let bits = (high + low).remainder(1i64 << 32);
-        let signed = &bits - bits.ge(1i64 << 31).to_kind(Kind::Int64) * (1i64 << 32);
-        signed.to_kind(Kind::Int).view_dtype(Kind::Float)
+        let low = self.0.narrow(0, offset, len).to_device(weight.device()).to_kind(Kind::Int);
+        (upper_bits(weight) + low).view_dtype(Kind::Float)
     }
 
     /// Rounds `master` (float32, contiguous) into `weight` and keeps its low bits.
     pub fn store(&mut self, offset: i64, master: &Tensor, weight: &mut Tensor) {
         let rounded = master.to_kind(Kind::BFloat16);
+        let bits = master.contiguous().view_dtype(Kind::Int);
+        let low = &bits - upper_bits(&rounded);
+        // A tie rounded down to even leaves +2^15, one past int16: round that one up
+        // instead (as near), which leaves -2^15.
+        let tie = low.eq(1 << 15);
+        let rounded = (rounded.view_dtype(Kind::Int16) + tie.to_kind(Kind::Int16)).view_dtype(Kind::BFloat16);
         let _ = weight.copy_(&rounded);
-        let bits = master.contiguous().view_dtype(Kind::Int).to_kind(Kind::Int64).bitwise_and(0xFFFF_FFFFi64);
         let low = (bits - upper_bits(&rounded)).to_kind(Kind::Int16);
         let device = self.0.device();
         let _ = self.0.narrow(0, offset, low.size()[0]).copy_(&low.to_device(device));
@@ -316,24 +384,22 @@ impl MasterLowBits {
     }
 }
 
-/// The bit pattern of bfloat16 `t` shifted up 16, as the unsigned int64 of float32 bits.
+/// The bit pattern of bfloat16 `t` shifted up 16: the int32 of the float32 it is. With
+/// the low bits (|low| < 2^15) added, int32 arithmetic never leaves the sign's half of
+/// the range (a float32 and its rounding to bfloat16 have the same sign), so the sum is
+/// the master's bit pattern exactly.
 fn upper_bits(t: &Tensor) -> Tensor {
-    t.contiguous().view_dtype(Kind::Int16).to_kind(Kind::Int64).bitwise_and(0xFFFFi64) * 65536
+    t.contiguous().view_dtype(Kind::Int16).to_kind(Kind::Int).bitwise_left_shift_tensor_scalar(16)
 }
 
 /// Block-wise quantisation of `blocks` `[n, BLOCK]` float32: the nearest code of each
 /// value divided by its block's absmax, and the absmax (1 for an all-zero block).
-fn quantize(blocks: &Tensor, map: &Tensor) -> (Tensor, Tensor) {
+fn quantize(blocks: &Tensor, signed: bool) -> (Tensor, Tensor) {
     let absmax = blocks.abs().amax([1], true);
     let safe = absmax.where_self(&absmax.gt(0.0), &absmax.ones_like());
-    let normed = (blocks / &safe).clamp(-1.0, 1.0).contiguous();
-    // Between map[i - 1] and map[i]: pick the nearer.
-    let hi = normed.searchsorted(map, false, false, "left", None::<Tensor>).clamp(1, 255);
-    let lo = &hi - 1;
-    let (lo_v, hi_v) = (map.index_select(0, &lo.view([-1])).view_as(&normed), map.index_select(0, &hi.view([-1])).view_as(&normed));
-    let take_lo = (&normed - lo_v).lt_tensor(&(hi_v - &normed));
-    let code = hi.where_self(&take_lo.logical_not(), &lo).to_kind(Kind::Uint8);
-    (code, safe.squeeze_dim(1))
+    // |x| <= absmax, so |x / absmax| <= 1 exactly (division rounds correctly).
+    let normed = blocks / &safe;
+    (nearest_codes(&normed, &maps()[usize::from(!signed)]), safe.squeeze_dim(1))
 }
 
 #[cfg(test)]
@@ -359,6 +425,12 @@ mod tests {
         let n = 10_000;
         let exps = Tensor::randint_low(-30, 10, [n], (Kind::Float, Device::Cpu));
         let master = Tensor::randn([n], (Kind::Float, Device::Cpu)) * exps.exp2();
+        // Exact ties between two bfloat16 values (low half 0x8000), even and odd, both signs.
+        let ties: Vec<f32> = [0x3F80_8000u32, 0x3F81_8000, 0xBF80_8000, 0xBF81_8000, 0x0000_8000]
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect();
+        let _ = master.narrow(0, 0, ties.len() as i64).copy_(&Tensor::from_slice(&ties));
         let weight = Tensor::zeros([n], (Kind::BFloat16, Device::Cpu));
         let mut low = MasterLowBits::zeros(n, Device::Cpu, None);
         // In two slabs, the second at an offset.
@@ -366,10 +438,36 @@ mod tests {
             let mut w = weight.narrow(0, offset, len);
             low.store(offset, &master.narrow(0, offset, len), &mut w);
         }
-        assert!(weight.equal(&master.to_kind(Kind::BFloat16)), "the weight is the master rounded to nearest");
+        // The weight is the master rounded to nearest: to even, or the other way at a tie.
+        let even = weight.eq_tensor(&master.to_kind(Kind::BFloat16));
+        let tie = master.view_dtype(Kind::Int).bitwise_and(0xFFFF).eq(0x8000);
+        assert!(even.logical_or(&tie).all().int64_value(&[]) == 1, "not rounded to nearest");
+        assert!(tie.sum(Kind::Int64).int64_value(&[]) >= 5);
         let back = Tensor::cat(&[low.load(&weight.narrow(0, 0, 4000), 0), low.load(&weight.narrow(0, 4000, n - 4000), 4000)], 0);
         assert!(back.equal(&master), "bit-exact");
         assert_eq!(low.bytes(), 2 * n);
+    }
+
+    /// The table's code of a value is the map's nearest (binary search), over every
+    /// bucket's ends and random values in [-1, 1] and near every midpoint.
+    #[test]
+    fn table_codes_are_the_nearest_in_the_map() {
+        for signed in [true, false] {
+            let map = &maps()[usize::from(!signed)];
+            let v = &map.values;
+            tch::manual_seed(2);
+            let lower: f32 = if signed { -1.0 } else { 0.0 };
+            let random = Tensor::rand([100_000], (Kind::Float, Device::Cpu)) * f64::from(1.0 - lower) + f64::from(lower);
+            let mids: Vec<f32> = v.windows(2).flat_map(|w| {
+                let m = (w[0] + w[1]) / 2.0;
+                [m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits().saturating_sub(1))]
+            }).filter(|x| (lower..=1.0).contains(x)).collect();
+            let values = Tensor::cat(&[random, Tensor::from_slice(&mids)], 0);
+            let codes = Vec::<u8>::try_from(nearest_codes(&values, map)).unwrap();
+            let xs = Vec::<f32>::try_from(&values).unwrap();
+            let wrong = xs.iter().zip(&codes).filter(|(&x, &c)| c as usize != nearest_code(v, x)).count();
+            assert_eq!(wrong, 0, "signed {signed}: {wrong} of {} values not at their nearest code", xs.len());
+        }
     }
 
     #[test]

@@ -253,19 +253,19 @@ impl AdamW {
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+/// `torch.nn.utils.clip_grad_norm_`: the norm of the tensors' norms); returns the norm
+/// before clipping. Each tensor's norm is one reduction, with no squared copy of the
+/// tensor (a 262k-vocabulary embedding's gradient is as large as the matrix).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
     if grads.is_empty() {
         return 0.0;
     }
-    let total = grads
-        .iter()
-        .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
-        .fold(Tensor::from(0f32), |acc, x| acc + x.to_device(tch::Device::Cpu))
-        .sqrt()
-        .double_value(&[]);
+    let device = grads[0].device();
+    let norms: Vec<Tensor> =
+        grads.iter().map(|g| g.norm_scalaropt_dtype(2.0, Kind::Float).to_device(device)).collect();
+    let total = Tensor::stack(&norms, 0).to_kind(Kind::Double).norm().double_value(&[]);
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {
         for mut g in grads {
