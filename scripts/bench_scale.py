@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How distill's cost grows with model size, row length and vocabulary (not a test).
 
-    bench_scale.py DISTILL_BINARY WORK_DIR [--sections precompute,train,rows,memory,kd60,vocab]
+    bench_scale.py DISTILL_BINARY WORK_DIR [--sections precompute,train,recompute,rows,memory,kd60,vocab]
                    [--device cpu] [--quick]
 
 Random-weight models at published shapes (scripts/tiny_models.py scale-model: SmolLM2
@@ -11,10 +11,12 @@ memory is read by a parent that runs nothing else (GPU memory in use on CUDA):
 
   precompute  distill precompute (top-16, no draws) against transformers (scripts/
               capture_eager.py: full logits, log-softmax, top-k) on the same token rows:
-              tokens/s, peak memory, seconds per billion parameter-tokens.
+              tokens/s, peak memory, seconds per 10^12 parameter-tokens.
   train       per student size: distill's KD step (float32; with 8-bit moments; and with
               --recompute) against the eager PyTorch step on identical padded batches
               (scripts/kd_step_eager.py): tokens/s, peak memory, the ratio to eager.
+  recompute   the same batches with activations recomputed on both sides: transformers'
+              gradient checkpointing against distill's --recompute.
   rows        the 135M shape across row lengths: 256-token documents packed to 256 / 1k /
               4k / 16k tokens (the same documents, the same 16,384 tokens per step), and
               single rows of 4k and 16k tokens with --recompute: tokens/s, peak memory,
@@ -42,19 +44,23 @@ ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
-def measure(args, env=None):
-    """Runs one line in a child Python process that reports the line's own peak RSS."""
+def measure(args, env=None, may_fail=False):
+    """Runs one line in a child Python process that reports the line's own peak RSS. A line
+    that `may_fail` (the baseline, which may run out of memory) returns stdout None."""
     probe = ("import resource,subprocess,sys;"
              "p=subprocess.run(sys.argv[1:]);"
              "sys.stderr.write(f'\\nPEAK_RSS_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n');"
-             "sys.exit(p.returncode)")
+             "sys.exit(p.returncode and 1)")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, args[:4]))} failed:\n{proc.stderr[-4000:]}")
     rss = int(re.search(r"PEAK_RSS_KB=(\d+)", proc.stderr).group(1)) * 1024
+    if proc.returncode != 0:
+        if may_fail:
+            print(f"{' '.join(map(str, args[:4]))} failed at {rss / GIB:.2f} GiB", file=sys.stderr)
+            return None, rss, wall
+        sys.exit(f"{' '.join(map(str, args[:4]))} failed:\n{proc.stderr[-4000:]}")
     return proc.stdout, rss, wall
 
 
@@ -135,11 +141,24 @@ def distill_train(a, name, student, shard_dir, steps, batch_tokens, extra=()):
 
 
 def eager_train(a, student, shard_dir, steps, batch_tokens, extra=()):
+    """The eager PyTorch line: (median tokens/s of the steps after the first, peak memory);
+    tokens/s None when it failed (out of memory: the peak is where it was stopped)."""
     out, rss, _ = measure([sys.executable, ROOT / "scripts/kd_step_eager.py", student, shard_dir, steps,
-                           batch_tokens, a.device, *extra])
+                           batch_tokens, a.device, *extra], may_fail=True)
+    if out is None:
+        return None, rss
     rates = [int(t) / float(s) for t, s in re.findall(r"tokens=(\d+) seconds=([\d.]+)", out)]
     gpu = re.search(r"peak_memory_bytes=(\d+)", out)
     return statistics.median(rates[1:] or rates), int(gpu.group(1)) if gpu else rss
+
+
+def against(rate, mem, e_rate, e_mem):
+    """tokens/s, its ratio, peak memory and its ratio against an eager line that may have
+    run out of memory (then it needed more than its peak: the memory ratio is a bound)."""
+    speed = f"{rate:.0f} | {rate / e_rate:.2f}x" if e_rate else (f"{rate:.0f} | eager ran out" if rate else
+                                                                  "out of memory | -")
+    ratio = f"{mem / e_mem:.2f}x" if e_rate else (f"< {mem / e_mem:.2f}x" if rate else f"stopped at {mem / GIB:.2f} GiB")
+    return f"{speed} | {mem / GIB:.2f} GiB | {ratio}"
 
 
 def state_bytes(log):
@@ -153,7 +172,7 @@ def section_precompute(a):
     print(f"\n## precompute at real shapes ({a.device}, top-16, float32; distill vs transformers on the same "
           f"token rows; {date()})")
     print("| teacher | parameters | row length | tokens | distill tokens/s | transformers tokens/s | distill / "
-          "transformers | distill peak | transformers peak | distill s per 1e9 parameter-tokens |")
+          "transformers | distill peak | transformers peak | distill s per 1e12 parameter-tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         teacher = model(a, shape)
@@ -174,23 +193,27 @@ def section_precompute(a):
             d_rate = tokens / run_s
             print(f"| {shape} | {n / 1e6:.0f}M | {length} | {tokens} | {d_rate:.0f} | {e_rate:.0f} | "
                   f"{d_rate / e_rate:.2f}x | {d_rss / GIB:.2f} GiB | {e_rss / GIB:.2f} GiB | "
-                  f"{run_s / (n * tokens / 1e9):.1f} |", flush=True)
+                  f"{run_s / (n * tokens / 1e12):.1f} |", flush=True)
             shutil.rmtree(out, ignore_errors=True)
 
 
+def train_students(a):
+    """(shape, student dir, parameters, shard dir) of each student size of `train` and
+    `recompute`: the same padded 1024-token rows, scored by the shape's seed-0 model."""
+    for shape in a.students or ["smollm2-135m", "smollm2-360m"] + ([] if a.quick else ["qwen3-0.6b"]):
+        student = model(a, shape, seed=1)
+        data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
+        yield shape, student, parameters(student), shards(a, model(a, shape), data, 1024, f"train-{shape}")
+
+
 def section_train(a):
-    students = ["smollm2-135m", "smollm2-360m"] + ([] if a.quick else ["qwen3-0.6b"])
     steps, batch = 3, 2048
     print(f"\n## train at real shapes ({a.device}; KD, padded batches of 2 rows x 1024 tokens in shard order, "
           f"identical for every line; median tokens/s of steps 2-{steps}; {date()})")
-    print("| student | parameters | line | tokens/s | vs eager | s per 1e9 parameter-tokens | peak memory | vs eager "
+    print("| student | parameters | line | tokens/s | vs eager | peak memory | vs eager | s per 1e12 parameter-tokens "
           "| training state (bytes/parameter) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shape in students:
-        student = model(a, shape, seed=1)
-        n = parameters(student)
-        data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
-        shard_dir = shards(a, model(a, shape), data, 1024, f"train-{shape}")
+    for shape, student, n, shard_dir in train_students(a):
         e_rate, e_mem = eager_train(a, student, shard_dir, steps, batch)
         # bf16 weights are a GPU option: without AVX512-BF16 a CPU runs bf16 matmuls at a
         # third of float32's rate (the memory section shows them).
@@ -204,8 +227,25 @@ def section_train(a):
             held, count = state_bytes(logs[-1])
             rows.append((name, rate, mem, f"{held / count:.2f}"))
         for name, rate, mem, per in rows:
-            print(f"| {shape} | {n / 1e6:.0f}M | {name} | {rate:.0f} | {rate / e_rate:.2f}x | "
-                  f"{1e9 / (rate * n):.1f} | {mem / GIB:.2f} GiB | {mem / e_mem:.2f}x | {per} |", flush=True)
+            cost = f"{1e12 / (rate * n):.0f}" if rate else "-"
+            print(f"| {shape} | {n / 1e6:.0f}M | {name} | {against(rate, mem, e_rate, e_mem)} | {cost} | {per} |",
+                  flush=True)
+
+
+def section_recompute(a):
+    # The same batches as `train`, both sides recomputing: transformers' gradient
+    # checkpointing (non-reentrant) against distill's --recompute, float32.
+    steps, batch = 3, 2048
+    print(f"\n## train with activations recomputed ({a.device}; the batches of `train`; {date()})")
+    print("| student | parameters | line | tokens/s | vs eager | peak memory | vs eager |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, student, n, shard_dir in train_students(a):
+        e_rate, e_mem = eager_train(a, student, shard_dir, steps, batch, ["--gradient-checkpointing"])
+        rate, mem, _ = distill_train(a, f"train-{shape}", student, shard_dir, steps, batch,
+                                     ["--pack", "false", "--recompute"])
+        for name, r, m in [("PyTorch eager + transformers, gradient checkpointing", e_rate, e_mem),
+                           ("distill, float32, --recompute", rate, mem)]:
+            print(f"| {shape} | {n / 1e6:.0f}M | {name} | {against(r, m, e_rate, e_mem)} |", flush=True)
 
 
 def section_rows(a):
@@ -249,8 +289,8 @@ def section_rows(a):
     if not a.quick:
         e_rate, e_mem = eager_train(a, student, a.work / "shards" / "single-4096", 2, 4096,
                                     ["--gradient-checkpointing"])
-        print(f"Eager PyTorch + transformers on the 4k rows (gradient checkpointing): {e_rate:.0f} tokens/s, "
-              f"peak {e_mem / GIB:.2f} GiB (distill: {single[4096][0] / GIB:.2f} GiB).")
+        print(f"Eager PyTorch + transformers on the 4k rows (gradient checkpointing): "
+              f"{against(e_rate, e_mem, e_rate, e_mem)} (distill: {single[4096][0] / GIB:.2f} GiB).")
 
 
 def section_memory(a):
@@ -280,31 +320,38 @@ def section_memory(a):
 
 
 def section_kd60(a):
-    # The loss after 60 steps: 8-bit moments against float32, on the 135M shape.
+    # The loss after 60 steps: 8-bit moments against float32, on the 135M shape. transformers'
+    # init (std 0.02) gives a nearly uniform next-token distribution, so two random models
+    # are already each other's match (KD 0.002 nats); the teacher's weights are drawn with
+    # std 0.15, which gives it a peaked distribution for the student to learn.
     small = model(a, "smollm2-135m", seed=1)
     data = text_rows(a.work / "data" / "rows-512x64.jsonl", 64, 512)
-    small_shards = shards(a, model(a, "smollm2-135m"), data, 512, "kd-135m")
+    small_shards = shards(a, model(a, "smollm2-135m", initializer_range=0.15), data, 512, "kd-135m-peaked")
     steps = 20 if a.quick else 60
-    print(f"\nKD loss over {steps} steps (smollm2-135m shape, 1024 tokens per step, lr 1e-4, cosine):")
-    print("| option | loss at step 1 | mean of the last 10 steps | vs float32 | bytes per parameter |")
-    print("|---|---|---|---|---|")
+    print(f"\nKD loss over {steps} steps (smollm2-135m shape; a teacher of the same shape drawn with std 0.15; "
+          f"1024 tokens per step, lr 1e-4, cosine; {date()}):")
+    print("| option | loss at step 1 | at step 30 | mean of the last 10 steps | vs float32 | largest step difference "
+          "| bytes per parameter |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for name, extra in [("float32", []), ("8-bit moments", ["--optimizer-moments", "8bit"])]:
         _, _, logs = distill_train(a, "kd60", small, small_shards, steps, 1024, ["--pack", "false", *extra])
-        tail = statistics.mean(l["loss"] for l in logs[-10:])
-        base = base or tail
+        losses = [l["loss"] for l in logs]
+        tail = statistics.mean(losses[-10:])
+        base = base or (tail, losses)
+        worst = max(abs(x - y) / y for x, y in zip(losses, base[1]))
         held, count = state_bytes(logs[-1])
-        print(f"| {name} | {logs[0]['loss']:.4f} | {tail:.4f} | {(tail - base) / base:+.2%} | {held / count:.3f} |",
-              flush=True)
+        print(f"| {name} | {losses[0]:.4f} | {losses[min(29, len(losses) - 1)]:.4f} | {tail:.4f} | "
+              f"{(tail - base[0]) / base[0]:+.2%} | {worst:.2%} | {held / count:.3f} |", flush=True)
 
 
 def section_vocab(a):
-    print(f"\n## vocabulary ({a.device}; Gemma 3 270M's body, float32; precompute 4 rows of 1024 tokens at top-16; "
-          f"train KD 3 steps of 2 x 1024 padded tokens; {date()})")
-    print("| vocabulary | parameters | precompute peak | train peak | training state | train peak above the state "
-          "| eager train peak | eager above the state |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = {}
+    print(f"\n## vocabulary ({a.device}; Gemma 3 270M's body, float32; precompute 8 rows of 1024 tokens at top-16, "
+          f"2048 tokens per batch; train KD 3 steps of 2 x 1024 padded tokens; {date()})")
+    print("| vocabulary | parameters | precompute peak | above the teacher's weights | train peak | training state "
+          "| train peak above the state | eager train peak | eager above the state |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    above = {}
     for vocab in [49152, 262144]:
         m = model(a, "gemma3-270m", vocab_size=vocab)
         student = model(a, "gemma3-270m", vocab_size=vocab, seed=1)
@@ -318,11 +365,14 @@ def section_vocab(a):
         _, t_mem, logs = distill_train(a, f"vocab-{vocab}", student, out, 3, 2048, ["--pack", "false"])
         held, _ = state_bytes(logs[-1])
         e_rate, e_mem = eager_train(a, student, out, 3, 2048)
-        rows[vocab] = t_mem - held
-        print(f"| {vocab} | {n / 1e6:.0f}M | {p_rss / GIB:.2f} GiB | {t_mem / GIB:.2f} GiB | {held / GIB:.2f} GiB | "
-              f"{(t_mem - held) / GIB:.2f} GiB | {e_mem / GIB:.2f} GiB | {(e_mem - held) / GIB:.2f} GiB |", flush=True)
-    print(f"\nTrain memory above the training state, 262k vs 49k ids: {rows[262144] / rows[49152]:.2f}x "
-          f"(the head and its loss run in chunks of 64 MiB of float32 logits: 64 positions at 262k ids, 341 at 49k).")
+        above[vocab] = (p_rss - 4 * n, t_mem - held)
+        print(f"| {vocab} | {n / 1e6:.0f}M | {p_rss / GIB:.2f} GiB | {(p_rss - 4 * n) / GIB:.2f} GiB | "
+              f"{t_mem / GIB:.2f} GiB | {held / GIB:.2f} GiB | {(t_mem - held) / GIB:.2f} GiB | "
+              f"{e_mem / GIB:.2f} GiB{'' if e_rate else ' (out of memory)'} | {(e_mem - held) / GIB:.2f} GiB |", flush=True)
+    (p49, t49), (p262, t262) = above[49152], above[262144]
+    print(f"\n262k vs 49k ids: precompute memory above the teacher's weights {p262 / p49:.2f}x, train memory above "
+          f"the training state {t262 / t49:.2f}x (the head and its loss run in chunks of 64 MiB of float32 logits: "
+          f"64 positions at 262k ids, 341 at 49k).")
 
 
 def date():
@@ -333,14 +383,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("work", type=Path)
-    ap.add_argument("--sections", default="precompute,train,rows,memory,kd60,vocab")
+    ap.add_argument("--sections", default="precompute,train,recompute,rows,memory,kd60,vocab")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--students", type=lambda v: v.split(","), help="shapes for train and recompute (a subset)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and steps (a smoke run)")
     a = ap.parse_args()
     a.binary = str(Path(a.binary).resolve())
     a.work.mkdir(parents=True, exist_ok=True)
     print(f"bench_scale: {a.device}, {os.cpu_count()} CPUs, sections {a.sections}", file=sys.stderr)
-    sections = {"precompute": section_precompute, "train": section_train, "rows": section_rows,
+    sections = {"precompute": section_precompute, "train": section_train, "recompute": section_recompute, "rows": section_rows,
                 "memory": section_memory, "kd60": section_kd60, "vocab": section_vocab}
     for name in a.sections.split(","):
         started = time.perf_counter()
