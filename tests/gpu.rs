@@ -261,7 +261,12 @@ fn packed_documents_on_cuda_take_flash_varlen() {
         }
         let positions = Tensor::from_slice(&positions).view([2, width]).to_device(Device::Cuda(0));
         let layout = PackedDocuments::new(&docs, width as usize).to_device(Device::Cuda(0));
-        let input = ForwardInput { input_ids: &ids, attention_mask: None, position_ids: Some(&positions), documents: Some(&layout) };
+        let input = ForwardInput {
+            input_ids: &ids,
+            attention_mask: None,
+            position_ids: Some(&positions),
+            documents: Some(&layout),
+        };
         let flash = tch::no_grad(|| model.transformer.forward_hidden(&input, &[])).unwrap().last;
         assert!(distill::model::flash_varlen::ran(), "{name}: the variable-length flash kernel did not run");
         // The same in float32 takes the bucket path.

@@ -41,7 +41,9 @@ impl DocumentMask {
             .buckets
             .iter()
             .map(|b| match window {
-                Some(w) if (w as i64) < b.len => Some(PackedDocuments::window_mask(b.len, w, device).view([1, 1, b.len, b.len])),
+                Some(w) if (w as i64) < b.len => {
+                    Some(PackedDocuments::window_mask(b.len, w, device).view([1, 1, b.len, b.len]))
+                }
                 _ => None,
             })
             .collect();
@@ -142,7 +144,11 @@ impl Attention {
         let v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
         // The tables are `[batch, 1, seq, head_dim]`: as `[batch, seq, 1, head_dim]` views
         // they broadcast over heads in the positions-first layout.
-        let (cos, sin) = if positions_first { (cos.transpose(1, 2), sin.transpose(1, 2)) } else { (cos.shallow_clone(), sin.shallow_clone()) };
+        let (cos, sin) = if positions_first {
+            (cos.transpose(1, 2), sin.transpose(1, 2))
+        } else {
+            (cos.shallow_clone(), sin.shallow_clone())
+        };
         (apply_rotary(&q, &cos, &sin), apply_rotary(&k, &cos, &sin), v)
     }
 
@@ -207,9 +213,8 @@ impl Attention {
             .iter()
             .enumerate()
             .map(|(i, bucket)| {
-                let slots = |t: &Tensor| {
-                    layout.gather(i, t).view([bucket.count, bucket.len, t.size()[1], d]).transpose(1, 2)
-                };
+                let slots =
+                    |t: &Tensor| layout.gather(i, t).view([bucket.count, bucket.len, t.size()[1], d]).transpose(1, 2);
                 let mask = match &docs.bands[i] {
                     Some(band) => AttentionMask::Explicit(band.shallow_clone()),
                     None => AttentionMask::Causal,

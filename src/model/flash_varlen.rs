@@ -80,7 +80,9 @@ pub fn flash_varlen(
     unsafe { distill_flash_free_message(message) };
     if !UNAVAILABLE.swap(true, Ordering::Relaxed) {
         let first = text.lines().next().unwrap_or("");
-        eprintln!("note: variable-length flash attention unavailable ({first}); packed rows attend per bucket of documents");
+        eprintln!(
+            "note: variable-length flash attention unavailable ({first}); packed rows attend per bucket of documents"
+        );
     }
     None
 }

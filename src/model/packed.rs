@@ -256,7 +256,8 @@ mod tests {
                     at += n as usize;
                 }
             }
-            let (positions, mask) = (Tensor::from_slice(&positions).view([2, width]), Tensor::from_slice(&mask).view([2, width]));
+            let (positions, mask) =
+                (Tensor::from_slice(&positions).view([2, width]), Tensor::from_slice(&mask).view([2, width]));
             let layout = PackedDocuments::new(&docs, width as usize);
             let weights = Tensor::randn([2, width, 16], (Kind::Float, Device::Cpu));
             let grads = |run: &dyn Fn() -> Tensor| -> Vec<Tensor> {

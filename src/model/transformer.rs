@@ -284,7 +284,8 @@ impl Transformer {
         }
         let rows = rows.to_kind(target.kind());
         let (distinct, slot, _) = input_ids.reshape([-1]).unique_dim(0, true, true, false);
-        let summed = Tensor::zeros([distinct.size()[0], width], (rows.kind(), rows.device())).index_add(0, &slot, &rows);
+        let summed =
+            Tensor::zeros([distinct.size()[0], width], (rows.kind(), rows.device())).index_add(0, &slot, &rows);
         let _ = target.index_add_(0, &distinct, &summed);
     }
 

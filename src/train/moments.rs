@@ -51,9 +51,7 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
     let max_exponent_bits = 7i32;
     let non_sign_bits = 7i32;
     let mut data: Vec<f64> = vec![];
-    let linspace = |n: usize| -> Vec<f64> {
-        (0..n).map(|j| 0.1 + 0.9 * j as f64 / (n - 1) as f64).collect()
-    };
+    let linspace = |n: usize| -> Vec<f64> { (0..n).map(|j| 0.1 + 0.9 * j as f64 / (n - 1) as f64).collect() };
     for i in 0..max_exponent_bits {
         let items = if signed {
             2usize.pow((i + non_sign_bits - max_exponent_bits) as u32) + 1
@@ -235,7 +233,11 @@ impl StateTensor {
             }
             StateTensor::Quantized { codes, absmax, signed, .. } => {
                 let (first, blocks) = (offset / BLOCK, blocks_of(len));
-                let padded = if len == blocks * BLOCK { value.shallow_clone() } else { value.constant_pad_nd([0, blocks * BLOCK - len]) };
+                let padded = if len == blocks * BLOCK {
+                    value.shallow_clone()
+                } else {
+                    value.constant_pad_nd([0, blocks * BLOCK - len])
+                };
                 let (q, scale) = quantize(&padded.view([blocks, BLOCK]), *signed);
                 let _ = codes.narrow(0, first * BLOCK, blocks * BLOCK).copy_(&q.view([-1]).to_device(device));
                 let _ = absmax.narrow(0, first, blocks).copy_(&scale.to_device(device));
@@ -258,7 +260,13 @@ impl StateTensor {
     /// Restores from `saved` (as written by `saved`, for the elements `offset..offset +
     /// len` of a tensor of `shape`, `len` the whole tensor unless a ZeRO-1 piece): the
     /// stored form must be this one's.
-    pub fn restore(&mut self, key: &str, saved: &[(String, Tensor)], shape: &[i64], piece: Option<(i64, i64)>) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        key: &str,
+        saved: &[(String, Tensor)],
+        shape: &[i64],
+        piece: Option<(i64, i64)>,
+    ) -> Result<()> {
         let find = |k: &str| saved.iter().find(|(n, _)| n == k).map(|(_, t)| t);
         let Some(values) = find(key) else { bail!("optimizer state has no {key}") };
         match self {
@@ -369,7 +377,12 @@ impl MasterLowBits {
             Some((offset, len)) => t.narrow(0, offset, len),
         };
         if part.kind() != Kind::Int16 || part.size() != self.0.size() {
-            bail!("optimizer state {key} is {:?} {:?}, this run keeps int16 {:?}", part.kind(), part.size(), self.0.size());
+            bail!(
+                "optimizer state {key} is {:?} {:?}, this run keeps int16 {:?}",
+                part.kind(),
+                part.size(),
+                self.0.size()
+            );
         }
         let _ = self.0.copy_(&part);
         Ok(())
@@ -443,7 +456,10 @@ mod tests {
         let tie = master.view_dtype(Kind::Int).bitwise_and(0xFFFF).eq(0x8000);
         assert!(even.logical_or(&tie).all().int64_value(&[]) == 1, "not rounded to nearest");
         assert!(tie.sum(Kind::Int64).int64_value(&[]) >= 5);
-        let back = Tensor::cat(&[low.load(&weight.narrow(0, 0, 4000), 0), low.load(&weight.narrow(0, 4000, n - 4000), 4000)], 0);
+        let back = Tensor::cat(
+            &[low.load(&weight.narrow(0, 0, 4000), 0), low.load(&weight.narrow(0, 4000, n - 4000), 4000)],
+            0,
+        );
         assert!(back.equal(&master), "bit-exact");
         assert_eq!(low.bytes(), 2 * n);
     }
@@ -457,11 +473,16 @@ mod tests {
             let v = &map.values;
             tch::manual_seed(2);
             let lower: f32 = if signed { -1.0 } else { 0.0 };
-            let random = Tensor::rand([100_000], (Kind::Float, Device::Cpu)) * f64::from(1.0 - lower) + f64::from(lower);
-            let mids: Vec<f32> = v.windows(2).flat_map(|w| {
-                let m = (w[0] + w[1]) / 2.0;
-                [m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits().saturating_sub(1))]
-            }).filter(|x| (lower..=1.0).contains(x)).collect();
+            let random =
+                Tensor::rand([100_000], (Kind::Float, Device::Cpu)) * f64::from(1.0 - lower) + f64::from(lower);
+            let mids: Vec<f32> = v
+                .windows(2)
+                .flat_map(|w| {
+                    let m = (w[0] + w[1]) / 2.0;
+                    [m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits().saturating_sub(1))]
+                })
+                .filter(|x| (lower..=1.0).contains(x))
+                .collect();
             let values = Tensor::cat(&[random, Tensor::from_slice(&mids)], 0);
             let codes = Vec::<u8>::try_from(nearest_codes(&values, map)).unwrap();
             let xs = Vec::<f32>::try_from(&values).unwrap();
@@ -489,7 +510,10 @@ mod tests {
             let mid = s.load(BLOCK, BLOCK + 100, Device::Cpu);
             assert!(mid.equal(&back.narrow(0, BLOCK, BLOCK + 100)));
         }
-        assert_eq!(StateTensor::zeros(n, MomentStorage::Blockwise8Bit, true, Device::Cpu, None).bytes(), 4 * BLOCK + 4 * 4);
+        assert_eq!(
+            StateTensor::zeros(n, MomentStorage::Blockwise8Bit, true, Device::Cpu, None).bytes(),
+            4 * BLOCK + 4 * 4
+        );
         // Small tensors keep float32.
         assert_eq!(StateTensor::zeros(100, MomentStorage::Blockwise8Bit, true, Device::Cpu, None).bytes(), 400);
     }

@@ -127,7 +127,8 @@ impl AdamW {
 
     /// The owned elements' moments (exp_avg, exp_avg_sq), laid end to end likewise.
     pub fn owned_moments(&self) -> [Tensor; 2] {
-        let whole = |t: &StateTensor, s: &Slot| t.load(0, s.piece.map_or(s.param.numel() as i64, |p| p.1), s.param.device());
+        let whole =
+            |t: &StateTensor, s: &Slot| t.load(0, s.piece.map_or(s.param.numel() as i64, |p| p.1), s.param.device());
         [self.owned_flat(|s| whole(&s.exp_avg, s)), self.owned_flat(|s| whole(&s.exp_avg_sq, s))]
     }
 
@@ -263,8 +264,7 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         return 0.0;
     }
     let device = grads[0].device();
-    let norms: Vec<Tensor> =
-        grads.iter().map(|g| g.norm_scalaropt_dtype(2.0, Kind::Float).to_device(device)).collect();
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm_scalaropt_dtype(2.0, Kind::Float).to_device(device)).collect();
     let total = Tensor::stack(&norms, 0).to_kind(Kind::Double).norm().double_value(&[]);
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 use super::config::ParallelSettings;
-use super::optim::{OptimizerMemory, AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig, OptimizerMemory};
 use crate::batch::feed::Share;
 use crate::distributed::buckets::{all_reduce_grads, all_reduce_sum, broadcast_from_first};
 use crate::distributed::zero::{write_into, Partition};
