@@ -40,28 +40,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_train import measure  # one line, one process, its peak resident memory
+
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
-
-
-def measure(args, env=None, may_fail=False):
-    """Runs one line in a child Python process that reports the line's own peak RSS. A line
-    that `may_fail` (the baseline, which may run out of memory) returns stdout None."""
-    probe = ("import resource,subprocess,sys;"
-             "p=subprocess.run(sys.argv[1:]);"
-             "sys.stderr.write(f'\\nPEAK_RSS_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n');"
-             "sys.exit(p.returncode and 1)")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - t0
-    rss = int(re.search(r"PEAK_RSS_KB=(\d+)", proc.stderr).group(1)) * 1024
-    if proc.returncode != 0:
-        if may_fail:
-            print(f"{' '.join(map(str, args[:4]))} failed at {rss / GIB:.2f} GiB", file=sys.stderr)
-            return None, rss, wall
-        sys.exit(f"{' '.join(map(str, args[:4]))} failed:\n{proc.stderr[-4000:]}")
-    return proc.stdout, rss, wall
 
 
 def model(a, shape, **overrides):
@@ -132,7 +114,7 @@ def distill_train(a, name, student, shard_dir, steps, batch_tokens, extra=()):
     args = [a.binary, "train", "--student", student, "--shards", shard_dir, "--output", out, "--device", a.device,
             "--steps", steps, "--batch-tokens", batch_tokens, "--save-every", 1_000_000, "--keep-last", 1,
             "--shuffle", "false", "--alpha", "0", "--lr", "1e-4", *extra]
-    _, rss, _ = measure(args)
+    _, rss = measure(args)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     gpu = [l["gpu_memory_bytes"] for l in logs if "gpu_memory_bytes" in l]
@@ -143,7 +125,7 @@ def distill_train(a, name, student, shard_dir, steps, batch_tokens, extra=()):
 def eager_train(a, student, shard_dir, steps, batch_tokens, extra=()):
     """The eager PyTorch line: (median tokens/s of the steps after the first, peak memory);
     tokens/s None when it failed (out of memory: the peak is where it was stopped)."""
-    out, rss, _ = measure([sys.executable, ROOT / "scripts/kd_step_eager.py", student, shard_dir, steps,
+    out, rss = measure([sys.executable, ROOT / "scripts/kd_step_eager.py", student, shard_dir, steps,
                            batch_tokens, a.device, *extra], may_fail=True)
     if out is None:
         return None, rss
@@ -181,13 +163,13 @@ def section_precompute(a):
             data = text_rows(a.work / "data" / f"rows-{length}.jsonl", rows, length)
             out = a.work / "shards" / f"pre-{shape}-{length}"
             shutil.rmtree(out, ignore_errors=True)
-            stdout, d_rss, _ = measure([a.binary, "precompute", "--teacher", teacher, "--input", data, "--output", out,
+            stdout, d_rss = measure([a.binary, "precompute", "--teacher", teacher, "--input", data, "--output", out,
                                         "--top-k", "16", "--sample", "0", "--max-len", length, "--devices", a.device,
                                         "--batch-tokens", max(length, 4096), "--no-progress"])
             run_s = float(re.search(r"time\s+([\d.]+)s", stdout).group(1))
             m = json.loads((out / "manifest.json").read_text())
             tokens = sum(s["tokens"] for s in m["shards"])
-            e_out, e_rss, _ = measure([sys.executable, ROOT / "scripts/capture_eager.py", teacher, out,
+            e_out, e_rss = measure([sys.executable, ROOT / "scripts/capture_eager.py", teacher, out,
                                        max(length, 4096), 16, a.device])
             e_rate = float(re.search(r"tokens_per_s=([\d.]+)", e_out).group(1))
             d_rate = tokens / run_s
@@ -359,7 +341,7 @@ def section_vocab(a):
         data = text_rows(a.work / "data" / "rows-1024x8.jsonl", 8, 1024)
         out = a.work / "shards" / f"vocab-{vocab}"
         shutil.rmtree(out, ignore_errors=True)
-        _, p_rss, _ = measure([a.binary, "precompute", "--teacher", m, "--input", data, "--output", out, "--top-k",
+        _, p_rss = measure([a.binary, "precompute", "--teacher", m, "--input", data, "--output", out, "--top-k",
                                "16", "--sample", "0", "--max-len", 1024, "--devices", a.device, "--batch-tokens",
                                2048, "--no-progress"])
         _, t_mem, logs = distill_train(a, f"vocab-{vocab}", student, out, 3, 2048, ["--pack", "false"])

@@ -138,17 +138,23 @@ def eager_line(a, mode, env=None):
     return rate, int(gpu.group(1)) if gpu else rss, tokens
 
 
-def measure(args, env=None):
-    """Runs one line in a child Python process that reports the line's own peak RSS."""
+def measure(args, env=None, may_fail=False):
+    """Runs one line in a child Python process that reports the line's own peak RSS:
+    (stdout, peak bytes). A line that `may_fail` (a baseline that may run out of memory)
+    gives stdout None and the peak where it stopped."""
     probe = ("import os,resource,subprocess,sys;"
              "p=subprocess.run(sys.argv[1:]);"
              "sys.stderr.write(f'\\nPEAK_RSS_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n');"
-             "sys.exit(p.returncode)")
+             "sys.exit(p.returncode and 1)")
     proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
+    rss = int(re.search(r"PEAK_RSS_KB=(\d+)", proc.stderr).group(1)) * 1024
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, args[:3]))} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout, int(re.search(r"PEAK_RSS_KB=(\d+)", proc.stderr).group(1)) * 1024
+        if may_fail:
+            print(f"{' '.join(map(str, args[:4]))} failed at {rss / 2**30:.2f} GiB", file=sys.stderr)
+            return None, rss
+        sys.exit(f"{' '.join(map(str, args[:4]))} failed:\n{proc.stderr[-4000:]}")
+    return proc.stdout, rss
 
 
 def tiny_setup(a):

@@ -355,11 +355,12 @@ impl MasterLowBits {
         let bits = master.contiguous().view_dtype(Kind::Int);
         let low = &bits - upper_bits(&rounded);
         // A tie rounded down to even leaves +2^15, one past int16: round that one up
-        // instead (as near), which leaves -2^15.
+        // instead (as near), which leaves -2^15: the weight's bits one up, its low bits
+        // 2^16 down.
         let tie = low.eq(1 << 15);
         let rounded = (rounded.view_dtype(Kind::Int16) + tie.to_kind(Kind::Int16)).view_dtype(Kind::BFloat16);
         let _ = weight.copy_(&rounded);
-        let low = (bits - upper_bits(&rounded)).to_kind(Kind::Int16);
+        let low = (low - tie.to_kind(Kind::Int) * (1 << 16)).to_kind(Kind::Int16);
         let device = self.0.device();
         let _ = self.0.narrow(0, offset, low.size()[0]).copy_(&low.to_device(device));
     }
