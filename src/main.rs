@@ -19,6 +19,8 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Run the teacher once over a dataset; write top-k targets and hidden states to shards.
     Precompute(Box<commands::precompute::PrecomputeArgs>),
+    /// Write a shard set from a served teacher's prompt log-probs (vLLM, SGLang).
+    ImportLogprobs(Box<commands::import::ImportArgs>),
     /// Show a shard set: manifest, per-shard and per-column sizes, sample rows as text.
     Inspect(commands::inspect::InspectArgs),
     /// Merge the shard sets of a sliced precompute into one.
@@ -53,6 +55,7 @@ fn main() {
         Command::Env(args) => commands::env::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Precompute(args) => commands::precompute::run(*args),
+        Command::ImportLogprobs(args) => commands::import::run(*args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::MergeShards(args) => commands::merge::run(args),
         Command::MergeTeachers(args) => commands::merge::run_teachers(args),

@@ -181,6 +181,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let settings = CaptureSettings {
             top_k: cfg.top_k,
             top_p: None,
+            min_k: 0,
             draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: tokenizer.max_id() as usize + 1,
@@ -279,6 +280,7 @@ fn capture_config(args: &GenerateArgs, dir: &std::path::Path) -> Result<Precompu
         pack: false,
         top_k: args.target_top_k,
         top_p: None,
+        min_k: 0,
         sample: args.target_sample,
         sample_seed: args.target_seed,
         hidden_layers: args.hidden_layers.clone(),

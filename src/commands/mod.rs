@@ -5,6 +5,7 @@ pub mod cross;
 pub mod env;
 pub mod eval;
 pub mod generate;
+pub mod import;
 pub mod inspect;
 pub mod merge;
 pub mod precompute;

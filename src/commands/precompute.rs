@@ -55,6 +55,10 @@ pub struct PrecomputeArgs {
     /// this mass (--top-k is the cap) [default: off, k ids everywhere].
     #[arg(long)]
     top_p: Option<f64>,
+    /// With --top-p: keep at least this many ids at every position (a floor under the
+    /// adaptive count) [default: 1].
+    #[arg(long)]
+    min_k: Option<usize>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (the
     /// whole distribution with --top-k 0), stored with their counts; 0: none [default: 16].
     #[arg(long)]
@@ -111,11 +115,19 @@ pub struct PrecomputeArgs {
     crash_after_shards: Option<usize>,
 }
 
-pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
+impl PrecomputeArgs {
+    /// `output` unless one is given (a command that writes no shard set needs none).
+    pub fn or_output(mut self, output: PathBuf) -> Self {
+        self.output.get_or_insert(output);
+        self
+    }
+}
+
+/// The options over the defaults `d` (`PrecomputeConfig::default()` for precompute).
+pub fn config_from(args: PrecomputeArgs, d: PrecomputeConfig) -> Result<PrecomputeConfig> {
     // Neither is a pipeline-file key, so neither survives the merge.
     let (file, crash_after_shards) = (args.config.clone(), args.crash_after_shards);
     let a = super::with_pipeline_file(args, file.as_deref())?;
-    let d = PrecomputeConfig::default();
     let devices = match a.devices {
         Some(list) => list
             .iter()
@@ -150,6 +162,7 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
         pack: a.pack.unwrap_or(d.pack),
         top_k: a.top_k.unwrap_or(d.top_k),
         top_p: a.top_p.or(d.top_p),
+        min_k: a.min_k.unwrap_or(d.min_k),
         sample: a.sample.unwrap_or(d.sample),
         sample_seed: a.sample_seed.unwrap_or(d.sample_seed),
         hidden_layers: a.hidden_layers.unwrap_or(d.hidden_layers),
@@ -177,15 +190,15 @@ pub fn config_from(args: PrecomputeArgs) -> Result<PrecomputeConfig> {
 }
 
 pub fn run(args: PrecomputeArgs) -> Result<()> {
-    let cfg = config_from(args)?;
+    let cfg = config_from(args, PrecomputeConfig::default())?;
     let summary = precompute::run(&cfg)?;
-    print_summary(&cfg, &summary);
+    print_summary("precompute", &cfg, &summary);
     Ok(())
 }
 
-fn print_summary(cfg: &PrecomputeConfig, s: &Summary) {
+pub fn print_summary(what: &str, cfg: &PrecomputeConfig, s: &Summary) {
     let secs = s.wall.as_secs_f64();
-    println!("precompute finished: {}", cfg.output.display());
+    println!("{what} finished: {}", cfg.output.display());
     println!("  rows           {}", s.rows);
     println!("  tokens         {} ({} trained positions)", s.tokens, s.targets);
     println!("  shards         {} ({} resumed)", s.shards, s.resumed_shards);

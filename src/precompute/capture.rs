@@ -27,6 +27,8 @@ pub struct CaptureSettings {
     /// Mass-adaptive top-k: keep the fewest of the top-k ids whose probabilities reach
     /// this mass (the tail and the draws are then over every id not kept).
     pub top_p: Option<f64>,
+    /// With `top_p`: every position keeps at least this many ids.
+    pub min_k: usize,
     pub draws: Option<DrawSettings>,
     /// Hidden states to keep, in transformers' numbering (0 = embeddings).
     pub hidden_layers: Vec<usize>,
@@ -124,12 +126,15 @@ impl TargetParts {
         let (top, idx) = logits.topk(settings.top_k as i64, -1, true, true);
         self.targets.push((logits.gather(-1, &next.unsqueeze(-1), false) - &lse).squeeze_dim(-1));
         let top = top - &lse;
-        // Mass-adaptive: an id is kept while the ids before it hold less than top_p; the
-        // first id stands in for the dropped ones where the kept ids are masked below.
+        // Mass-adaptive: an id is kept while the ids before it hold less than top_p, and
+        // the first min_k always (`keeps_id`); the first id stands in for the dropped
+        // ones where the kept ids are masked below.
         let masked_ids = match settings.top_p {
             Some(p) => {
                 let probs = top.to_kind(Kind::Double).exp();
-                let keep = (probs.cumsum(-1, Kind::Double) - &probs).lt(p);
+                let floor =
+                    Tensor::arange(settings.top_k as i64, (Kind::Int64, top.device())).lt(settings.min_k as i64);
+                let keep = (probs.cumsum(-1, Kind::Double) - &probs).lt(p).logical_or(&floor);
                 let masked = idx.where_self(&keep, &idx.narrow(1, 0, 1).expand_as(&idx));
                 self.kept.push(keep);
                 masked
@@ -292,6 +297,13 @@ pub fn tail_draws(drawn: &[i64], m: usize) -> TailDraws {
         out.lengths.push((out.ids.len() - before) as u32);
     }
     out
+}
+
+/// The mass-adaptive rule for one position's ids (probabilities descending): id `i` is
+/// kept while the ids before it hold less than `top_p`, and always when `i < min_k`.
+/// `TargetParts::push` applies the same rule on the device.
+pub fn keeps_id(i: usize, mass_before: f64, top_p: f64, min_k: usize) -> bool {
+    mass_before < top_p || i < min_k
 }
 
 /// Refuses targets that are not numbers: a teacher with NaN weights or an impossible

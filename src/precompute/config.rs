@@ -24,6 +24,8 @@ pub struct PrecomputeConfig {
     pub top_k: usize,
     /// Mass-adaptive top-k: keep the fewest of the top-k ids that reach this mass.
     pub top_p: Option<f64>,
+    /// With `top_p`: keep at least this many ids (a floor under the adaptive count).
+    pub min_k: usize,
     /// Ids drawn per position from the teacher's distribution outside the top-k (0: none).
     pub sample: usize,
     pub sample_seed: u64,
@@ -64,6 +66,7 @@ impl Default for PrecomputeConfig {
             // in 79 bytes per token where the top-64 took 181.
             top_k: 16,
             top_p: None,
+            min_k: 0,
             sample: 16,
             sample_seed: 0,
             hidden_layers: vec![],
@@ -124,10 +127,17 @@ impl PrecomputeConfig {
             bail!("--shard-index {index} must be below --num-shards {count}");
         }
         let p = &self.parquet;
-        let checks: [(bool, String); 9] = [
+        let checks: [(bool, String); 10] = [
             (
                 self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0 && self.top_k > 0),
                 format!("--top-p {:?} must lie in (0, 1] and needs --top-k above 0 as its cap", self.top_p),
+            ),
+            (
+                self.min_k == 0 || (self.top_p.is_some() && self.min_k <= self.top_k),
+                format!(
+                    "--min-k {} is a floor under --top-p's count: it needs --top-p and at most --top-k {}",
+                    self.min_k, self.top_k
+                ),
             ),
             (self.top_k + self.sample >= 1, "--top-k 0 needs --sample: the shards would hold no target".into()),
             (

@@ -9,13 +9,17 @@ pub mod config;
 pub mod pipeline;
 pub mod plan;
 pub mod replies;
+pub mod served;
 
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
+use crate::dataset::sequence::Sequence;
 use crate::model::CausalLm;
 use crate::shards::dir::{OutputPlan, ShardDir};
 use crate::shards::manifest::Manifest;
+use crate::shards::row::{HiddenTargets, ShardRow, TopKTargets};
+use crate::shards::writer::ShardWriter;
 use capture::{CaptureSettings, DrawSettings};
 pub use config::PrecomputeConfig;
 use pipeline::{jobs_for, Pass};
@@ -120,6 +124,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
         capture: CaptureSettings {
             top_k: cfg.top_k,
             top_p: cfg.top_p,
+            min_k: cfg.min_k,
             draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: prepared.settings.tokenizer.vocab_size,
@@ -131,6 +136,41 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
     bar.finish_and_clear();
     close(&out, &mut manifest, shards.len())?;
     Ok(Summary::of(&manifest, done, resumed_tokens, stats.wall, stats.teacher_busy, cfg.devices.len()))
+}
+
+/// Writes (or resumes) the shard set of `cfg` over `prepared`'s rows with targets that
+/// come from elsewhere than a teacher forward pass here: captured while generating
+/// (`replies`) or returned by a server (`served`). `targets` gives each row's, in order.
+pub fn write_without_teacher(
+    cfg: &PrecomputeConfig,
+    prepared: &plan::Prepared,
+    mut targets: impl FnMut(&Sequence) -> Result<(TopKTargets, Vec<HiddenTargets>)>,
+) -> Result<Summary> {
+    let started = std::time::Instant::now();
+    let shards = plan_shards(&prepared.rows, cfg.shard_tokens);
+    let plan = OutputPlan::check(&cfg.output, &prepared.settings, cfg.slice, cfg.overwrite)?;
+    let done = plan.listed_shards();
+    let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
+    manifest.source_examples = prepared.source_examples.clone();
+    manifest.planned_shards = shards.len();
+    let settings_json = serde_json::to_string(&prepared.settings)?;
+    let resumed_tokens = manifest.total_tokens();
+    for (j, range) in shards.iter().enumerate().skip(done) {
+        let mut writer = ShardWriter::create(&out.dir, j, prepared.layout.clone(), &cfg.parquet, &settings_json)?;
+        let mut rows = Vec::with_capacity(range.len());
+        for sequence in &prepared.rows[range.clone()] {
+            let (topk, hidden) = targets(sequence)?;
+            let row = ShardRow { sequence: sequence.clone(), topk, hidden };
+            capture::check_finite(&row)?;
+            rows.push(row);
+        }
+        writer.write(&rows)?;
+        manifest.shards.push(writer.finish()?);
+        manifest.save(&out.dir)?;
+    }
+    close(&out, &mut manifest, shards.len())?;
+    // The teacher's time is the caller's (generation or the server's).
+    Ok(Summary::of(&manifest, done, resumed_tokens, started.elapsed(), Duration::ZERO, 1))
 }
 
 /// Records whether all `planned` shards are written and, when they are, moves a staged

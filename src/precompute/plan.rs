@@ -107,6 +107,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
         capture: CaptureInfo {
             top_k: cfg.top_k,
             top_p: cfg.top_p,
+            min_k: cfg.min_k,
             id_type,
             logprob_dtype: "float16".into(),
             tail: "log of the probability mass outside the top-k (float32, -inf when none)".into(),
@@ -119,6 +120,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
             }),
             sampler_logprobs,
             cross_tokenizer: None,
+            served: None,
         },
         data: DataInfo {
             sources: files

@@ -12,12 +12,10 @@ use anyhow::{bail, Result};
 use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
-use super::capture::{check_finite, hidden_targets, CaptureSettings, TargetParts};
-use super::plan::{plan_shards, prepare};
+use super::capture::{hidden_targets, CaptureSettings, TargetParts};
+use super::plan::prepare;
 use super::{PrecomputeConfig, Summary};
-use crate::shards::dir::OutputPlan;
-use crate::shards::row::{HiddenTargets, ShardRow, TopKTargets};
-use crate::shards::writer::ShardWriter;
+use crate::shards::row::{HiddenTargets, TopKTargets};
 
 /// The targets of every reply, gathered as the replies are written.
 pub struct ReplyTargets {
@@ -84,43 +82,21 @@ impl ReplyTargets {
     /// Writes the shard set of `cfg` (whose input is the rows written with their ids)
     /// from the captured targets.
     pub fn write(self, cfg: &PrecomputeConfig) -> Result<Summary> {
-        let started = std::time::Instant::now();
         cfg.validate()?;
         let prepared = prepare(cfg)?;
-        let shards = plan_shards(&prepared.rows, cfg.shard_tokens);
-        let plan = OutputPlan::check(&cfg.output, &prepared.settings, cfg.slice, cfg.overwrite)?;
-        let done = plan.listed_shards();
-        let (out, mut manifest) = plan.open(&prepared.settings, cfg.slice, prepared.skipped.clone())?;
-        manifest.source_examples = prepared.source_examples.clone();
-        manifest.planned_shards = shards.len();
-        let settings_json = serde_json::to_string(&prepared.settings)?;
         let mut captured = self.rows.into_inner();
-        let resumed_tokens = manifest.total_tokens();
-        for (j, range) in shards.iter().enumerate().skip(done) {
-            let mut writer = ShardWriter::create(&out.dir, j, prepared.layout.clone(), &cfg.parquet, &settings_json)?;
-            let mut rows = Vec::with_capacity(range.len());
-            for sequence in &prepared.rows[range.clone()] {
-                let (topk, hidden) =
-                    std::mem::replace(&mut captured[sequence.row_index as usize], (TopKTargets::empty(0), vec![]));
-                if topk.positions() != sequence.num_targets() {
-                    bail!(
-                        "row {}: {} reply tokens were captured but the row trains {}",
-                        sequence.row_index,
-                        topk.positions(),
-                        sequence.num_targets()
-                    );
-                }
-                let row = ShardRow { sequence: sequence.clone(), topk, hidden };
-                check_finite(&row)?;
-                rows.push(row);
+        super::write_without_teacher(cfg, &prepared, |sequence| {
+            let (topk, hidden) =
+                std::mem::replace(&mut captured[sequence.row_index as usize], (TopKTargets::empty(0), vec![]));
+            if topk.positions() != sequence.num_targets() {
+                bail!(
+                    "row {}: {} reply tokens were captured but the row trains {}",
+                    sequence.row_index,
+                    topk.positions(),
+                    sequence.num_targets()
+                );
             }
-            writer.write(&rows)?;
-            manifest.shards.push(writer.finish()?);
-            manifest.save(&out.dir)?;
-        }
-        super::close(&out, &mut manifest, shards.len())?;
-        // The teacher's time is the generation's (the command reports it).
-        let wall = started.elapsed();
-        Ok(Summary::of(&manifest, done, resumed_tokens, wall, std::time::Duration::ZERO, 1))
+            Ok((topk, hidden))
+        })
     }
 }

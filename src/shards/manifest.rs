@@ -85,6 +85,9 @@ pub struct CaptureInfo {
     /// top-k ids whose probabilities reach this mass; absent: k ids everywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
+    /// With `top_p`: the fewest ids any position keeps (absent: 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_k: usize,
     pub id_type: IdType,
     pub logprob_dtype: String,
     /// What `tail_logmass` holds.
@@ -102,6 +105,22 @@ pub struct CaptureInfo {
     /// student's tokens, `settings.tokenizer` the student's (format version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_tokenizer: Option<CrossTokenizerInfo>,
+    /// Targets imported from a server's responses (`distill import-logprobs`), not
+    /// computed by a teacher forward pass here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<ServedInfo>,
+}
+
+/// Where a served teacher's targets came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedInfo {
+    pub responses: Vec<SourceFile>,
+    /// The xxh3 of each response file, comma-separated.
+    pub responses_hash: String,
+    /// The response formats read (vLLM prompt_logprobs, OpenAI echo, SGLang).
+    pub formats: Vec<String>,
+    /// Over which ids the server's log-probs are normalised.
+    pub normalised_over: String,
 }
 
 /// Where a cross-tokenizer set's targets came from and how they were moved.
@@ -356,4 +375,8 @@ fn diff_json(path: &str, a: &Json, b: &Json, out: &mut Vec<String>) {
         _ if a != b => out.push(format!("{path}: {b} there, {a} here")),
         _ => {}
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

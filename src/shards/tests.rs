@@ -23,6 +23,7 @@ fn settings(layout: &ShardLayout) -> Settings {
         capture: CaptureInfo {
             top_k: layout.top_k,
             top_p: layout.adaptive.then_some(0.9),
+            min_k: 0,
             id_type: layout.id_type,
             logprob_dtype: "float16".into(),
             tail: "tail".into(),
@@ -31,6 +32,7 @@ fn settings(layout: &ShardLayout) -> Settings {
             draws: layout.draws.then(|| DrawInfo { per_position: DRAWS, seed: 1, from: "tail".into() }),
             sampler_logprobs: layout.sampler_logprobs,
             cross_tokenizer: None,
+            served: None,
         },
         data: DataInfo {
             sources: vec![],
