@@ -182,6 +182,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_k: cfg.top_k,
             top_p: None,
             min_k: 0,
+            audit_temperatures: vec![],
             draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: tokenizer.max_id() as usize + 1,

@@ -120,6 +120,17 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
         r.bytes,
         r.bytes as f64 / r.tokens.max(1) as f64
     );
+    if let Some(served) = &s.capture.served {
+        println!(
+            "served      {} ({} response file(s)); normalised over {}",
+            served.formats.join(", "),
+            served.responses.len(),
+            served.normalised_over
+        );
+    }
+    for (i, line) in m.audit_sums().iter().flat_map(|a| a.summary().lines()).enumerate() {
+        println!("{:<11} {line}", if i == 0 { "audit" } else { "" });
+    }
     if m.skipped.invalid_rows + m.skipped.truncated_examples > 0 {
         println!(
             "skipped     {} invalid rows, {} examples truncated",

@@ -59,6 +59,10 @@ pub struct PrecomputeArgs {
     /// adaptive count) [default: 1].
     #[arg(long)]
     min_k: Option<usize>,
+    /// Temperatures besides 1 at which to audit the stored targets against the full
+    /// distribution (retained mass, truncation KL), comma-separated, e.g. 2,4.
+    #[arg(long, value_delimiter = ',')]
+    audit_temperatures: Option<Vec<f64>>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (the
     /// whole distribution with --top-k 0), stored with their counts; 0: none [default: 16].
     #[arg(long)]
@@ -163,6 +167,7 @@ pub fn config_from(args: PrecomputeArgs, d: PrecomputeConfig) -> Result<Precompu
         top_k: a.top_k.unwrap_or(d.top_k),
         top_p: a.top_p.or(d.top_p),
         min_k: a.min_k.unwrap_or(d.min_k),
+        audit_temperatures: a.audit_temperatures.unwrap_or(d.audit_temperatures),
         sample: a.sample.unwrap_or(d.sample),
         sample_seed: a.sample_seed.unwrap_or(d.sample_seed),
         hidden_layers: a.hidden_layers.unwrap_or(d.hidden_layers),
@@ -211,6 +216,9 @@ pub fn print_summary(what: &str, cfg: &PrecomputeConfig, s: &Summary) {
     }
     if s.truncated_examples > 0 {
         println!("  truncated      {} examples to {} tokens", s.truncated_examples, cfg.max_len);
+    }
+    for (i, line) in s.audit.iter().flat_map(|a| a.lines()).enumerate() {
+        println!("  {:<14} {line}", if i == 0 { "audit" } else { "" });
     }
 }
 

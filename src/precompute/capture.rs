@@ -18,6 +18,7 @@ use crate::dataset::sequence::Sequence;
 use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::sampling::{draw_from_logits, draw_uniforms};
 use crate::model::CausalLm;
+use crate::shards::audit::{AuditSums, TemperedSums, AUDIT_STRIDE};
 use crate::shards::row::{HiddenTargets, ShardRow, TailDraws, TopKTargets};
 
 #[derive(Debug, Clone)]
@@ -32,13 +33,21 @@ pub struct CaptureSettings {
     pub draws: Option<DrawSettings>,
     /// Hidden states to keep, in transformers' numbering (0 = embeddings).
     pub hidden_layers: Vec<usize>,
+    /// Temperatures at which every `AUDIT_STRIDE`-th target is audited against the full
+    /// distribution (`shards::audit`); empty: none.
+    pub audit_temperatures: Vec<f64>,
     /// Softmax over ids `0..vocab_limit` only: the tokenizer's real vocabulary, so
     /// padded embedding rows (Qwen2: 152,064 rows for 151,646 tokens) get no mass.
     pub vocab_limit: usize,
 }
 
-/// Runs the teacher on `rows` (one padded batch) and returns them with their targets.
-pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSettings) -> Result<Vec<ShardRow>> {
+/// Runs the teacher on `rows` (one padded batch) and returns them with their targets,
+/// and the audit of the targets against the full distribution.
+pub fn capture_batch(
+    model: &CausalLm,
+    rows: &[&Sequence],
+    settings: &CaptureSettings,
+) -> Result<(Vec<ShardRow>, Vec<TemperedSums>)> {
     let _guard = tch::no_grad_guard();
     settings.check(model)?;
     let batch = PaddedBatch::new(rows, model.device());
@@ -55,10 +64,13 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         .flat_map(|(row, &count)| (0..count as u64).map(|t| (row.row_index, t)))
         .collect();
     let uniforms = settings.uniforms(&keys, model.output_device());
+    let audited: Vec<i64> = (0..keys.len() as i64).filter(|&p| keys[p as usize].1 % AUDIT_STRIDE == 0).collect();
     let mut parts = TargetParts::default();
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let u = uniforms.as_ref().map(|u| u.narrow(0, r.start, r.end - r.start));
-        parts.push(logits, &next_tokens.narrow(0, r.start, r.end - r.start), u.as_ref(), settings);
+        let mine: Vec<i64> = audited.iter().filter(|&&p| r.contains(&p)).map(|&p| p - r.start).collect();
+        let mine = Tensor::from_slice(&mine).to_device(logits.device());
+        parts.push(logits, &next_tokens.narrow(0, r.start, r.end - r.start), u.as_ref(), Some(&mine), settings)?;
         Ok(())
     })?;
     let states: Vec<Tensor> = hidden.captured.iter().map(flat).collect();
@@ -70,7 +82,7 @@ pub fn capture_batch(model: &CausalLm, rows: &[&Sequence], settings: &CaptureSet
         check_finite(&captured)?;
         out.push(captured);
     }
-    Ok(out)
+    Ok((out, parts.audit.tempered))
 }
 
 impl CaptureSettings {
@@ -113,14 +125,24 @@ pub struct TargetParts {
     targets: Vec<Tensor>,
     drawn: Vec<Tensor>,
     kept: Vec<Tensor>,
+    /// The audit of the positions so far (only its `tempered` part is filled here).
+    pub audit: AuditSums,
 }
 
 impl TargetParts {
     /// The targets of the positions whose logits are `logits` `[n, model vocab]`, whose
     /// next tokens are `next` `[n]` and whose draws take `uniforms` `[n, draws]`.
     /// Float32 `logits` are overwritten (the top-k masked out for the tail): pass a
-    /// tensor nothing reads afterwards.
-    pub fn push(&mut self, logits: &Tensor, next: &Tensor, uniforms: Option<&Tensor>, settings: &CaptureSettings) {
+    /// tensor nothing reads afterwards. `audited` `[a]` are the positions (rows of
+    /// `logits`) to audit at `settings.audit_temperatures`.
+    pub fn push(
+        &mut self,
+        logits: &Tensor,
+        next: &Tensor,
+        uniforms: Option<&Tensor>,
+        audited: Option<&Tensor>,
+        settings: &CaptureSettings,
+    ) -> Result<()> {
         let mut logits = logits.narrow(1, 0, settings.vocab_limit as i64).to_kind(Kind::Float);
         let lse = logits.logsumexp([-1], true);
         let (top, idx) = logits.topk(settings.top_k as i64, -1, true, true);
@@ -141,6 +163,14 @@ impl TargetParts {
             }
             None => idx.shallow_clone(),
         };
+        if let Some(rows) = audited.filter(|r| r.numel() > 0 && settings.top_k > 0) {
+            let listed = masked_ids.index_select(0, rows);
+            self.audit.merge_tempered(&audit_positions(
+                &logits.index_select(0, rows),
+                &listed,
+                &settings.audit_temperatures,
+            )?);
+        }
         self.logprobs.push(top.to_kind(Kind::Half));
         // The tail's log-mass from its own logsumexp, not log(1 - sum p): exact even
         // when the top-k hold nearly all the mass.
@@ -150,6 +180,7 @@ impl TargetParts {
         if let Some(u) = uniforms {
             self.drawn.push(draw_from_logits(&logits, u));
         }
+        Ok(())
     }
 
     pub fn to_host(&self, settings: &CaptureSettings) -> Result<HostTargets> {
@@ -297,6 +328,42 @@ pub fn tail_draws(drawn: &[i64], m: usize) -> TailDraws {
         out.lengths.push((out.ids.len() - before) as u32);
     }
     out
+}
+
+/// The audit of positions whose logits over the tokenizer's ids are `z` `[a, V]` (float32)
+/// and whose stored ids are `listed` `[a, k]` (repeats allowed), at each temperature: the
+/// truncation KL `KL(p_T || p̂_T)` and the listed ids' mass at T (`shards::audit` defines
+/// `p̂_T`; its tail follows `losses`' flat-tail rule).
+pub fn audit_positions(z: &Tensor, listed: &Tensor, temperatures: &[f64]) -> Result<Vec<TemperedSums>> {
+    let vocab = z.size()[1] as f64;
+    let is_listed = z.zeros_like().to_kind(Kind::Bool).scatter_value(1, listed, 1);
+    let logp1 = z.log_softmax(-1, Kind::Float);
+    let n_listed = is_listed.sum_dim_intlist(1, false, Kind::Float);
+    let log_tail = logp1.masked_fill(&is_listed, f64::NEG_INFINITY).logsumexp([1], false);
+    let log_p_min = logp1.masked_fill(&is_listed.logical_not(), f64::INFINITY).amin(1, false);
+    let mut out = Vec::with_capacity(temperatures.len());
+    for &t in temperatures {
+        let log_pt = (z / t).log_softmax(-1, Kind::Float);
+        let pt = log_pt.exp();
+        let mass = (&pt * is_listed.to_kind(Kind::Float)).sum_dim_intlist(1, false, Kind::Float);
+        // What a loss at T makes of the stored targets: listed ids p_i^(1/T), the tail
+        // bucket r * p_min^(1/T - 1), spread evenly over the unlisted ids; normalised.
+        let log_tail_weight = &log_tail + &log_p_min * (1.0 / t - 1.0);
+        let log_listed = (&logp1 / t).masked_fill(&is_listed.logical_not(), f64::NEG_INFINITY);
+        let norm = Tensor::stack(&[log_listed.logsumexp([1], false), log_tail_weight.shallow_clone()], 1)
+            .logsumexp([1], false);
+        let q_unlisted = (&log_tail_weight - &norm - (-&n_listed + vocab).log()).clamp_min(-1e4);
+        let q = (&logp1 / t - norm.unsqueeze(1)).where_self(&is_listed, &q_unlisted.unsqueeze(1));
+        let terms = (&pt * (&log_pt - q)).where_self(&pt.gt(0.0), &pt.zeros_like());
+        let kl = Vec::<f64>::try_from(terms.sum_dim_intlist(1, false, Kind::Double).to_device(Device::Cpu))?;
+        let mass = Vec::<f64>::try_from(mass.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let mut sums = TemperedSums::new(t);
+        for (k, m) in kl.into_iter().zip(mass) {
+            sums.add(k.max(0.0), m);
+        }
+        out.push(sums);
+    }
+    Ok(out)
 }
 
 /// The mass-adaptive rule for one position's ids (probabilities descending): id `i` is

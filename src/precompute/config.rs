@@ -26,6 +26,9 @@ pub struct PrecomputeConfig {
     pub top_p: Option<f64>,
     /// With `top_p`: keep at least this many ids (a floor under the adaptive count).
     pub min_k: usize,
+    /// Temperatures besides 1 at which the stored targets are audited against the full
+    /// distribution (`shards::audit`).
+    pub audit_temperatures: Vec<f64>,
     /// Ids drawn per position from the teacher's distribution outside the top-k (0: none).
     pub sample: usize,
     pub sample_seed: u64,
@@ -67,6 +70,7 @@ impl Default for PrecomputeConfig {
             top_k: 16,
             top_p: None,
             min_k: 0,
+            audit_temperatures: vec![],
             sample: 16,
             sample_seed: 0,
             hidden_layers: vec![],
@@ -108,6 +112,15 @@ impl PrecomputeConfig {
         })
     }
 
+    /// T = 1 and the `audit_temperatures` asked for, each once.
+    pub fn audit_temperatures(&self) -> Vec<f64> {
+        let mut t = vec![1.0];
+        t.extend(self.audit_temperatures.iter().filter(|&&x| x != 1.0));
+        t.sort_by(f64::total_cmp);
+        t.dedup();
+        t
+    }
+
     /// The checks that need neither the teacher nor the data.
     pub fn validate(&self) -> Result<()> {
         if self.teacher.as_os_str().is_empty() {
@@ -127,7 +140,11 @@ impl PrecomputeConfig {
             bail!("--shard-index {index} must be below --num-shards {count}");
         }
         let p = &self.parquet;
-        let checks: [(bool, String); 10] = [
+        let checks: [(bool, String); 11] = [
+            (
+                self.audit_temperatures.iter().all(|t| t.is_finite() && *t > 0.0),
+                format!("--audit-temperatures {:?}: each must be a positive number", self.audit_temperatures),
+            ),
             (
                 self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0 && self.top_k > 0),
                 format!("--top-p {:?} must lie in (0, 1] and needs --top-k above 0 as its cap", self.top_p),

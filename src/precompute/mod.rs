@@ -40,6 +40,8 @@ pub struct Summary {
     pub devices: usize,
     pub invalid_rows: usize,
     pub truncated_examples: usize,
+    /// What the stored targets lose (`shards::audit`).
+    pub audit: Option<crate::shards::audit::AuditSummary>,
 }
 
 impl Summary {
@@ -66,6 +68,7 @@ impl Summary {
             devices,
             invalid_rows: manifest.skipped.invalid_rows,
             truncated_examples: manifest.skipped.truncated_examples,
+            audit: manifest.audit_sums().map(|a| a.summary()),
         }
     }
 
@@ -125,6 +128,7 @@ pub fn run(cfg: &PrecomputeConfig) -> Result<Summary> {
             top_k: cfg.top_k,
             top_p: cfg.top_p,
             min_k: cfg.min_k,
+            audit_temperatures: cfg.audit_temperatures(),
             draws: (cfg.sample > 0).then_some(DrawSettings { per_position: cfg.sample, seed: cfg.sample_seed }),
             hidden_layers: cfg.hidden_layers.clone(),
             vocab_limit: prepared.settings.tokenizer.vocab_size,

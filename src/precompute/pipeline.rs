@@ -14,6 +14,7 @@ use super::capture::{capture_batch, CaptureSettings};
 use super::PrecomputeConfig;
 use crate::dataset::sequence::Sequence;
 use crate::model::CausalLm;
+use crate::shards::audit::TemperedSums;
 use crate::shards::manifest::Manifest;
 use crate::shards::row::ShardRow;
 use crate::shards::schema::ShardLayout;
@@ -30,6 +31,7 @@ pub struct Job {
 struct Done {
     job: Job,
     rows: Vec<ShardRow>,
+    tempered: Vec<TemperedSums>,
 }
 
 /// Time accounting for the summary.
@@ -134,7 +136,7 @@ impl Pass<'_> {
             let result = capture_batch(&model, &rows, &self.capture);
             busy += t0.elapsed();
             let failed = result.is_err();
-            if done.send(result.map(|rows| Done { job, rows })).is_err() || failed {
+            if done.send(result.map(|(rows, tempered)| Done { job, rows, tempered })).is_err() || failed {
                 break;
             }
         }
@@ -166,6 +168,7 @@ impl Pass<'_> {
                 }
                 let (_, w) = current.as_mut().expect("writer opened above");
                 w.write(&d.rows)?;
+                w.add_tempered(&d.tempered);
                 if self.cfg.crash_after_shards == Some(manifest.shards.len()) {
                     std::process::abort(); // the resume tests' stand-in for `kill -9`
                 }

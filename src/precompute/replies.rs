@@ -57,7 +57,7 @@ impl ReplyTargets {
         let next = Tensor::from_slice(&tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device);
         let mut parts = TargetParts::default();
         // A copy: `push` overwrites float32 logits, and these are the step's own.
-        parts.push(&logits.to_kind(Kind::Float).copy(), &next, s.uniforms(&keys, device).as_ref(), s);
+        parts.push(&logits.to_kind(Kind::Float).copy(), &next, s.uniforms(&keys, device).as_ref(), None, s)?;
         let ones = vec![1; out_rows.len()];
         let topk = parts.to_host(s)?.split(&ones, s);
         let states = hidden_targets(hidden, s)?.split(&ones);

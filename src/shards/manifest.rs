@@ -2,6 +2,7 @@
 //! run must share), the list of complete shards with counts and checksums, and what
 //! was skipped. Rewritten atomically (temp file + rename) after each complete shard,
 //! so a crash never lists a partial one.
+use super::audit::{AuditSummary, AuditSums};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -225,6 +226,9 @@ pub struct ShardEntry {
     pub checksum: String,
     /// First and one-past-last `row_index` in this shard.
     pub row_range: (u64, u64),
+    /// What this shard's targets lose (`audit`); absent in sets made before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSums>,
 }
 
 impl ShardEntry {
@@ -294,6 +298,10 @@ pub struct Manifest {
     /// sets made before distill recorded it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_examples: Vec<u64>,
+    /// The listed shards' audits summed (written by `save`, for people and Arrow-side
+    /// tools; readers recompute it from the shards' entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSummary>,
 }
 
 impl Manifest {
@@ -309,6 +317,7 @@ impl Manifest {
             shards: vec![],
             skipped,
             source_examples: vec![],
+            audit: None,
         }
     }
 
@@ -336,7 +345,18 @@ impl Manifest {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
+        let audit = self.audit_sums().map(|s| s.summary());
+        let with_audit = Manifest { audit, ..self.clone() };
+        write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(&with_audit)?)
+    }
+
+    /// The listed shards' audits merged; `None` when no shard holds one.
+    pub fn audit_sums(&self) -> Option<AuditSums> {
+        let mut all: Option<AuditSums> = None;
+        for a in self.shards.iter().filter_map(|s| s.audit.as_ref()) {
+            all.get_or_insert_with(AuditSums::default).merge(a);
+        }
+        all
     }
 
     /// xxh3-64 of the listed shards' checksums joined by commas: which targets a set

@@ -2,8 +2,9 @@
 //! (`schema`), the Parquet writer, the manifest, the life of a shard directory on the
 //! writing side (`dir`: create, resume, overwrite, temporaries), the reader, merging
 //! sliced runs, mixing several teachers' sets (`mixture`, `teachers`), and what
-//! `inspect` reports. The formats are documented in schemas/ (shards.md,
+//! `inspect` reports, and the audit of what the stored targets lose (`audit`). The formats are documented in schemas/ (shards.md,
 //! shard.schema.json).
+pub mod audit;
 pub mod dir;
 pub mod inspect;
 pub mod manifest;

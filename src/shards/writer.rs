@@ -1,6 +1,7 @@
 //! `ShardWriter`: captured rows -> Arrow record batches -> one zstd Parquet file,
 //! written under a temporary name and renamed only when complete, so a crash never
 //! leaves a file that looks finished.
+use super::audit::{AuditSums, TemperedSums};
 use anyhow::{bail, Context, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
@@ -98,6 +99,7 @@ impl ShardWriter {
             bytes: 0,
             checksum: String::new(),
             row_range: (u64::MAX, 0),
+            audit: Some(AuditSums::default()),
         };
         Ok(ShardWriter { layout, schema, writer, tmp_path, final_path, entry })
     }
@@ -108,6 +110,7 @@ impl ShardWriter {
         }
         let batch = self.record_batch(rows)?;
         self.writer.write(&batch).with_context(|| format!("writing {}", self.tmp_path.display()))?;
+        self.entry.audit.get_or_insert_with(AuditSums::default).add_rows(rows);
         for r in rows {
             self.entry.rows += 1;
             self.entry.tokens += r.sequence.len();
@@ -120,6 +123,11 @@ impl ShardWriter {
 
     /// Closes the file, syncs it to disk, renames it to its final name and returns its
     /// manifest entry (with size and checksum).
+    /// Adds the audit against the full distribution of rows written here (`audit`).
+    pub fn add_tempered(&mut self, tempered: &[TemperedSums]) {
+        self.entry.audit.get_or_insert_with(AuditSums::default).merge_tempered(tempered);
+    }
+
     pub fn finish(mut self) -> Result<ShardEntry> {
         let file = self.writer.into_inner().with_context(|| format!("closing {}", self.tmp_path.display()))?;
         file.sync_all().with_context(|| format!("syncing {}", self.tmp_path.display()))?;
