@@ -163,7 +163,8 @@ impl TargetParts {
             }
             None => idx.shallow_clone(),
         };
-        if let Some(rows) = audited.filter(|r| r.numel() > 0 && settings.top_k > 0) {
+        let auditing = settings.top_k > 0 && !settings.audit_temperatures.is_empty();
+        if let Some(rows) = audited.filter(|r| auditing && r.numel() > 0) {
             let listed = masked_ids.index_select(0, rows);
             self.audit.merge_tempered(&audit_positions(
                 &logits.index_select(0, rows),
@@ -336,7 +337,7 @@ pub fn tail_draws(drawn: &[i64], m: usize) -> TailDraws {
 /// `p̂_T`; its tail follows `losses`' flat-tail rule).
 pub fn audit_positions(z: &Tensor, listed: &Tensor, temperatures: &[f64]) -> Result<Vec<TemperedSums>> {
     let vocab = z.size()[1] as f64;
-    let is_listed = z.zeros_like().to_kind(Kind::Bool).scatter_value(1, listed, 1);
+    let is_listed = Tensor::zeros(z.size(), (Kind::Bool, z.device())).scatter_value(1, listed, 1);
     let logp1 = z.log_softmax(-1, Kind::Float);
     let n_listed = is_listed.sum_dim_intlist(1, false, Kind::Float);
     let log_tail = logp1.masked_fill(&is_listed, f64::NEG_INFINITY).logsumexp([1], false);

@@ -95,8 +95,13 @@ impl TemperedSums {
         TemperedSums { temperature, ..Default::default() }
     }
 
-    /// One audited position: its truncation KL and the listed ids' mass at T.
+    /// One audited position: its truncation KL and the listed ids' mass at T. Figures
+    /// that are not numbers are left out (such targets are refused where they are read,
+    /// and JSON has no NaN: the manifest must stay readable).
     pub fn add(&mut self, kl: f64, mass: f64) {
+        if !(kl.is_finite() && mass.is_finite()) {
+            return;
+        }
         self.positions += 1;
         self.kl_sum += kl;
         self.mass_sum += mass;
@@ -111,6 +116,9 @@ impl AuditSums {
             let labels = row.sequence.ids.iter().zip(&row.sequence.loss_mask).filter(|p| *p.1).map(|p| *p.0);
             for ((ids, logprobs), label) in row.topk.per_position().zip(labels) {
                 let mass: f64 = logprobs.iter().map(|x| f64::from(x.to_f32()).exp()).sum();
+                if !mass.is_finite() {
+                    continue; // see `TemperedSums::add`
+                }
                 self.positions += 1;
                 self.label_outside += !ids.contains(&label) as u64;
                 self.mass_sum += mass;
@@ -208,5 +216,7 @@ mod tests {
         let s = merged.summary().tempered[0].clone();
         assert!((s.truncation_kl_mean - 0.15).abs() < 1e-12);
         assert_eq!(s.retained_mass_p5, 0.02);
+        merged.tempered[0].add(f64::NAN, 0.5);
+        assert_eq!(merged.tempered[0].positions, 4, "a NaN is left out, never written as JSON null");
     }
 }
