@@ -203,3 +203,97 @@ fn per_source_weights_pick_each_files_teacher_and_mismatched_sets_are_refused() 
         assert!(!tmp.path().join(x).join("manifest.json").exists(), "nothing written for a refused merge");
     }
 }
+
+/// `--route FIELD=NAME_A,NAME_B`: every document takes the targets of the teacher its
+/// data row names (inside packed rows too), rows without the field the global weights;
+/// a name no teacher has and changed data are refused by name.
+#[test]
+fn routing_by_a_data_field_gives_each_document_its_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_sources(tmp.path());
+    // Documents alternate between the two teachers; every fifth names none.
+    for name in ["a.jsonl", "b.jsonl"] {
+        let path = data.join(name);
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if i % 5 != 4 {
+                    v["teacher"] = serde_json::json!(if i % 2 == 0 { "general" } else { "math" });
+                }
+                v.to_string()
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    }
+    let set = |name: &str, model: &str| {
+        let out = tmp.path().join(name);
+        ok(precompute(model, &data, &out, &["--top-k", "8", "--pack", "true", "--max-len", "96", "--sample", "0"]));
+        out
+    };
+    let (a, b) = (set("a", "llama"), set("b", "qwen3"));
+    let merged = tmp.path().join("routed");
+    let printed =
+        ok(distill(&["merge-teachers", "--output", s(&merged), "--route", "teacher=general,math", s(&a), s(&b)]));
+    assert!(printed.contains("routed by `teacher`"), "{printed}");
+    // The route of each sample id (`FILE_STEM:LINE`).
+    let mut route = std::collections::HashMap::new();
+    for name in ["a", "b"] {
+        let text = std::fs::read_to_string(data.join(format!("{name}.jsonl"))).unwrap();
+        for (i, l) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            route.insert(format!("{name}:{}", i + 1), v["teacher"].as_str().map(String::from));
+        }
+    }
+    let (ra, rb, rm) = (rows(&a), rows(&b), rows(&merged));
+    let (mut seen, mut packed_mixed) = ([0usize; 3], 0);
+    for ((ra, rb), rm) in ra.iter().zip(&rb).zip(&rm) {
+        let seq = &rm.sequence;
+        let routes: Vec<&Option<String>> = seq.sample_ids.iter().map(|i| &route[i]).collect();
+        packed_mixed += usize::from(routes.windows(2).any(|w| w[0] != w[1]));
+        let docs: Vec<usize> = seq
+            .doc_lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(d, &n)| std::iter::repeat_n(d, n as usize))
+            .zip(&seq.loss_mask)
+            .filter(|(_, &m)| m)
+            .map(|(d, _)| d)
+            .collect();
+        let lists = ra.topk.per_position().zip(rb.topk.per_position()).zip(rm.topk.per_position());
+        for (j, ((pa, pb), pm)) in lists.enumerate() {
+            let (want, row, k) = match routes[docs[j]].as_deref() {
+                Some("general") => (pa, ra, 0),
+                Some("math") => (pb, rb, 1),
+                _ => {
+                    seen[2] += 1; // a 0.5 / 0.5 mixture: neither list alone
+                    continue;
+                }
+            };
+            seen[k] += 1;
+            assert_eq!(pm, want, "row {}, position {j}", seq.row_index);
+            assert!((rm.topk.tail_logmass[j] - row.topk.tail_logmass[j]).abs() <= 1e-6);
+            assert!((rm.topk.target_logprob[j] - row.topk.target_logprob[j]).abs() <= 1e-6);
+        }
+    }
+    assert!(seen.iter().all(|&n| n > 20) && packed_mixed > 0, "{seen:?}, {packed_mixed} packed rows mix routes");
+    let m = manifest(&merged);
+    let r = &m["settings"]["mixture"]["route"];
+    assert_eq!(r["names"], serde_json::json!(["general", "math"]));
+    let inspect = ok(distill(&["inspect", s(&merged)]));
+    assert!(inspect.contains("routed by `teacher`"), "{inspect}");
+
+    let out = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let e = err(distill(&["merge-teachers", "--output", &out("x1"), "--route", "teacher=general,code", s(&a), s(&b)]));
+    assert!(e.contains("\"math\", which names no teacher"), "{e}");
+    let e = err(distill(&["merge-teachers", "--output", &out("x2"), "--route", "teacher=general", s(&a), s(&b)]));
+    assert!(e.contains("1 names for 2 teachers"), "{e}");
+    let a_file = data.join("a.jsonl");
+    let text = std::fs::read_to_string(&a_file).unwrap();
+    std::fs::write(&a_file, text.replace("\"general\"", "\"math\"")).unwrap();
+    let e = err(distill(&["merge-teachers", "--output", &out("x3"), "--route", "teacher=general,math", s(&a), s(&b)]));
+    assert!(e.contains("changed since they were precomputed"), "{e}");
+    assert!(!tmp.path().join("x1").exists() && !tmp.path().join("x3").exists());
+}

@@ -101,6 +101,9 @@ fn print_report(dir: &Path, r: &ShardReport, have_tokenizer: bool) {
             let w: Vec<String> = sw.weights.iter().map(|w| format!("{w:.4}")).collect();
             println!("  documents of {}: weights {}", sw.source, w.join(", "));
         }
+        if let Some(r) = &mix.route {
+            println!("  {}", r.describe());
+        }
     }
     if let Some(d) = &s.capture.draws {
         println!("draws       {} per position (seed {}) from {}", d.per_position, d.seed, d.from);

@@ -39,6 +39,11 @@ pub struct MergeTeachersArgs {
     /// Repeat for several files; other files take the SET:WEIGHT weights.
     #[arg(long = "source-weights", value_name = "FILE=W1,W2,...")]
     source_weights: Vec<String>,
+    /// Route each document to one teacher by a field of its data row: `FIELD=NAME_A,NAME_B`
+    /// (one name per set, in order); a row whose FIELD is NAME_A takes set A's targets
+    /// alone. Rows without the field take --source-weights or the global weights.
+    #[arg(long, value_name = "FIELD=NAME1,NAME2,...")]
+    route: Option<String>,
     /// Carry the hidden-state columns of this teacher (0 = the first set given).
     #[arg(long)]
     hidden_from: Option<usize>,
@@ -50,7 +55,7 @@ pub struct MergeTeachersArgs {
 
 pub fn run_teachers(args: MergeTeachersArgs) -> Result<()> {
     use anyhow::Context;
-    use distill::shards::teachers::{merge_teachers, MixOptions, TeacherSet};
+    use distill::shards::teachers::{merge_teachers, MixOptions, Route, TeacherSet};
     let sets: Vec<TeacherSet> = args
         .sets
         .iter()
@@ -74,7 +79,15 @@ pub fn run_teachers(args: MergeTeachersArgs) -> Result<()> {
             Ok((file.to_string(), weights))
         })
         .collect::<Result<Vec<_>>>()?;
-    let opts = MixOptions { top_k: args.top_k, source_weights, hidden_from: args.hidden_from };
+    let route = match &args.route {
+        Some(r) => {
+            let (field, names) =
+                r.split_once('=').with_context(|| format!("--route {r}: expected FIELD=NAME1,NAME2,..."))?;
+            Some(Route { field: field.trim().into(), names: names.split(',').map(|n| n.trim().to_string()).collect() })
+        }
+        None => None,
+    };
+    let opts = MixOptions { top_k: args.top_k, source_weights, hidden_from: args.hidden_from, route };
     let m = merge_teachers(&sets, &opts, &args.output)?;
     let mixture = m.settings.mixture.as_ref().expect("a merged set records its mixture");
     println!(
@@ -91,6 +104,9 @@ pub fn run_teachers(args: MergeTeachersArgs) -> Result<()> {
     for sw in &mixture.source_weights {
         let w: Vec<String> = sw.weights.iter().map(|w| format!("{w:.4}")).collect();
         println!("  documents of {}: {}", sw.source, w.join(", "));
+    }
+    if let Some(r) = &mixture.route {
+        println!("  {}", r.describe());
     }
     Ok(())
 }

@@ -134,6 +134,31 @@ pub fn read_records(
     Ok((records, invalid))
 }
 
+/// The string field `name` of every record `read_records` returns (same files, fields
+/// and skipping), in the same order: `None` where a record lacks it. A value that is
+/// not a string is refused by location.
+pub fn record_field(
+    files: &[PathBuf],
+    fields: &FieldNames,
+    skip_invalid: bool,
+    name: &str,
+) -> Result<Vec<Option<String>>> {
+    let mut out = vec![];
+    for RawRow { location, row, .. } in read_raw_rows(files)? {
+        let obj = match row.and_then(|obj| Example::from_json(&obj, fields).map(|_| obj)) {
+            Ok(obj) => obj,
+            Err(_) if skip_invalid => continue,
+            Err(e) => return Err(e.context(location)),
+        };
+        out.push(match obj.get(name) {
+            None | Some(Json::Null) => None,
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(v) => bail!("{location}: `{name}` is {v}, not a string"),
+        });
+    }
+    Ok(out)
+}
+
 /// (1-based line number, parsed JSON or its error), blank lines skipped.
 fn jsonl_rows(path: &Path) -> Result<Vec<(usize, Result<Json>)>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

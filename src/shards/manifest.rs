@@ -183,6 +183,9 @@ pub struct MixtureInfo {
     /// a document from a source not listed here takes each teacher's `weight`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_weights: Vec<SourceWeights>,
+    /// Per-document routing by a data field (`merge-teachers --route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteInfo>,
     /// How an id missing from a teacher's top-k is given a share of that teacher's tail.
     pub rule: String,
 }
@@ -206,6 +209,25 @@ pub struct SourceWeights {
     pub source: String,
     /// One weight per teacher, summing to 1.
     pub weights: Vec<f64>,
+}
+
+/// Routing by a data field: which value names which teacher, and how many examples each got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub field: String,
+    /// One per teacher, in the order of `teachers`.
+    pub names: Vec<String>,
+    /// Examples of the data routed to each teacher.
+    pub examples: Vec<usize>,
+    /// Examples without the field (they take the source or global weights).
+    pub unrouted: usize,
+}
+
+impl RouteInfo {
+    pub fn describe(&self) -> String {
+        let each: Vec<String> = self.names.iter().zip(&self.examples).map(|(n, c)| format!("{c} to {n}")).collect();
+        format!("routed by `{}`: {} examples, {} without the field", self.field, each.join(", "), self.unrouted)
+    }
 }
 
 /// Which part of the data this set covers: rows `[index * n / count, (index+1) * n / count)`.

@@ -13,11 +13,13 @@ use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use super::dir::create_staged;
-use super::manifest::{json_diff, Manifest, MixedTeacher, MixtureInfo, SourceWeights};
+use super::manifest::{json_diff, Manifest, MixedTeacher, MixtureInfo, RouteInfo, SourceWeights};
 use super::mixture::{mix_position, TeacherPosition, UNLISTED_RULE};
 use super::reader::ShardSet;
 use super::row::{ShardRow, TopKTargets};
 use super::writer::RollingShards;
+use crate::dataset::read::{hash_inputs, record_field};
+use crate::dataset::{FieldNames, TokenIdFields};
 
 /// One input: a teacher's shard set and its weight.
 #[derive(Debug, Clone)]
@@ -35,6 +37,17 @@ pub struct MixOptions {
     pub source_weights: Vec<(String, Vec<f64>)>,
     /// Index of the input whose hidden-state columns the output carries.
     pub hidden_from: Option<usize>,
+    /// Per-document routing by a field of the data (over file and global weights).
+    pub route: Option<Route>,
+}
+
+/// Each document whose data row has `field` equal to `names[t]` takes teacher t's
+/// targets alone (the 2026 recipe: every sample scored by its domain's teacher).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub field: String,
+    /// One name per teacher, in the order the sets are given.
+    pub names: Vec<String>,
 }
 
 pub fn merge_teachers(inputs: &[TeacherSet], opts: &MixOptions, output: &Path) -> Result<Manifest> {
@@ -51,7 +64,7 @@ pub fn merge_teachers(inputs: &[TeacherSet], opts: &MixOptions, output: &Path) -
         bail!("--top-k {keep}: the union of the teachers' lists holds at least {largest_k} ids at every position; choose 1..={largest_k}");
     }
     let first = &sets[0].manifest;
-    let sources = SourceMap::new(&sets[0], &opts.source_weights, inputs.len())?;
+    let sources = SourceMap::new(&sets[0], &opts.source_weights, opts.route.as_ref(), inputs.len())?;
     if let Some(h) = opts.hidden_from {
         if h >= sets.len() {
             bail!("--hidden-from {h}: there are {} teachers (0..{})", sets.len(), sets.len());
@@ -81,6 +94,12 @@ pub fn merge_teachers(inputs: &[TeacherSet], opts: &MixOptions, output: &Path) -
             })
             .collect(),
         source_weights: sources.recorded(first),
+        route: opts.route.as_ref().map(|r| RouteInfo {
+            field: r.field.clone(),
+            names: r.names.clone(),
+            examples: (0..r.names.len()).map(|t| sources.routes.iter().filter(|&&x| x == Some(t)).count()).collect(),
+            unrouted: sources.routes.iter().filter(|x| x.is_none()).count(),
+        }),
         rule: UNLISTED_RULE.into(),
     });
     let out = create_staged(output)?;
@@ -160,10 +179,15 @@ struct SourceMap {
     row_indices: Vec<u64>,
     /// Where each slice's rows end (for the last row of a slice).
     slice_ends: Vec<(u64, u64)>,
+    /// Per example: the teacher its route names (`None`: file or global weights);
+    /// empty without routing.
+    routes: Vec<Option<usize>>,
+    /// Per teacher: its weights alone (1 for it, 0 for the others).
+    one_hot: Vec<Vec<f64>>,
 }
 
 impl SourceMap {
-    fn new(set: &ShardSet, given: &[(String, Vec<f64>)], teachers: usize) -> Result<Self> {
+    fn new(set: &ShardSet, given: &[(String, Vec<f64>)], route: Option<&Route>, teachers: usize) -> Result<Self> {
         let (dir, manifest) = (&set.dir, &set.manifest);
         let sources = &manifest.settings.data.sources;
         let mut weights = vec![None; sources.len()];
@@ -186,7 +210,7 @@ impl SourceMap {
             }
             weights[i] = Some(normalised(w).with_context(|| format!("--source-weights {name}"))?);
         }
-        if !given.is_empty() && manifest.source_examples.len() != sources.len() {
+        if (!given.is_empty() || route.is_some()) && manifest.source_examples.len() != sources.len() {
             bail!(
                 "{}: the manifest does not record how many examples each data file holds (sets made before 2026-11-24 do not); precompute the teachers again for per-source weights",
                 Manifest::path(dir).display()
@@ -202,12 +226,17 @@ impl SourceMap {
             .iter()
             .map(|s| ((s.index as u64 * total) / s.count as u64, ((s.index as u64 + 1) * total) / s.count as u64))
             .collect();
-        let mut row_indices = match given.is_empty() {
+        let mut row_indices = match given.is_empty() && route.is_none() {
             true => vec![],
             false => set.row_indices()?,
         };
         row_indices.sort_unstable();
-        Ok(SourceMap { starts, weights, row_indices, slice_ends })
+        let routes = match route {
+            Some(r) => read_routes(manifest, r, teachers, total)?,
+            None => vec![],
+        };
+        let one_hot = (0..teachers).map(|t| (0..teachers).map(|u| f64::from(u8::from(u == t))).collect()).collect();
+        Ok(SourceMap { starts, weights, row_indices, slice_ends, routes, one_hot })
     }
 
     fn recorded(&self, manifest: &Manifest) -> Vec<SourceWeights> {
@@ -226,7 +255,8 @@ impl SourceMap {
     /// leave gaps); refused when that range spans two files.
     fn row_weights<'a>(&'a self, row: &ShardRow, global: &'a [f64]) -> Result<Vec<&'a [f64]>> {
         let s = &row.sequence;
-        if self.weights.iter().all(Option::is_none) {
+        let by_file = self.weights.iter().any(Option::is_some);
+        if !by_file && self.routes.is_empty() {
             return Ok(vec![global; s.doc_lengths.len()]);
         }
         // Examples up to the next row by index, or to the end of this row's slice.
@@ -238,8 +268,20 @@ impl SourceMap {
         (0..n)
             .map(|d| {
                 let (lo, hi) = (s.row_index + d, (end.max(s.row_index + n)) - n + d);
+                if let Some(&route) = self.routes.get(lo as usize) {
+                    if (lo..=hi).any(|e| self.routes.get(e as usize) != Some(&route)) {
+                        bail!(
+                            "row_index {}: document {d} ({}) is example {lo} or up to {hi}, which route to different teachers: skipped examples hide which; precompute without --skip-invalid or without packing for routing",
+                            s.row_index,
+                            s.sample_ids[d as usize]
+                        );
+                    }
+                    if let Some(t) = route {
+                        return Ok(self.one_hot[t].as_slice());
+                    }
+                }
                 let (a, b) = (self.file_of(lo), self.file_of(hi));
-                if a != b {
+                if by_file && a != b {
                     bail!(
                         "row_index {}: document {d} ({}) came from data file {a} or {b}: skipped examples around a file boundary hide which; precompute without --skip-invalid or without packing for per-source weights",
                         s.row_index,
@@ -250,6 +292,64 @@ impl SourceMap {
             })
             .collect()
     }
+}
+
+/// Each example's teacher by the route field of the set's data, read again from the
+/// data files (which must be the ones precomputed: their hash is checked).
+fn read_routes(manifest: &Manifest, route: &Route, teachers: usize, examples: u64) -> Result<Vec<Option<usize>>> {
+    if route.names.len() != teachers {
+        bail!("--route {}: {} names for {teachers} teachers", route.field, route.names.len());
+    }
+    let data = &manifest.settings.data;
+    let files: Vec<PathBuf> = data.sources.iter().map(|s| PathBuf::from(&s.path)).collect();
+    let hash = hash_inputs(&files).context("--route reads each row's teacher from the precomputed data files")?;
+    if hash != data.hash {
+        bail!(
+            "--route: the data files {} changed since they were precomputed (hash {hash}, the sets say {})",
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+            data.hash
+        );
+    }
+    let values = record_field(&files, &field_names(&data.fields)?, data.skip_invalid, &route.field)?;
+    if values.len() as u64 != examples {
+        bail!("--route: the data holds {} examples, the sets {examples}", values.len());
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(e, v)| match v {
+            None => Ok(None),
+            Some(v) => match route.names.iter().position(|n| *n == v) {
+                Some(t) => Ok(Some(t)),
+                None => bail!(
+                    "--route: example {e} has {} = {v:?}, which names no teacher (names in set order: {})",
+                    route.field,
+                    route.names.join(", ")
+                ),
+            },
+        })
+        .collect()
+}
+
+/// The field names a set's data was read with (`settings.data.fields`).
+fn field_names(fields: &serde_json::Value) -> Result<FieldNames> {
+    let get = |k: &str| fields.get(k).and_then(|v| v.as_str()).map(String::from);
+    let d = FieldNames::default();
+    let token_ids = match fields.get("token_ids").and_then(|v| v.as_array()) {
+        Some(pair) if pair.len() == 2 => Some(TokenIdFields {
+            prompt: pair[0].as_str().unwrap_or_default().into(),
+            response: pair[1].as_str().unwrap_or_default().into(),
+            ..TokenIdFields::default()
+        }),
+        _ => None,
+    };
+    Ok(FieldNames {
+        text: get("text").unwrap_or(d.text),
+        prompt: get("prompt").unwrap_or(d.prompt),
+        response: get("response").unwrap_or(d.response),
+        messages: get("messages").unwrap_or(d.messages),
+        token_ids,
+    })
 }
 
 struct Mixer {
