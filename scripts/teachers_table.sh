@@ -9,6 +9,8 @@
 #   expert       the math expert alone
 #   mix-0.5      both, weight 0.5 each on every document
 #   mix-source   both, weights by data file: text 0.8 teacher / 0.2 expert, math 0.2 / 0.8
+#   routed       each row scored by its domain's teacher alone (`merge-teachers --route
+#                domain=text,math`: the rows' `domain` field names the teacher)
 # Judged on held-out text (perplexity, full KL to the teacher) and held-out math chats
 # (NLL of the reference answers, exact match of greedy replies). Prints the table (also in
 # RUN_DIR/teachers.md). Run scripts/run.sh once first (teacher, data, tools, build).
@@ -35,8 +37,15 @@ python scripts/real_data.py math $cache/math-$MATH_TRAIN-$MATH_HELDOUT --train "
 data=$cache/data-270-50 math=$cache/math-$MATH_TRAIN-$MATH_HELDOUT
 # Two data files, one per kind of document: the weights of mix-source follow them.
 mkdir -p "$run/data" "$run/heldout"
-grep -v '"messages"' "$data/train.jsonl" > "$run/data/text.jsonl"
-cp "$math/train.jsonl" "$run/data/math.jsonl"
+# Each row names its domain (read by the routed row); the other rows ignore the field.
+python - "$data/train.jsonl" "$math/train.jsonl" "$run/data" <<'PY'
+import json, sys
+for src, name in ((sys.argv[1], "text"), (sys.argv[2], "math")):
+    rows = [json.loads(l) for l in open(src) if l.strip()]
+    rows = [r for r in rows if name == "math" or "messages" not in r]
+    with open(f"{sys.argv[3]}/{name}.jsonl", "w") as f:
+        f.writelines(json.dumps({**r, "domain": name}) + "\n" for r in rows)
+PY
 grep -v '"messages"' "$data/heldout.jsonl" > "$run/heldout/text.jsonl"
 cp "$math/heldout.jsonl" "$run/heldout/math.jsonl"
 [[ -d $run/student-init ]] || $distill student init --teacher $teacher --output "$run/student-init" --num-layers "$LAYERS"
@@ -61,21 +70,22 @@ expert=$(ckpt expert-sft "$EXPERT_STEPS")
 stamp "both teachers over text + math (top-$TOP_K, no draws: draws have no exact mixture)"
 precompute $teacher "$run/data" "$run/shards-teacher"
 precompute "$expert" "$run/data" "$run/shards-expert"
-for mix in mix-0.5 mix-source; do
+for mix in mix-0.5 mix-source routed; do
   [[ -f $run/shards-$mix/manifest.json ]] && continue
   stamp "merge-teachers: $mix"
   weights=()
   [[ $mix == mix-source ]] && weights=(--source-weights text.jsonl=0.8,0.2 --source-weights math.jsonl=0.2,0.8)
+  [[ $mix == routed ]] && weights=(--route domain=text,math)
   $distill merge-teachers --output "$run/shards-$mix" "${weights[@]}" "$run/shards-teacher:0.5" "$run/shards-expert:0.5"
 done
 
-for row in teacher expert mix-0.5 mix-source; do
+for row in teacher expert mix-0.5 mix-source routed; do
   train "$row" "$run/student-init" "$run/shards-$row" "$STEPS" "$LR" 0.5
 done
 
 stamp "evaluate: held-out text, held-out math answers and greedy replies"
 models=(--model teacher=$teacher --model expert="$expert" --model student-init="$run/student-init")
-for row in teacher expert mix-0.5 mix-source; do models+=(--model "kd-$row=$(ckpt "$row" "$STEPS")"); done
+for row in teacher expert mix-0.5 mix-source routed; do models+=(--model "kd-$row=$(ckpt "$row" "$STEPS")"); done
 if [[ ! -f $run/results.json ]] || [[ "$(cat "$run/results.models" 2>/dev/null)" != "${models[*]}" ]]; then
   $distill eval --device cpu --text "$run/heldout/text.jsonl" --teacher $teacher \
     --generate "$run/heldout/math.jsonl" --max-new-tokens 24 --side-by-side "$run/replies.md" \
