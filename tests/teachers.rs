@@ -13,6 +13,12 @@ fn rows(dir: &Path) -> Vec<ShardRow> {
     set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect()
 }
 
+/// The document of each trained position of a row.
+fn trained_docs(seq: &distill::dataset::sequence::Sequence) -> Vec<usize> {
+    let docs = seq.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d, n as usize));
+    docs.zip(&seq.loss_mask).filter(|(_, &m)| m).map(|(d, _)| d).collect()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -162,15 +168,7 @@ fn per_source_weights_pick_each_files_teacher_and_mismatched_sets_are_refused() 
             seq.sample_ids.iter().any(|i| i.starts_with("a:")) && seq.sample_ids.iter().any(|i| i.starts_with("b:")),
         );
         // Each trained position's document, hence its file and teacher.
-        let docs: Vec<usize> = seq
-            .doc_lengths
-            .iter()
-            .enumerate()
-            .flat_map(|(d, &n)| std::iter::repeat_n(d, n as usize))
-            .zip(&seq.loss_mask)
-            .filter(|(_, &m)| m)
-            .map(|(d, _)| d)
-            .collect();
+        let docs = trained_docs(seq);
         let lists = ra.topk.per_position().zip(rb.topk.per_position()).zip(rm.topk.per_position());
         for (j, ((pa, pb), pm)) in lists.enumerate() {
             let (want, row) = match seq.sample_ids[docs[j]].starts_with("a:") {
@@ -253,15 +251,7 @@ fn routing_by_a_data_field_gives_each_document_its_teacher() {
         let seq = &rm.sequence;
         let routes: Vec<&Option<String>> = seq.sample_ids.iter().map(|i| &route[i]).collect();
         packed_mixed += usize::from(routes.windows(2).any(|w| w[0] != w[1]));
-        let docs: Vec<usize> = seq
-            .doc_lengths
-            .iter()
-            .enumerate()
-            .flat_map(|(d, &n)| std::iter::repeat_n(d, n as usize))
-            .zip(&seq.loss_mask)
-            .filter(|(_, &m)| m)
-            .map(|(d, _)| d)
-            .collect();
+        let docs = trained_docs(seq);
         let lists = ra.topk.per_position().zip(rb.topk.per_position()).zip(rm.topk.per_position());
         for (j, ((pa, pb), pm)) in lists.enumerate() {
             let (want, row, k) = match routes[docs[j]].as_deref() {

@@ -208,9 +208,14 @@ pub fn print_summary(what: &str, cfg: &PrecomputeConfig, s: &Summary) {
     println!("  tokens         {} ({} trained positions)", s.tokens, s.targets);
     println!("  shards         {} ({} resumed)", s.shards, s.resumed_shards);
     println!("  bytes          {} ({:.1} bytes/token)", s.bytes, s.bytes_per_token());
-    println!("  batch tokens   {}{}", cfg.batch_tokens(), if cfg.batch_tokens.is_none() { " (auto)" } else { "" });
+    let teacher_here = s.devices > 0 && !s.teacher_busy.is_zero();
+    if teacher_here {
+        println!("  batch tokens   {}{}", cfg.batch_tokens(), if cfg.batch_tokens.is_none() { " (auto)" } else { "" });
+    }
     println!("  time           {secs:.1}s, {:.0} tokens/s this run", s.tokens_this_run as f64 / secs.max(1e-9));
-    println!("  teacher busy   {:.0}% of wall time on {} device(s)", 100.0 * s.busy_share(), s.devices);
+    if teacher_here {
+        println!("  teacher busy   {:.0}% of wall time on {} device(s)", 100.0 * s.busy_share(), s.devices);
+    }
     if s.invalid_rows > 0 {
         println!("  skipped        {} invalid rows (listed in manifest.json)", s.invalid_rows);
     }
