@@ -554,3 +554,59 @@ fn onpolicy_rounds_run_resume_and_keep_the_sampler_logprobs() {
     assert_eq!(kept.iter().map(|p| stamp(p)).collect::<Vec<_>>(), before);
     assert!(final_ckpt(2).join("model.safetensors").exists());
 }
+
+/// scripts/onpolicy.sh with two teachers routed by the prompts' `domain` field: each
+/// sample's targets are its domain's teacher's (generate keeps the prompt row's fields,
+/// merge-teachers --route picks the teacher), trained with reverse KL.
+#[test]
+fn onpolicy_routes_each_sample_to_its_domains_teacher() {
+    let work = tempfile::tempdir().unwrap();
+    let (out, prompts) = (work.path().join("routed"), work.path().join("prompts.jsonl"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let rows: Vec<String> = std::fs::read_to_string(sample())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("\"text\""))
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["domain"] = serde_json::json!(if i % 2 == 0 { "general" } else { "math" });
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&prompts, rows.join("\n") + "\n").unwrap();
+    let route = format!("domain=general:{},math:{}", s(&model_dir("llama")), s(&model_dir("qwen3")));
+    let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
+    let args = ["--route", &route, "--student", &s(&model_dir("qwen3")), "--prompts", &s(&prompts)];
+    let more = ["--output", &s(&out), "--steps", "1", "--max-new-tokens", "6", "--top-k", "4"];
+    let o = std::process::Command::new("bash")
+        .arg(repo().join("scripts/onpolicy.sh"))
+        .args(args)
+        .args(more)
+        .args(["--", "--loss", "reverse-kl", "--batch-tokens", "512"])
+        .env("DISTILL_BIN", bin)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let round = out.join("round-1");
+    assert!(round.join("run/checkpoint-0000001/model.safetensors").exists());
+    let m = manifest(&round.join("shards"));
+    let r = &m["settings"]["mixture"]["route"];
+    assert_eq!((r["field"].as_str(), r["unrouted"].as_u64()), (Some("domain"), Some(0)), "{r}");
+    let read = |name: &str| {
+        let set = distill::shards::reader::ShardSet::open(&round.join(name), false).unwrap();
+        let mut rows: Vec<_> = set.row_groups().iter().flat_map(|&rg| set.decode(rg).unwrap()).collect();
+        rows.sort_by_key(|r| r.sequence.row_index);
+        rows
+    };
+    let samples = read_jsonl(&round.join("samples.jsonl"));
+    let (routed, general, math) = (read("shards"), read("shards-general"), read("shards-math"));
+    let mut domains = std::collections::BTreeSet::new();
+    for ((row, g), m) in routed.iter().zip(&general).zip(&math) {
+        let domain = samples[row.sequence.row_index as usize]["domain"].as_str().unwrap().to_string();
+        let own = if domain == "general" { g } else { m };
+        assert_eq!(row.topk.ids, own.topk.ids, "row {} ({domain})", row.sequence.row_index);
+        domains.insert(domain);
+    }
+    assert_eq!(domains.len(), 2, "both teachers scored samples");
+}
