@@ -133,6 +133,10 @@ pub struct TrainArgs {
     /// A label (true next token) outside the teacher's top-k gets its own bucket [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     label_bucket: Option<bool>,
+    /// At --temperature other than 1, train on the top-k and tail bucket of shards that
+    /// hold tail draws (draws stand for the tail at temperature 1 only) [default: refused].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    ignore_draws: Option<bool>,
     /// Distillation temperature; with buckets the tempered tail is approximated (README) [default: 1].
     #[arg(long)]
     temperature: Option<f64>,
@@ -317,6 +321,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
             temperature: a.temperature.unwrap_or(d.kd.temperature),
         },
         label_bucket: a.label_bucket.unwrap_or(d.label_bucket),
+        ignore_draws: a.ignore_draws.unwrap_or(d.ignore_draws),
         seed: a.seed.unwrap_or(d.seed),
         shuffle: a.shuffle.unwrap_or(d.shuffle),
         save_every: a.save_every.unwrap_or(d.save_every),

@@ -511,6 +511,8 @@ mod tests {
             weights: vec![Some(vec![1.0, 0.0]), Some(vec![0.0, 1.0])],
             row_indices,
             slice_ends: vec![(0, 20)],
+            routes: vec![],
+            one_hot: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
         }
     }
 
@@ -531,6 +533,21 @@ mod tests {
         // Without per-source weights every document takes the global ones.
         let plain = SourceMap { weights: vec![None, None], ..two_files(vec![]) };
         assert_eq!(plain.row_weights(&row(8, 3), &global).unwrap(), vec![&global[..]; 3]);
+    }
+
+    #[test]
+    fn routes_override_file_weights_per_document() {
+        let global = [0.5, 0.5];
+        // Examples 8..12 route to teachers 1, none, 0, 0: the unrouted one keeps its
+        // file's weights.
+        let mut routes = vec![None; 20];
+        (routes[8], routes[10], routes[11]) = (Some(1), Some(0), Some(0));
+        let map = SourceMap { routes, ..two_files(vec![0, 8, 12]) };
+        let w = map.row_weights(&row(8, 4), &global).unwrap();
+        assert_eq!(w, [&[0.0, 1.0][..], &[1.0, 0.0], &[1.0, 0.0], &[1.0, 0.0]]);
+        // Document 1 of 3 is example 9 or 10, which route differently: refused.
+        let e = map.row_weights(&row(8, 3), &global).unwrap_err().to_string();
+        assert!(e.contains("route to different teachers"), "{e}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub kd: KdLoss,
     /// A label outside the teacher's top-k gets its own bucket (see `batch::targets`).
     pub label_bucket: bool,
+    /// At a temperature other than 1, train on the top-k and tail bucket of shards that
+    /// hold draws (which stand for the tail at temperature 1 only) instead of refusing.
+    pub ignore_draws: bool,
     pub seed: u64,
     /// Shuffle rows (row groups per epoch, rows within windows); `false` keeps the
     /// shards' order (curricula, and benchmarks on the same batches as another tool).
@@ -190,6 +193,7 @@ impl Default for TrainConfig {
             router_aux_weight: 0.0,
             kd: KdLoss { divergence: Divergence::ForwardKl, mode: TopKMode::Bucket, temperature: 1.0 },
             label_bucket: false,
+            ignore_draws: false,
             seed: 0,
             shuffle: true,
             save_every: 100,
@@ -234,6 +238,12 @@ impl TrainConfig {
         }
         let bucket = self.kd.mode == TopKMode::Bucket;
         let forward_kl_t1 = bucket && self.kd.divergence == Divergence::ForwardKl && self.kd.temperature == 1.0;
+        if capture.draws.is_some() && capture.top_k > 0 && self.kd.temperature != 1.0 && !self.ignore_draws {
+            bail!(
+                "--temperature {}: these shards' tail draws stand for the tail at temperature 1 only (each drawn id's teacher probability is not stored, so a tempered tail cannot be importance-weighted); train at --temperature 1 to use them, or add --ignore-draws to train on the top-k and the tail bucket at this temperature (the manifest's audit gives the truncation KL and the top-k's mass at temperatures passed to precompute --audit-temperatures)",
+                self.kd.temperature
+            );
+        }
         if capture.top_k == 0 && !forward_kl_t1 {
             bail!(
                 "these shards hold tail draws but no top-k ids (precompute --top-k 0 --sample), and draws give an unbiased estimate of the forward KL on buckets only, at temperature 1: train them with --loss forward-kl, without --renormalized-topk or --temperature, or precompute a top-k"
@@ -376,6 +386,22 @@ mod tests {
         assert_eq!(TrainConfig { pack: Some(false), ..auto.clone() }.pack_to(256), None);
         let e = TrainConfig { pack: Some(false), seq_len: Some(64), ..auto }.validate().unwrap_err().to_string();
         assert!(e.contains("--pack false"), "{e}");
+    }
+
+    #[test]
+    fn tempered_training_on_draws_is_refused_unless_asked() {
+        let capture: CaptureInfo = serde_json::from_value(serde_json::json!({
+            "top_k": 8, "id_type": "uint16", "logprob_dtype": "float16", "tail": "", "hidden_layers": [],
+            "hidden_dtype": "", "draws": {"per_position": 16, "seed": 0, "from": ""}
+        }))
+        .unwrap();
+        let t1 = TrainConfig { alpha: 0.5, ..Default::default() };
+        assert!(t1.target_options(&capture).unwrap().unwrap().use_draws, "T = 1 uses the draws");
+        let t2 = TrainConfig { kd: KdLoss { temperature: 2.0, ..t1.kd }, ..t1.clone() };
+        let e = t2.target_options(&capture).unwrap_err().to_string();
+        assert!(e.contains("--temperature 2") && e.contains("--ignore-draws"), "{e}");
+        let ignored = TrainConfig { ignore_draws: true, ..t2 }.target_options(&capture).unwrap().unwrap();
+        assert!(!ignored.use_draws);
     }
 
     #[test]
