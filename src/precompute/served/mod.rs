@@ -25,7 +25,7 @@ pub mod formats;
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::capture::keeps_id;
@@ -71,10 +71,9 @@ pub fn import(cfg: &PrecomputeConfig, responses: &[PathBuf]) -> Result<Summary> 
         bail!("--responses names no file");
     }
     let mut prepared = prepare(cfg)?;
-    let docs = read_responses(responses)?;
+    let docs = ResponseIndex::build(responses)?;
     let vocab = prepared.settings.tokenizer.vocab_size;
     let model_rows = prepared.teacher_config.vocab_size;
-    let formats: BTreeSet<&str> = docs.values().map(|d| d.doc.format).collect();
     prepared.settings.teacher.dtype = "served".into();
     prepared.settings.capture.served = Some(ServedInfo {
         responses: responses
@@ -82,7 +81,7 @@ pub fn import(cfg: &PrecomputeConfig, responses: &[PathBuf]) -> Result<Summary> 
             .map(|p| Ok(SourceFile { path: p.display().to_string(), bytes: std::fs::metadata(p)?.len() }))
             .collect::<Result<_>>()?,
         responses_hash: responses.iter().map(|p| checksum_file(p)).collect::<Result<Vec<_>>>()?.join(","),
-        formats: formats.into_iter().map(String::from).collect(),
+        formats: docs.formats.iter().map(|&f| String::from(f)).collect(),
         normalised_over: format!(
             "the model's {model_rows} rows (the server's softmax); listed ids past the tokenizer's {vocab} are dropped into the tail"
         ),
@@ -101,42 +100,80 @@ struct Located {
     doc: ServedDoc,
 }
 
-/// Every response by sample id; a sample answered twice is refused.
-fn read_responses(files: &[PathBuf]) -> Result<HashMap<String, Located>> {
-    let mut docs: HashMap<String, Located> = HashMap::new();
-    for file in files {
-        let reader = BufReader::new(std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?);
-        for (i, line) in reader.lines().enumerate() {
-            let location = format!("{}:{}", file.display(), i + 1);
-            let line = line.with_context(|| location.clone())?;
-            if line.trim().is_empty() {
-                continue;
+/// Where each sample's response lies (file, byte offset, line), so that responses are
+/// read one document at a time instead of all at once (a 20-id capture holds ~320 bytes
+/// per token as parsed numbers: 3 GB for 10M tokens).
+struct ResponseIndex {
+    files: Vec<PathBuf>,
+    by_id: HashMap<String, (usize, u64, usize)>,
+    formats: BTreeSet<&'static str>,
+}
+
+impl ResponseIndex {
+    /// Reads every line once: each must parse as a response; a sample answered twice
+    /// is refused.
+    fn build(files: &[PathBuf]) -> Result<Self> {
+        let mut index = ResponseIndex { files: files.to_vec(), by_id: HashMap::new(), formats: BTreeSet::new() };
+        for (f, file) in files.iter().enumerate() {
+            let mut reader =
+                BufReader::new(std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?);
+            let (mut offset, mut line_no, mut line) = (0u64, 0usize, String::new());
+            loop {
+                line.clear();
+                let n = reader.read_line(&mut line).with_context(|| format!("reading {}", file.display()))?;
+                if n == 0 {
+                    break;
+                }
+                line_no += 1;
+                if !line.trim().is_empty() {
+                    let (id, located) = parse_line(&line, format!("{}:{line_no}", file.display()))?;
+                    if let Some(&(ff, _, first)) = index.by_id.get(&id) {
+                        bail!(
+                            "{}: sample {id:?} is answered twice (first at {}:{first}); keep one response per sample",
+                            located.location,
+                            files[ff].display()
+                        );
+                    }
+                    index.formats.insert(located.doc.format);
+                    index.by_id.insert(id, (f, offset, line_no));
+                }
+                offset += n as u64;
             }
-            let record: serde_json::Value = serde_json::from_str(&line)
-                .with_context(|| format!("{location}: not JSON (a truncated line from an interrupted capture?)"))?;
-            let id = match record.get("id") {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v @ serde_json::Value::Number(_)) => v.to_string(),
-                _ => bail!("{location}: no `id` naming the sample the response scores"),
-            };
-            let request_ids: Option<Vec<u32>> = record
-                .get("prompt_token_ids")
-                .map(|v| serde_json::from_value(v.clone()))
-                .transpose()
-                .with_context(|| format!("{location}: prompt_token_ids"))?;
-            let response = record.get("response").ok_or_else(|| anyhow!("{location}: no `response`"))?;
-            let doc = parse_response(response, request_ids.as_deref())
-                .with_context(|| format!("{location} (sample {id:?})"))?;
-            if let Some(first) = docs.get(&id) {
-                bail!(
-                    "{location}: sample {id:?} is answered twice (first at {}); keep one response per sample",
-                    first.location
-                );
-            }
-            docs.insert(id, Located { location, doc });
         }
+        Ok(index)
     }
-    Ok(docs)
+
+    /// The response of `sample`, read again from its file.
+    fn get(&self, sample: &str) -> Result<Option<Located>> {
+        let Some(&(f, offset, line_no)) = self.by_id.get(sample) else { return Ok(None) };
+        let file = &self.files[f];
+        let mut reader =
+            BufReader::new(std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?);
+        reader.seek(SeekFrom::Start(offset))?;
+        let mut line = String::new();
+        reader.read_line(&mut line).with_context(|| format!("reading {}", file.display()))?;
+        Ok(Some(parse_line(&line, format!("{}:{line_no}", file.display()))?.1))
+    }
+}
+
+/// One line of a response file: `{"id", "prompt_token_ids"?, "response"}`.
+fn parse_line(line: &str, location: String) -> Result<(String, Located)> {
+    let record: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("{location}: not JSON (a truncated line from an interrupted capture?)"))?;
+    let id = match record.get("id") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+        _ => bail!("{location}: no `id` naming the sample the response scores"),
+    };
+    let request_ids: Option<Vec<u32>> = record
+        .get("prompt_token_ids")
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .with_context(|| format!("{location}: prompt_token_ids"))?;
+    let response = record.get("response").ok_or_else(|| anyhow!("{location}: no `response`"))?;
+    let doc =
+        parse_response(response, request_ids.as_deref()).with_context(|| format!("{location} (sample {id:?})"))?;
+    Ok((id, Located { location, doc }))
 }
 
 /// Each document of a row: its sample id and its token ids.
@@ -158,14 +195,14 @@ struct KeepRule {
 }
 
 /// The row's targets from its documents' responses, trained positions in token order.
-fn row_targets(row: &Sequence, docs: &HashMap<String, Located>, rule: &KeepRule) -> Result<TopKTargets> {
+fn row_targets(row: &Sequence, docs: &ResponseIndex, rule: &KeepRule) -> Result<TopKTargets> {
     let mut targets = TopKTargets::empty(rule.k);
     if rule.top_p.is_some() {
         targets.lengths = Some(vec![]);
     }
     let mut start = 0;
     for (sample, ids) in documents(row) {
-        let served = docs.get(sample).ok_or_else(|| {
+        let served = docs.get(sample)?.ok_or_else(|| {
             anyhow!("row {} (sample {sample:?}): no response names this sample; capture it (scripts/capture_served.py resumes)", row.row_index)
         })?;
         let at = |what: String| format!("{} (sample {sample:?}, row {}): {what}", served.location, row.row_index);
