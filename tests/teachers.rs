@@ -274,6 +274,20 @@ fn routing_by_a_data_field_gives_each_document_its_teacher() {
     assert_eq!(r["names"], serde_json::json!(["general", "math"]));
     let inspect = ok(distill(&["inspect", s(&merged)]));
     assert!(inspect.contains("routed by `teacher`"), "{inspect}");
+    // eval per routed teacher: the llama teacher itself is at KL 0 on the rows routed to
+    // it, not on qwen3's; the counts are the positions routed to each.
+    let llama = model_dir("llama");
+    let json = ok(distill(&["eval", "--model", s(&llama), "--shards", s(&merged), "--json"]));
+    let evals: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let per: Vec<&serde_json::Value> = evals[0]["shards"]["per_teacher"].as_array().unwrap().iter().collect();
+    let names: Vec<&str> = per.iter().map(|p| p["teacher"].as_str().unwrap()).collect();
+    assert_eq!(names, ["general", "math", "unrouted"]);
+    let counts: Vec<usize> = per.iter().map(|p| p["targets"].as_u64().unwrap() as usize).collect();
+    assert_eq!(counts, seen.to_vec(), "positions per teacher");
+    let kl = |i: usize| per[i]["kl_to_teacher"].as_f64().unwrap();
+    assert!(kl(0) < 1e-3 && kl(1) > 0.1, "llama against its own targets {} and qwen3's {}", kl(0), kl(1));
+    let total = evals[0]["shards"]["kl_to_teacher"].as_f64().unwrap() * seen.iter().sum::<usize>() as f64;
+    assert!((total - (0..3).map(|i| kl(i) * counts[i] as f64).sum::<f64>()).abs() < 1e-6 * total.max(1.0));
 
     let out = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let e = err(distill(&["merge-teachers", "--output", &out("x1"), "--route", "teacher=general,code", s(&a), s(&b)]));

@@ -95,8 +95,11 @@ pub struct MicroBatch {
     pub teacher_hidden: Vec<Tensor>,
     /// ULD targets of a cross-tokenizer set (`train --cross-tokenizer`).
     pub uld: Option<UldBatch>,
-    /// Shard row numbers in the batch (for error messages).
+    /// Shard row numbers in the batch, in the order their targets follow.
     pub row_indices: Vec<u64>,
+    /// Per shard row of `row_indices`: the trained positions of each of its documents
+    /// (figures per document's teacher in `eval`).
+    pub doc_targets: Vec<Vec<usize>>,
     /// Real (unpadded) tokens, and trained tokens.
     pub tokens: usize,
     pub targets: usize,
@@ -117,6 +120,7 @@ pub struct BatchContent {
 impl MicroBatch {
     pub fn build(rows: Vec<Vec<ShardRow>>, content: &BatchContent, position: StreamPosition) -> Result<Self> {
         let row_indices = rows.iter().flatten().map(|r| r.sequence.row_index).collect();
+        let doc_targets = rows.iter().flatten().map(|r| r.sequence.targets_per_document()).collect();
         let merged: Vec<ShardRow> = rows.into_iter().map(concat_rows).collect();
         let sequences: Vec<_> = merged.iter().map(|r| &r.sequence).collect();
         let batch = PaddedBatch::host(&sequences);
@@ -133,6 +137,7 @@ impl MicroBatch {
                 false => None,
             },
             row_indices,
+            doc_targets,
             tokens: merged.iter().map(|r| r.sequence.len()).sum(),
             targets,
             batch,
@@ -156,6 +161,7 @@ impl MicroBatch {
             teacher_hidden: self.teacher_hidden.iter().map(&f).collect(),
             uld: self.uld.as_ref().map(|u| u.map(&f)),
             row_indices: self.row_indices.clone(),
+            doc_targets: self.doc_targets.clone(),
             tokens: self.tokens,
             targets: self.targets,
             position: self.position,

@@ -85,6 +85,19 @@ struct ShardEval {
     /// Cross-tokenizer shards: mean ULD distance to the teacher per aligned group.
     #[serde(skip_serializing_if = "Option::is_none")]
     uld: Option<f64>,
+    /// Shards merged with `merge-teachers --route`: the figures per routed teacher.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    per_teacher: Vec<TeacherShardEval>,
+}
+
+#[derive(Debug, Serialize)]
+struct TeacherShardEval {
+    teacher: String,
+    targets: usize,
+    cross_entropy: f64,
+    perplexity: f64,
+    kl_to_teacher: f64,
+    top1_agreement: f64,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -155,6 +168,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     kl_to_teacher: r.kl,
                     top1_agreement: r.top1_agreement,
                     uld: r.uld,
+                    per_teacher: r
+                        .per_teacher
+                        .iter()
+                        .map(|t| TeacherShardEval {
+                            teacher: t.teacher.clone(),
+                            targets: t.targets,
+                            cross_entropy: t.ce,
+                            perplexity: t.ce.exp(),
+                            kl_to_teacher: t.kl,
+                            top1_agreement: t.top1_agreement,
+                        })
+                        .collect(),
                 })
             }
         };
@@ -199,6 +224,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
             teachers.len(),
             teachers.join(", ")
         );
+    }
+    for r in &results {
+        for t in r.shards.iter().flat_map(|s| &s.per_teacher) {
+            println!(
+                "  {} on rows routed to {}: {} targets, CE {:.4}, PPL {:.2}, KL {:.4}, top-1 {:.1}%",
+                r.name,
+                t.teacher,
+                t.targets,
+                t.cross_entropy,
+                t.perplexity,
+                t.kl_to_teacher,
+                100.0 * t.top1_agreement
+            );
+        }
     }
     if results.iter().any(|r| r.generation.is_some()) {
         print_generation_table(&results, width);

@@ -48,6 +48,19 @@ impl Sequence {
         self.doc_lengths.iter().flat_map(|&n| 0..n as i64).collect()
     }
 
+    /// Trained positions (targets) of each document.
+    pub fn targets_per_document(&self) -> Vec<usize> {
+        let mut start = 0;
+        self.doc_lengths
+            .iter()
+            .map(|&n| {
+                let range = start..start + n as usize;
+                start = range.end;
+                self.loss_mask[range].iter().filter(|&&m| m).count()
+            })
+            .collect()
+    }
+
     /// Index of each token's document within the row.
     pub fn segment_ids(&self) -> Vec<i64> {
         self.doc_lengths.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect()

@@ -250,47 +250,87 @@ impl SourceMap {
         self.starts.partition_point(|&s| s <= example).saturating_sub(1)
     }
 
-    /// Each document's weights. Packed documents are consecutive examples, so document d
-    /// of a row of n lies in `[row + d, next_row - n + d]` (skipped invalid examples
-    /// leave gaps); refused when that range spans two files.
+    /// The examples each of the `n` documents of row `row_index` may be (`lo..=hi`):
+    /// packed documents are consecutive examples, so document d lies in
+    /// `[row + d, next_row - n + d]` (skipped invalid examples leave gaps).
+    fn doc_examples(&self, row_index: u64, n: u64) -> Vec<(u64, u64)> {
+        // Examples up to the next row by index, or to the end of this row's slice.
+        let slice_end = (self.slice_ends.iter().find(|(a, b)| (*a..*b).contains(&row_index)))
+            .map_or(*self.starts.last().unwrap(), |x| x.1);
+        let next = self.row_indices.partition_point(|&r| r <= row_index);
+        let end = self.row_indices.get(next).copied().filter(|&n| n < slice_end).unwrap_or(slice_end);
+        (0..n).map(|d| (row_index + d, (end.max(row_index + n)) - n + d)).collect()
+    }
+
+    /// Each of the `n` documents' routed teacher (`None`: unrouted; all `None` without
+    /// routing); refused where skipped examples hide which route a document has.
+    fn doc_routes(&self, row_index: u64, n: u64) -> Result<Vec<Option<usize>>> {
+        if self.routes.is_empty() {
+            return Ok(vec![None; n as usize]);
+        }
+        let route = |e: u64| self.routes.get(e as usize).copied().flatten();
+        (self.doc_examples(row_index, n).into_iter().enumerate())
+            .map(|(d, (lo, hi))| {
+                if (lo..=hi).any(|e| route(e) != route(lo)) {
+                    bail!(
+                        "row_index {row_index}: document {d} is example {lo} or up to {hi}, which route to different teachers: skipped examples hide which; precompute without --skip-invalid or without packing for routing"
+                    );
+                }
+                Ok(route(lo))
+            })
+            .collect()
+    }
+
+    /// Each document's weights: its route's teacher alone, else its file's weights, else
+    /// `global`; refused where skipped examples hide a document's file.
     fn row_weights<'a>(&'a self, row: &ShardRow, global: &'a [f64]) -> Result<Vec<&'a [f64]>> {
         let s = &row.sequence;
+        let n = s.doc_lengths.len() as u64;
         let by_file = self.weights.iter().any(Option::is_some);
         if !by_file && self.routes.is_empty() {
-            return Ok(vec![global; s.doc_lengths.len()]);
+            return Ok(vec![global; n as usize]);
         }
-        // Examples up to the next row by index, or to the end of this row's slice.
-        let slice_end = (self.slice_ends.iter().find(|(a, b)| (*a..*b).contains(&s.row_index)))
-            .map_or(*self.starts.last().unwrap(), |x| x.1);
-        let next = self.row_indices.partition_point(|&r| r <= s.row_index);
-        let end = self.row_indices.get(next).copied().filter(|&n| n < slice_end).unwrap_or(slice_end);
-        let n = s.doc_lengths.len() as u64;
-        (0..n)
-            .map(|d| {
-                let (lo, hi) = (s.row_index + d, (end.max(s.row_index + n)) - n + d);
-                if let Some(&route) = self.routes.get(lo as usize) {
-                    if (lo..=hi).any(|e| self.routes.get(e as usize) != Some(&route)) {
-                        bail!(
-                            "row_index {}: document {d} ({}) is example {lo} or up to {hi}, which route to different teachers: skipped examples hide which; precompute without --skip-invalid or without packing for routing",
-                            s.row_index,
-                            s.sample_ids[d as usize]
-                        );
-                    }
-                    if let Some(t) = route {
-                        return Ok(self.one_hot[t].as_slice());
-                    }
+        let routes = self.doc_routes(s.row_index, n)?;
+        (self.doc_examples(s.row_index, n).into_iter().zip(routes).enumerate())
+            .map(|(d, ((lo, hi), route))| {
+                if let Some(t) = route {
+                    return Ok(self.one_hot[t].as_slice());
                 }
                 let (a, b) = (self.file_of(lo), self.file_of(hi));
                 if by_file && a != b {
                     bail!(
                         "row_index {}: document {d} ({}) came from data file {a} or {b}: skipped examples around a file boundary hide which; precompute without --skip-invalid or without packing for per-source weights",
                         s.row_index,
-                        s.sample_ids[d as usize]
+                        s.sample_ids[d]
                     );
                 }
                 Ok(self.weights.get(a).and_then(|w| w.as_deref()).unwrap_or(global))
             })
             .collect()
+    }
+}
+
+/// Which teacher each document of a set merged with `--route` was routed to, for
+/// figures per teacher (`eval`); the routes are read again from the set's data files.
+pub struct RowRouter {
+    map: SourceMap,
+    pub names: Vec<String>,
+}
+
+impl RowRouter {
+    /// `None` for a set that is not routed.
+    pub fn open(set: &ShardSet) -> Result<Option<Self>> {
+        let Some(route) = set.manifest.settings.mixture.as_ref().and_then(|m| m.route.as_ref()) else {
+            return Ok(None);
+        };
+        let route = Route { field: route.field.clone(), names: route.names.clone() };
+        let map = SourceMap::new(set, &[], Some(&route), route.names.len())?;
+        Ok(Some(RowRouter { map, names: route.names }))
+    }
+
+    /// The teacher of each of the `docs` documents of row `row_index` (`None`: unrouted).
+    pub fn doc_teachers(&self, row_index: u64, docs: usize) -> Result<Vec<Option<usize>>> {
+        self.map.doc_routes(row_index, docs as u64)
     }
 }
 
