@@ -235,7 +235,7 @@ impl BatchCounts {
 
 /// A micro-batch of the stream: built here, or only counted (another process builds it).
 pub enum Loaded {
-    Mine(MicroBatch),
+    Mine(Box<MicroBatch>),
     Peer(BatchCounts),
 }
 
@@ -273,7 +273,7 @@ impl BatchLoader {
                     }
                     Some(rows) => {
                         let mb = MicroBatch::build(rows, &content, feed.position())?;
-                        Ok(Some(Loaded::Mine(if device.is_cuda() { mb.pin(device) } else { mb })))
+                        Ok(Some(Loaded::Mine(Box::new(if device.is_cuda() { mb.pin(device) } else { mb }))))
                     }
                 });
                 let stop = !matches!(next, Ok(Some(_)));
@@ -290,7 +290,7 @@ impl BatchLoader {
     pub fn next(&self) -> Result<Option<MicroBatch>> {
         match self.next_loaded()? {
             None => Ok(None),
-            Some(Loaded::Mine(m)) => Ok(Some(m)),
+            Some(Loaded::Mine(m)) => Ok(Some(*m)),
             Some(Loaded::Peer(_)) => bail!("BatchLoader::next on a loader that builds a share of the batches"),
         }
     }

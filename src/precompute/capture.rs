@@ -64,7 +64,8 @@ pub fn capture_batch(
         .flat_map(|(row, &count)| (0..count as u64).map(|t| (row.row_index, t)))
         .collect();
     let uniforms = settings.uniforms(&keys, model.output_device());
-    let audited: Vec<i64> = (0..keys.len() as i64).filter(|&p| keys[p as usize].1 % AUDIT_STRIDE == 0).collect();
+    let audited: Vec<i64> =
+        (0..keys.len() as i64).filter(|&p| keys[p as usize].1.is_multiple_of(AUDIT_STRIDE)).collect();
     let mut parts = TargetParts::default();
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let u = uniforms.as_ref().map(|u| u.narrow(0, r.start, r.end - r.start));

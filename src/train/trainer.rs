@@ -325,7 +325,7 @@ impl<'a> Run<'a> {
             let Some(loaded) = self.loader.next_loaded()? else { bail!("the shard stream ended") };
             counts.push(loaded.counts());
             if let Loaded::Mine(m) = loaded {
-                mine.push(m);
+                mine.push(*m);
             }
         }
         Ok((counts, mine))

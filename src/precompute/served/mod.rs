@@ -219,9 +219,9 @@ fn row_targets(row: &Sequence, docs: &ResponseIndex, rule: &KeepRule) -> Result<
                 ids.len()
             )));
         }
-        for j in 1..ids.len() {
+        for (j, &label) in ids.iter().enumerate().skip(1) {
             if row.loss_mask[start + j] {
-                push_position(&mut targets, &served.doc.positions[j - 1], ids[j], rule)
+                push_position(&mut targets, &served.doc.positions[j - 1], label, rule)
                     .map_err(|e| anyhow!(at(format!("position {j}: {e}"))))?;
             }
         }
