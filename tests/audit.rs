@@ -7,7 +7,7 @@ use common::*;
 const REFERENCE: &str = r#"
 import json, sys, math
 import pyarrow.parquet as pq, torch, transformers
-shards, model_dir, stride = sys.argv[1], sys.argv[2], 8
+shards, model_dir, stride = sys.argv[1], sys.argv[2], 32  # shards::audit::AUDIT_STRIDE
 m = json.load(open(f"{shards}/manifest.json"))
 vocab = m["settings"]["tokenizer"]["vocab_size"]
 temps = [t["temperature"] for t in m["audit"]["tempered"]]
