@@ -219,6 +219,15 @@ fn bad_responses_are_refused_by_name() {
     assert!(e.contains("no response names this sample"), "{e}");
     let e = refused(&good, "6");
     assert!(e.contains("fewer than --top-k 6") && e.contains("--max-logprobs"), "{e}");
+    // Two input rows with one id: their responses could not be told apart.
+    let twin = w.join("twin.jsonl");
+    std::fs::write(
+        &twin,
+        "{\"id\": \"x\", \"text\": \"One cat sat.\"}\n{\"id\": \"x\", \"text\": \"Two dogs ran.\"}\n",
+    )
+    .unwrap();
+    let e = err(import("llama", &twin, &["--write-requests", w.join("twin-req.jsonl").to_str().unwrap()]));
+    assert!(e.contains("sample id \"x\" names two documents"), "{e}");
 }
 
 /// scripts/capture_served.py against the fake server over HTTP: bounded concurrency,
@@ -231,14 +240,17 @@ fn capture_client_resumes_and_feeds_the_import() {
     let input = sample();
     let req = requests("llama", &input, w);
     let m = model_dir("llama");
-    let mut server = Command::new(python())
-        .arg(repo().join("scripts/fake_server.py"))
-        .args(["serve", "--model", m.to_str().unwrap(), "--port", "0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Server(
+        Command::new(python())
+            .arg(repo().join("scripts/fake_server.py"))
+            .args(["serve", "--model", m.to_str().unwrap(), "--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.as_mut().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.as_mut().unwrap()), &mut first).unwrap();
     let port = first.trim().rsplit(' ').next().unwrap().to_string();
     let url = format!("http://127.0.0.1:{port}");
     let client = |api: &str, out: &Path, limit: &str| {
@@ -280,6 +292,15 @@ fn capture_client_resumes_and_feeds_the_import() {
         ));
         assert_eq!(read(&shards), read(&shards_direct), "{api}: the client's responses are the server's");
     }
-    server.kill().unwrap();
-    let _ = server.wait();
+}
+
+/// The fake server, killed however the test ends (a panic included), so no process
+/// outlives the test holding its output open.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -48,6 +48,7 @@ pub fn write_requests(cfg: &PrecomputeConfig, path: &Path) -> Result<usize> {
         bail!("{} exists; use another path, or --overwrite to replace it", path.display());
     }
     let prepared = prepare(cfg)?;
+    check_unique_samples(&prepared.rows)?;
     let mut out = String::new();
     let mut n = 0;
     for row in &prepared.rows {
@@ -87,6 +88,7 @@ pub fn import(cfg: &PrecomputeConfig, responses: &[PathBuf]) -> Result<Summary> 
         ),
     });
     let rule = KeepRule { k: cfg.top_k, top_p: cfg.top_p, min_k: cfg.min_k, vocab };
+    check_unique_samples(&prepared.rows)?;
     // Every row is checked before the output is touched: a bad response leaves nothing.
     for row in &prepared.rows {
         row_targets(row, &docs, &rule)?;
@@ -174,6 +176,22 @@ fn parse_line(line: &str, location: String) -> Result<(String, Located)> {
     let doc =
         parse_response(response, request_ids.as_deref()).with_context(|| format!("{location} (sample {id:?})"))?;
     Ok((id, Located { location, doc }))
+}
+
+/// Sample ids key the responses: two documents of one id would share one response.
+fn check_unique_samples(rows: &[Sequence]) -> Result<()> {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    for row in rows {
+        for sample in &row.sample_ids {
+            if let Some(first) = seen.insert(sample, row.row_index) {
+                bail!(
+                    "sample id {sample:?} names two documents (rows {first} and {}): responses are keyed by it; give every input row its own `id`",
+                    row.row_index
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Each document of a row: its sample id and its token ids.
