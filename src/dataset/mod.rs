@@ -72,6 +72,41 @@ impl Default for FieldNames {
     }
 }
 
+impl FieldNames {
+    /// As a shard set's manifest records them (`settings.data.fields`); `token_ids`
+    /// only when used, so that shard sets made before keep their settings.
+    pub fn recorded(&self) -> Json {
+        let mut f = serde_json::json!({
+            "text": self.text, "prompt": self.prompt, "response": self.response, "messages": self.messages,
+        });
+        if let Some(ids) = &self.token_ids {
+            f["token_ids"] = serde_json::json!([ids.prompt, ids.response]);
+        }
+        f
+    }
+
+    /// The names `recorded` wrote (defaults for any missing).
+    pub fn from_recorded(f: &Json) -> Self {
+        let get = |k: &str| f.get(k).and_then(Json::as_str).map(String::from);
+        let d = FieldNames::default();
+        let token_ids = match f.get("token_ids").and_then(Json::as_array).map(Vec::as_slice) {
+            Some([prompt, response]) => Some(TokenIdFields {
+                prompt: prompt.as_str().unwrap_or_default().into(),
+                response: response.as_str().unwrap_or_default().into(),
+                ..TokenIdFields::default()
+            }),
+            _ => None,
+        };
+        FieldNames {
+            text: get("text").unwrap_or(d.text),
+            prompt: get("prompt").unwrap_or(d.prompt),
+            response: get("response").unwrap_or(d.response),
+            messages: get("messages").unwrap_or(d.messages),
+            token_ids,
+        }
+    }
+}
+
 /// One input row: a stable id, where it came from (`FILE:LINE`, for errors) and its example.
 #[derive(Debug, Clone)]
 pub struct Record {

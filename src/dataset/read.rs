@@ -121,16 +121,10 @@ pub fn read_records(
     skip_invalid: bool,
 ) -> Result<(Vec<Record>, Vec<InvalidRow>)> {
     let mut records = vec![];
-    let mut invalid = vec![];
-    for RawRow { location, id, row } in read_raw_rows(files)? {
-        let parsed = row
-            .and_then(|obj| Ok(Record { id, location: location.clone(), example: Example::from_json(&obj, fields)? }));
-        match parsed {
-            Ok(r) => records.push(r),
-            Err(e) if skip_invalid => invalid.push(InvalidRow { location, error: format!("{e:#}") }),
-            Err(e) => return Err(e.context(location)),
-        }
-    }
+    let invalid = for_each_record(files, fields, skip_invalid, |id, location, _, example| {
+        records.push(Record { id, location, example });
+        Ok(())
+    })?;
     Ok((records, invalid))
 }
 
@@ -144,19 +138,34 @@ pub fn record_field(
     name: &str,
 ) -> Result<Vec<Option<String>>> {
     let mut out = vec![];
-    for RawRow { location, row, .. } in read_raw_rows(files)? {
-        let obj = match row.and_then(|obj| Example::from_json(&obj, fields).map(|_| obj)) {
-            Ok(obj) => obj,
-            Err(_) if skip_invalid => continue,
-            Err(e) => return Err(e.context(location)),
-        };
+    for_each_record(files, fields, skip_invalid, |_, location, obj, _| {
         out.push(match obj.get(name) {
             None | Some(Json::Null) => None,
             Some(Json::String(s)) => Some(s.clone()),
             Some(v) => bail!("{location}: `{name}` is {v}, not a string"),
         });
-    }
+        Ok(())
+    })?;
     Ok(out)
+}
+
+/// Calls `each(id, location, row, example)` for every row that reads as an example, in
+/// order; returns the rows skipped as invalid (`skip_invalid`), else fails on the first.
+fn for_each_record(
+    files: &[PathBuf],
+    fields: &FieldNames,
+    skip_invalid: bool,
+    mut each: impl FnMut(String, String, &Json, Example) -> Result<()>,
+) -> Result<Vec<InvalidRow>> {
+    let mut invalid = vec![];
+    for RawRow { location, id, row } in read_raw_rows(files)? {
+        match row.and_then(|obj| Example::from_json(&obj, fields).map(|example| (obj, example))) {
+            Ok((obj, example)) => each(id, location, &obj, example)?,
+            Err(e) if skip_invalid => invalid.push(InvalidRow { location, error: format!("{e:#}") }),
+            Err(e) => return Err(e.context(location)),
+        }
+    }
+    Ok(invalid)
 }
 
 /// (1-based line number, parsed JSON or its error), blank lines skipped.

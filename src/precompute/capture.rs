@@ -69,7 +69,9 @@ pub fn capture_batch(
     let mut parts = TargetParts::default();
     model.transformer.logits_in_chunks(&flat(&hidden.last), chunk, |logits, r| {
         let u = uniforms.as_ref().map(|u| u.narrow(0, r.start, r.end - r.start));
-        let mine: Vec<i64> = audited.iter().filter(|&&p| r.contains(&p)).map(|&p| p - r.start).collect();
+        // `audited` ascends: the chunk's positions are one run of it.
+        let run = audited.partition_point(|&p| p < r.start)..audited.partition_point(|&p| p < r.end);
+        let mine: Vec<i64> = audited[run].iter().map(|&p| p - r.start).collect();
         let mine = Tensor::from_slice(&mine).to_device(logits.device());
         parts.push(logits, &next_tokens.narrow(0, r.start, r.end - r.start), u.as_ref(), Some(&mine), settings)?;
         Ok(())

@@ -128,17 +128,7 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
                 .map(|f| Ok(SourceFile { path: f.display().to_string(), bytes: std::fs::metadata(f)?.len() }))
                 .collect::<Result<_>>()?,
             hash: data_hash,
-            fields: {
-                let mut f = serde_json::json!({
-                    "text": cfg.fields.text, "prompt": cfg.fields.prompt,
-                    "response": cfg.fields.response, "messages": cfg.fields.messages,
-                });
-                // Only when used, so that shard sets made before keep their settings.
-                if let Some(ids) = &cfg.fields.token_ids {
-                    f["token_ids"] = serde_json::json!([ids.prompt, ids.response]);
-                }
-                f
-            },
+            fields: cfg.fields.recorded(),
             max_len: cfg.max_len,
             packing: cfg.pack,
             train_on_all_tokens: cfg.train_on_all_tokens,

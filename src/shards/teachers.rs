@@ -19,7 +19,7 @@ use super::reader::ShardSet;
 use super::row::{ShardRow, TopKTargets};
 use super::writer::RollingShards;
 use crate::dataset::read::{hash_inputs, record_field};
-use crate::dataset::{FieldNames, TokenIdFields};
+use crate::dataset::FieldNames;
 
 /// One input: a teacher's shard set and its weight.
 #[derive(Debug, Clone)]
@@ -350,7 +350,7 @@ fn read_routes(manifest: &Manifest, route: &Route, teachers: usize, examples: u6
             data.hash
         );
     }
-    let values = record_field(&files, &field_names(&data.fields)?, data.skip_invalid, &route.field)?;
+    let values = record_field(&files, &FieldNames::from_recorded(&data.fields), data.skip_invalid, &route.field)?;
     if values.len() as u64 != examples {
         bail!("--route: the data holds {} examples, the sets {examples}", values.len());
     }
@@ -369,27 +369,6 @@ fn read_routes(manifest: &Manifest, route: &Route, teachers: usize, examples: u6
             },
         })
         .collect()
-}
-
-/// The field names a set's data was read with (`settings.data.fields`).
-fn field_names(fields: &serde_json::Value) -> Result<FieldNames> {
-    let get = |k: &str| fields.get(k).and_then(|v| v.as_str()).map(String::from);
-    let d = FieldNames::default();
-    let token_ids = match fields.get("token_ids").and_then(|v| v.as_array()) {
-        Some(pair) if pair.len() == 2 => Some(TokenIdFields {
-            prompt: pair[0].as_str().unwrap_or_default().into(),
-            response: pair[1].as_str().unwrap_or_default().into(),
-            ..TokenIdFields::default()
-        }),
-        _ => None,
-    };
-    Ok(FieldNames {
-        text: get("text").unwrap_or(d.text),
-        prompt: get("prompt").unwrap_or(d.prompt),
-        response: get("response").unwrap_or(d.response),
-        messages: get("messages").unwrap_or(d.messages),
-        token_ids,
-    })
 }
 
 struct Mixer {
