@@ -61,16 +61,29 @@ def post(url, payload, timeout, retries, headers):
 
 
 def saved_ids(path):
-    """Ids already answered in `path`; a torn last line (an interrupted write) is cut off."""
+    """Ids already answered in `path`, a file this script wrote: every complete line must
+    be one of its records, else it is refused untouched. Only then is a torn last line
+    (an interrupted write) cut off."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
         data = f.read()
     keep = data[: data.rfind(b"\n") + 1]
+    ids = set()
+    for n, line in enumerate(keep.decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and "id" in record and "response" in record):
+            raise SystemExit(f"{path}:{n}: not a response saved by capture_served.py; give another --output")
+        ids.add(record["id"])
     if len(keep) != len(data):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
-    return {json.loads(line)["id"] for line in keep.decode().splitlines() if line.strip()}
+    return ids
 
 
 def main():

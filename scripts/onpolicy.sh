@@ -61,6 +61,12 @@ if [[ -n $teacher && -n $route ]] || [[ -z $teacher && -z $route ]]; then
 fi
 route_field=${route%%=*}
 IFS=',' read -ra route_teachers <<< "${route#*=}"
+if [[ -n $route ]]; then  # every teacher named and present before the first round writes
+  [[ $route == *=* && ${#route_teachers[@]} -ge 2 ]] || { echo "onpolicy.sh: --route $route: expected FIELD=NAME:DIR,NAME:DIR" >&2; exit 2; }
+  for spec in "${route_teachers[@]}"; do
+    [[ $spec == *:* && -f ${spec#*:}/config.json ]] || { echo "onpolicy.sh: --route: $spec is not NAME:DIR of a model folder" >&2; exit 2; }
+  done
+fi
 source scripts/env.sh
 distill=${DISTILL_BIN:-target/release/distill}
 mkdir -p "$output"

@@ -22,6 +22,12 @@ fn import(model: &str, input: &Path, extra: &[&str]) -> std::process::Output {
     distill(&args)
 }
 
+/// `import-logprobs --top-k 4` of `responses` into `out`, which must succeed.
+fn import_k4(model: &str, input: &Path, responses: &Path, out: &Path) {
+    let (responses, out) = (responses.to_str().unwrap(), out.to_str().unwrap());
+    ok(import(model, input, &["--top-k", "4", "--responses", responses, "--output", out]));
+}
+
 /// The planned requests of `model` over `input`.
 fn requests(model: &str, input: &Path, dir: &Path) -> PathBuf {
     let path = dir.join(format!("requests-{model}.jsonl"));
@@ -92,11 +98,7 @@ fn every_format_imports_to_precompute_targets() {
     for format in ["vllm", "vllm-chat", "echo", "sglang"] {
         let file = responses("llama", &req, format, 4, &w.join(format!("{format}.jsonl")), &[]);
         let out = w.join(format!("imp-{format}"));
-        ok(import(
-            "llama",
-            &input,
-            &["--top-k", "4", "--responses", file.to_str().unwrap(), "--output", out.to_str().unwrap()],
-        ));
+        import_k4("llama", &input, &file, &out);
         let m = manifest(&out);
         assert_eq!(m["complete"], true);
         assert_eq!(m["settings"]["capture"]["served"]["formats"].as_array().unwrap().len(), 1, "{m}");
@@ -136,11 +138,7 @@ fn padded_vocabulary_keeps_the_servers_normalisation() {
     // k + 32: whatever padded ids rank high, 4 of the tokenizer's remain.
     let file = responses("qwen2", &req, "vllm", 36, &w.join("r.jsonl"), &[]);
     let out = w.join("imp");
-    ok(import(
-        "qwen2",
-        &input,
-        &["--top-k", "4", "--responses", file.to_str().unwrap(), "--output", out.to_str().unwrap()],
-    ));
+    import_k4("qwen2", &input, &file, &out);
     let m = manifest(&out);
     let vocab = m["settings"]["tokenizer"]["vocab_size"].as_u64().unwrap() as u32;
     assert!(m["settings"]["capture"]["served"]["normalised_over"].as_str().unwrap().contains("dropped into the tail"));
@@ -278,20 +276,31 @@ fn capture_client_resumes_and_feeds_the_import() {
         let planned = std::fs::read_to_string(&req).unwrap().lines().count();
         assert_eq!((ids.len(), ids.iter().collect::<std::collections::BTreeSet<_>>().len()), (planned, planned));
         let shards = w.join(format!("shards-{api}"));
-        ok(import(
-            "llama",
-            &input,
-            &["--top-k", "4", "--responses", out.to_str().unwrap(), "--output", shards.to_str().unwrap()],
-        ));
+        import_k4("llama", &input, &out, &shards);
         let direct = responses("llama", &req, api, 4, &w.join(format!("direct-{api}.jsonl")), &[]);
         let shards_direct = w.join(format!("direct-{api}"));
-        ok(import(
-            "llama",
-            &input,
-            &["--top-k", "4", "--responses", direct.to_str().unwrap(), "--output", shards_direct.to_str().unwrap()],
-        ));
+        import_k4("llama", &input, &direct, &shards_direct);
         assert_eq!(read(&shards), read(&shards_direct), "{api}: the client's responses are the server's");
     }
+    // An --output the client did not write is refused and left as it was.
+    let foreign = w.join("notes.jsonl");
+    std::fs::write(&foreign, "{\"text\": \"mine\"}\n{\"id\": \"torn").unwrap();
+    let o = Command::new(python())
+        .arg(repo().join("scripts/capture_served.py"))
+        .args([
+            "--requests",
+            req.to_str().unwrap(),
+            "--url",
+            &url,
+            "--top-k",
+            "4",
+            "--output",
+            foreign.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("notes.jsonl:1: not a response"));
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "{\"text\": \"mine\"}\n{\"id\": \"torn");
 }
 
 /// The fake server, killed however the test ends (a panic included), so no process
