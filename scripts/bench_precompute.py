@@ -11,7 +11,7 @@ dominate, as in a real capture's host-side work) or Qwen2-7B's shape for a GPU. 
 teacher's FLOP rate is reported against the same device's measured matmul rate (float32
 on CPU, bfloat16 on CUDA), through the same torch. Caveat: a random teacher's
 distributions are flatter and its inputs (a 384-token BPE) less varied than a real one's,
-so bytes per token here are indicative only; see README.md. Prints markdown tables.
+so bytes per token here are indicative only; see docs/benchmarks.md. Prints markdown tables.
 """
 import argparse
 import json

@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: dataset -> tokens -> teacher -> captured targets -> shards ->
 //! reader -> batches -> student -> losses -> optimizer -> checkpoint. Each module owns
-//! one step (README.md, "Layout", names the owner of each); configuration is passed
+//! one step (docs/layout.md names the owner of each); configuration is passed
 //! down as typed structs. Imports point one way: `precompute`, `train`, `eval` ->
 //! `batch`, `shards`, `align`, `distributed` -> `model`, `losses`, `dataset`, `tokenizer`,
 //! `chat`, `files`.

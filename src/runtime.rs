@@ -121,6 +121,17 @@ fn cuda(n: usize) -> Result<Device> {
     Ok(Device::Cuda(n))
 }
 
+/// This process's resident memory and its peak so far, in bytes (Linux's
+/// /proc/self/status `VmRSS` and `VmHWM`; `None` elsewhere).
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].split_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024)
+    };
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
 /// Bytes in use on the GPU of this thread's current CUDA context (total minus free, from
 /// the driver): libtorch's caching allocator keeps what it reserved, so sampled after a
 /// step this is the step's peak reservation plus the context itself. `None` without CUDA.

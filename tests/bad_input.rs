@@ -154,3 +154,43 @@ fn a_weight_index_cannot_point_outside_the_model() {
         assert_names(&load_error(&dir), &["model.safetensors.index.json", "weight_map", "not a plain file name"]);
     }
 }
+
+/// The case: a teacher whose config.json makes no sense (a RoPE base of 0 beside
+/// transformers 5's `rope_parameters` once precomputed a "complete" set of near-uniform
+/// targets) is refused by name before `precompute` or `student init` writes anything.
+#[test]
+fn a_config_that_makes_no_sense_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &[&str]); 7] = [
+        ("theta-beside-parameters", |c| c["rope_theta"] = 0.into(), &["rope_theta", "positive"]),
+        ("theta-negative", |c| c["rope_parameters"]["rope_theta"] = (-10000.0).into(), &["rope_theta", "-10000"]),
+        ("eps-zero", |c| c["rms_norm_eps"] = 0.into(), &["rms_norm_eps", "positive"]),
+        ("hidden-zero", |c| c["hidden_size"] = 0.into(), &["hidden_size", "positive"]),
+        ("layers-negative", |c| c["num_hidden_layers"] = (-2).into(), &["num_hidden_layers", "-2"]),
+        ("positions-zero", |c| c["max_position_embeddings"] = 0.into(), &["max_position_embeddings"]),
+        // head_dim x heads no longer the width of the weights' q/k/v projections.
+        ("head-dim", |c| c["head_dim"] = 16.into(), &["model.safetensors", "q_proj.weight"]),
+    ];
+    for (name, edit, parts) in cases {
+        let dir = copy_model("qwen3", &tmp.path().join(name));
+        edit_config(&dir, edit);
+        let out = tmp.path().join(format!("{name}-shards"));
+        let e = err(precompute(dir.to_str().unwrap(), &sample(), &out, &[]));
+        assert_names(&e, parts);
+        assert!(!out.exists(), "{name}: precompute created {} before refusing", out.display());
+        let student = tmp.path().join(format!("{name}-student"));
+        let e = err(distill(&[
+            "student",
+            "init",
+            "--teacher",
+            dir.to_str().unwrap(),
+            "--output",
+            student.to_str().unwrap(),
+            "--num-layers",
+            "1",
+        ]));
+        assert_names(&e, &[parts[0]]);
+        assert!(!student.exists(), "{name}: student init created {}", student.display());
+    }
+}

@@ -417,3 +417,63 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     assert_eq!(std::fs::read(out.join("checkpoint-0000002/model.safetensors")).unwrap(), before);
     assert!(!out.join("checkpoint-0000003").exists());
 }
+
+/// TensorBoard's own reader loads a run's event files with the values of metrics.jsonl,
+/// tag for tag and step for step, also after a resume from a checkpoint older than the
+/// last logged step (the resumed part's session start drops the earlier file's later
+/// steps, as metrics.jsonl drops its lines).
+#[test]
+fn tensorboard_reads_what_metrics_jsonl_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards_with("sample.jsonl", &tmp.path().join("train"), &["--hidden-layers", "1"]);
+    let run = tmp.path().join("run");
+    let args = ["--steps", "4", "--save-every", "2", "--keep-last", "3", "--hidden-map", "1:1"];
+    ok(train(&train_set, &run, &args));
+    // As if killed after logging steps 3 and 4 but before their checkpoint was written.
+    std::fs::remove_dir_all(run.join("checkpoint-0000004")).unwrap();
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    ok(train(&train_set, &run, &resume));
+    let events = std::fs::read_dir(run.join("tensorboard")).unwrap().count();
+    assert_eq!(events, 2, "one event file per invocation");
+    python_ok(
+        r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run = sys.argv[1]
+rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
+assert [r["step"] for r in rows] == [1, 2, 3, 4], [r["step"] for r in rows]
+def flat(prefix, v, out):
+    if isinstance(v, bool):
+        return
+    if isinstance(v, (int, float)):
+        out[prefix] = float(v)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            flat(f"{prefix}/{k}" if prefix else k, x, out)
+expected = {}
+for r in rows:
+    f = {}
+    flat("", r, f)
+    f.pop("step")
+    for tag, v in f.items():
+        expected.setdefault(tag, []).append((r["step"], v))
+acc = EventAccumulator(f"{run}/tensorboard", size_guidance={"scalars": 0})
+acc.Reload()
+tags = acc.Tags()["scalars"]
+assert sorted(tags) == sorted(expected), (sorted(tags), sorted(expected))
+for tag in ["loss", "kd", "ce", "hidden", "lr", "grad_norm", "tokens_per_s", "resident_bytes",
+            "peak_resident_bytes", "state_bytes/optimizer", "time/body"]:
+    assert tag in tags, tag
+for tag in tags:
+    got = [(e.step, e.value) for e in acc.Scalars(tag)]
+    want = expected[tag]
+    assert [s for s, _ in got] == [s for s, _ in want], (tag, got, want)
+    for (s, g), (_, w) in zip(got, want):
+        # Scalars are float32 in TensorBoard.
+        assert abs(g - w) <= 1e-6 * max(1.0, abs(w)), (tag, s, g, w)
+print(len(tags), "tags,", len(rows), "steps")
+"#,
+        &[&run],
+    );
+}

@@ -137,7 +137,7 @@ pub struct TrainArgs {
     /// hold tail draws (draws stand for the tail at temperature 1 only) [default: refused].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     ignore_draws: Option<bool>,
-    /// Distillation temperature; with buckets the tempered tail is approximated (README) [default: 1].
+    /// Distillation temperature; with buckets the tempered tail is approximated (docs/train.md) [default: 1].
     #[arg(long)]
     temperature: Option<f64>,
     #[arg(long)]
@@ -151,6 +151,10 @@ pub struct TrainArgs {
     /// Checkpoints kept [default: 2].
     #[arg(long)]
     keep_last: Option<usize>,
+    /// TensorBoard event files (every loss part, lr, gradient norm, tokens/s, memory,
+    /// times) go to this folder [default: OUTPUT/tensorboard].
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
     /// Continue from the newest checkpoint in --output.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     resume: Option<bool>,
@@ -326,6 +330,7 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         shuffle: a.shuffle.unwrap_or(d.shuffle),
         save_every: a.save_every.unwrap_or(d.save_every),
         keep_last: a.keep_last.unwrap_or(d.keep_last),
+        tensorboard: a.tensorboard.or(d.tensorboard),
         resume: a.resume.unwrap_or(d.resume),
         force_tokenizer: a.force_tokenizer.unwrap_or(d.force_tokenizer),
         head_chunk: a.head_chunk,

@@ -8,7 +8,6 @@ pub mod backward;
 pub mod config;
 pub mod decode;
 pub mod flash_varlen;
-mod gemma;
 pub mod layers;
 pub mod logits;
 pub mod moe;

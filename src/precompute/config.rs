@@ -65,7 +65,7 @@ impl Default for PrecomputeConfig {
             max_len: 2048,
             pack: false,
             // The top-16 plus 16 draws from the tail: of the targets measured on the main
-            // job's teacher (README, "Which targets"), the best held-out perplexity and KL,
+            // job's teacher (docs/targets.md), the best held-out perplexity and KL,
             // in 79 bytes per token where the top-64 took 181.
             top_k: 16,
             top_p: None,

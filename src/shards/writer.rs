@@ -22,7 +22,7 @@ use super::row::{ShardRow, TailDraws, UldTargets};
 use super::schema::{columns, IdType, ShardLayout, FORMAT_NAME, META_FORMAT, META_SETTINGS, META_VERSION};
 use crate::files::checksum_file;
 
-/// Parquet settings; defaults chosen by `scripts/bench_precompute.sh` (see README).
+/// Parquet settings; defaults chosen by `scripts/bench_precompute.sh` (see docs/benchmarks.md).
 #[derive(Debug, Clone)]
 pub struct ParquetOptions {
     pub zstd_level: i32,

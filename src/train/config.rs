@@ -57,6 +57,8 @@ pub struct TrainConfig {
     pub shuffle: bool,
     pub save_every: u64,
     pub keep_last: usize,
+    /// TensorBoard event files go here (`None`: `OUTPUT/tensorboard`).
+    pub tensorboard: Option<PathBuf>,
     pub resume: bool,
     pub force_tokenizer: bool,
     /// Positions per chunk of the head + loss (`None`: `model::logits`' policy).
@@ -187,7 +189,7 @@ impl Default for TrainConfig {
             },
             adamw: AdamWConfig::default(),
             clip_norm: 1.0,
-            // Half hard labels: the best perplexity of every targets table (README "Which
+            // Half hard labels: the best perplexity of every targets table (docs/targets.md, "Which
             // targets"); pure KD (0) gets a lower KL but a worse perplexity.
             alpha: 0.5,
             router_aux_weight: 0.0,
@@ -198,6 +200,7 @@ impl Default for TrainConfig {
             shuffle: true,
             save_every: 100,
             keep_last: 2,
+            tensorboard: None,
             resume: false,
             force_tokenizer: false,
             head_chunk: None,

@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 use super::checkpoint::latest_checkpoint;
 use super::config::TrainConfig;
 use super::moments::MomentStorage;
-use crate::files::{checksum_file, dir_entries, write_atomic, xxh3_string};
+use crate::files::{checksum_bytes, checksum_file, dir_entries, write_atomic};
 use crate::shards::manifest::{json_diff, Manifest};
 
 pub const RUN_FILE: &str = "run.json";
 /// The teacher's targets in the student's tokens (`--cross-tokenizer`), made by the run.
 pub const STUDENT_TARGETS_DIR: &str = "student-targets";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// TensorBoard's event files, unless `--tensorboard` puts them elsewhere.
+pub const TENSORBOARD_DIR: &str = "tensorboard";
 const FORMAT: &str = "distill-run";
 
 /// What a run was made with; a resumed run must match it.
@@ -45,7 +47,7 @@ impl RunRecord {
         let listed: String = shards.shards.iter().map(|s| s.checksum.as_str()).collect();
         let shards = serde_json::json!({
             "path": cfg.shards.display().to_string(),
-            "content": xxh3_string(xxhash_rust::xxh3::xxh3_64(listed.as_bytes())),
+            "content": checksum_bytes(listed.as_bytes()),
             "settings": serde_json::to_value(&shards.settings)?,
         });
         let h = cfg.hidden.as_ref();
@@ -179,6 +181,7 @@ fn is_run_entry(name: &str) -> bool {
         name,
         RUN_FILE
             | METRICS_FILE
+            | TENSORBOARD_DIR
             | STUDENT_TARGETS_DIR
             | "loss.png"
             | "loss.png.tmp"

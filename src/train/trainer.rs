@@ -5,120 +5,28 @@
 //! step, and every loss part is logged on its own. In a data-parallel job (`parallel`)
 //! "the step" spans every rank's micro-batches.
 use anyhow::{bail, Result};
-use serde::Serialize;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use super::autocast::AutocastGuard;
 use super::checkpoint::{restore, Checkpoint, TrainerState};
-use super::config::{CrossTokenizerSettings, HiddenSettings, Precision, TrainConfig};
+use super::config::{Precision, TrainConfig};
+use super::extras::{hidden_distill, student_side_set};
 use super::hidden::HiddenDistill;
+use super::log::{StateBytes, StepLog, StepTime};
 use super::optim::{clip_grad_norm, AdamW};
 use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
-use crate::align::set::student_targets;
+use super::step::{micro_step, LossSums};
+use super::tensorboard::EventWriter;
 use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
 use crate::files::checksum_file;
-use crate::losses::fused::{fused_head_loss_into, HeadLoss};
-use crate::losses::uld::{head_logits, uld_per_group, UldBatch};
-use crate::model::backward::StepLosses;
-use crate::model::logits::{chunk_positions, default_logits_budget};
 use crate::model::CausalLm;
-use crate::shards::manifest::Manifest;
 use crate::shards::reader::ShardSet;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StepLog {
-    pub step: u64,
-    pub lr: f64,
-    pub loss: f64,
-    pub kd: f64,
-    pub ce: f64,
-    /// Mean hidden-state loss per trained token (0 without hidden-state distillation).
-    pub hidden: f64,
-    /// The routers' load-balancing loss, unweighted, averaged over the micro-batches by
-    /// their trained tokens (with `--router-aux-weight` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub router_balance: Option<f64>,
-    pub grad_norm: f64,
-    pub tokens: usize,
-    pub targets: usize,
-    /// Share of padding in the step's batches.
-    pub padding: f64,
-    /// GPU memory in use after the step (CUDA only; see `runtime::cuda_memory_in_use`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_memory_bytes: Option<u64>,
-    pub tokens_per_s: f64,
-    pub time: StepTime,
-    pub state_bytes: StateBytes,
-}
-
-/// Bytes of training state, read off the live tensors after the step: the weights and
-/// gradients of every trained tensor, and the optimiser's state (moments, block scales,
-/// master copies) next to them or, offloaded, in host memory.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct StateBytes {
-    pub parameters: i64,
-    pub weights: i64,
-    pub gradients: i64,
-    pub optimizer: i64,
-    pub optimizer_host: i64,
-}
-
-impl StateBytes {
-    fn measure(params: &[Tensor], opt: &AdamW) -> Self {
-        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        let (optimizer, optimizer_host) = opt.state_bytes();
-        let grads = params.iter().map(Tensor::grad).filter(Tensor::defined);
-        StateBytes {
-            parameters: params.iter().map(|p| p.numel() as i64).sum(),
-            weights: params.iter().map(bytes).sum(),
-            gradients: grads.map(|g| bytes(&g)).sum(),
-            optimizer,
-            optimizer_host,
-        }
-    }
-
-    /// Bytes per parameter on the training device.
-    pub fn per_parameter(&self) -> f64 {
-        (self.weights + self.gradients + self.optimizer) as f64 / self.parameters.max(1) as f64
-    }
-
-    pub fn summary(&self) -> String {
-        let per = |b: i64| b as f64 / self.parameters.max(1) as f64;
-        let host = if self.optimizer_host > 0 {
-            format!(", plus {:.2} in host memory", per(self.optimizer_host))
-        } else {
-            String::new()
-        };
-        format!(
-            "{:.2} bytes per parameter ({:.2} weights, {:.2} gradients, {:.2} optimizer{host}) of {} parameters",
-            self.per_parameter(),
-            per(self.weights),
-            per(self.gradients),
-            per(self.optimizer),
-            self.parameters
-        )
-    }
-}
-
-/// Where a step's wall time went, in seconds: waiting for batches, the student's body
-/// (forward and backward), the head with its losses, and clipping + AdamW. On CUDA the
-/// work is asynchronous, so only `data` means what it says there.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepTime {
-    pub data: f64,
-    pub body: f64,
-    pub head: f64,
-    pub optimizer: f64,
-    /// Summing gradients (and, with ZeRO-1, gathering weights) over the ranks.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub communication: Option<f64>,
-}
 
 /// Trains the student as `cfg` says, calling `on_step` after every optimiser step;
 /// returns the logs of the steps this call ran.
@@ -131,6 +39,10 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
             let log = run.step(step)?;
             if let Some(metrics) = &mut run.metrics {
                 writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
+            }
+            if let Some(events) = &mut run.events {
+                events.scalars(log.step, &serde_json::to_value(&log)?)?;
+                events.flush()?;
             }
             on_step(&log);
             logs.push(log);
@@ -163,6 +75,7 @@ struct Run<'a> {
     precision: Precision,
     /// Rank 0's (or the only process's).
     metrics: Option<std::fs::File>,
+    events: Option<EventWriter>,
     parallel: Option<Parallel>,
 }
 
@@ -237,10 +150,12 @@ impl<'a> Run<'a> {
         // Every check has passed: the first write (rank 0's only).
         let first = parallel.as_ref().is_none_or(Parallel::is_first);
         let metrics = first.then(|| run_dir::start(&cfg.output, &record, state.step)).transpose()?;
+        let events_dir = cfg.tensorboard.clone().unwrap_or_else(|| cfg.output.join(run_dir::TENSORBOARD_DIR));
+        let events = first.then(|| EventWriter::create(&events_dir, state.step)).transpose()?;
         let share = parallel.as_ref().map_or(Share::ALL, Parallel::share);
         let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state, share);
         let precision = cfg.resolved_precision();
-        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, metrics, parallel })
+        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, metrics, events, parallel })
     }
 
     /// Optimiser step `step` (0-based) over `grad_accum` micro-batches of each rank.
@@ -292,6 +207,7 @@ impl<'a> Run<'a> {
         let position = counts.last().map_or(self.state.position, |m| m.position);
         self.state = TrainerState { step: step + 1, optimizer_steps: self.opt.steps, position, seed: cfg.seed };
         let n = targets.max(1) as f64;
+        let resident = crate::runtime::resident_memory();
         Ok(StepLog {
             step: step + 1,
             lr,
@@ -305,6 +221,8 @@ impl<'a> Run<'a> {
             targets,
             padding: 1.0 - tokens as f64 / padded.max(1) as f64,
             gpu_memory_bytes: cfg.device.is_cuda().then(crate::runtime::cuda_memory_in_use).flatten(),
+            resident_bytes: resident.map(|r| r.0),
+            peak_resident_bytes: resident.map(|r| r.1),
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             time: StepTime {
                 data: data.as_secs_f64(),
@@ -357,34 +275,6 @@ impl<'a> Run<'a> {
 }
 
 /// Micro-batches from the stream position of `state`, built ahead on a thread.
-/// The teacher's targets in the student's tokens, made in `OUTPUT/student-targets` by
-/// the first run and reused by later ones (and by every rank of a data-parallel run,
-/// which only reads them).
-fn student_side_set(cfg: &TrainConfig, c: &CrossTokenizerSettings) -> Result<ShardSet> {
-    let dir = cfg.output.join(run_dir::STUDENT_TARGETS_DIR);
-    let several = cfg.world.as_ref().is_some_and(|w| w.world > 1);
-    if several && !Manifest::load(&dir).is_ok_and(|m| m.complete) {
-        bail!(
-            "--cross-tokenizer with several processes: {} does not hold the student-side targets yet; make them with one process first (e.g. --steps 1 --stop-at 1), then --resume",
-            dir.display()
-        );
-    }
-    let made = student_targets(&cfg.shards, c.teacher_tokenizer.as_deref(), &cfg.student, &dir)?;
-    if let Some(s) = made.stats {
-        eprintln!(
-            "student-side targets in {}: {} groups ({} of one token on each side) cover {} of the teacher's {} targets; {} rows, {} tokens",
-            made.dir.display(),
-            s.groups,
-            s.one_to_one,
-            s.aligned_targets,
-            s.teacher_targets,
-            made.manifest.shards.iter().map(|e| e.rows).sum::<usize>(),
-            made.manifest.total_tokens()
-        );
-    }
-    ShardSet::open(&made.dir, false)
-}
-
 fn batch_loader(
     cfg: &TrainConfig,
     set: &Arc<ShardSet>,
@@ -407,196 +297,4 @@ fn batch_loader(
     let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
     let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
     BatchLoader::shared(feed, content, cfg.device, 2 * cfg.grad_accum.max(1) * share.of, share)
-}
-
-/// Checks the map against the shards and the student, and makes the projections.
-fn hidden_distill(h: &HiddenSettings, set: &ShardSet, model: &CausalLm, device: Device) -> Result<HiddenDistill> {
-    let captured = &set.manifest.settings.capture.hidden_layers;
-    for m in &h.maps {
-        if !captured.contains(&m.teacher_layer) {
-            bail!(
-                "--hidden-map {}:{}: the shards hold teacher hidden states {captured:?} only",
-                m.teacher_layer,
-                m.student_layer
-            );
-        }
-        if m.student_layer > model.config.num_layers {
-            bail!(
-                "--hidden-map {}:{}: the student has {} layers",
-                m.teacher_layer,
-                m.student_layer,
-                model.config.num_layers
-            );
-        }
-    }
-    let widths = (set.manifest.settings.teacher.hidden_size, model.config.hidden_size);
-    Ok(HiddenDistill::new(h.maps.clone(), h.weight, h.loss, widths, device))
-}
-
-/// Loss sums over a step's micro-batches, kept on the device and read once per step
-/// (a host read per chunk or micro-batch would stall the GPU).
-#[derive(Default)]
-struct LossSums {
-    loss: Vec<Tensor>,
-    kd: Vec<Tensor>,
-    ce: Vec<Tensor>,
-    hidden: Vec<Tensor>,
-    /// Sum over micro-batches of (their share of the step's trained tokens) x (their
-    /// load-balancing loss).
-    router_balance: f64,
-    /// Wall time inside the head and its losses.
-    head_time: std::time::Duration,
-}
-
-impl LossSums {
-    /// (scaled total, KD sum, CE sum, hidden sum).
-    fn read(&self) -> (f64, f64, f64, f64) {
-        let total = |parts: &[Tensor]| {
-            if parts.is_empty() {
-                0.0
-            } else {
-                let on_one: Vec<Tensor> = parts.iter().map(|t| t.to_device(parts[0].device())).collect();
-                Tensor::stack(&on_one, 0).sum(Kind::Double).double_value(&[])
-            }
-        };
-        (total(&self.loss), total(&self.kd), total(&self.ce), total(&self.hidden))
-    }
-}
-
-/// The step's losses on the body's outputs (see `StepLosses`): the chunked head with
-/// KD and CE on the final hidden states, hidden-state terms on the captured ones.
-struct MicroLosses<'a> {
-    model: &'a CausalLm,
-    hidden: Option<&'a HiddenDistill>,
-    mb: &'a MicroBatch,
-    cfg: &'a TrainConfig,
-    scale: f64,
-    sums: &'a mut LossSums,
-    /// The step's first micro-batch: gradients hold nothing of this step yet.
-    fresh: bool,
-}
-
-impl StepLosses for MicroLosses<'_> {
-    fn on_last(&mut self, last: &Tensor) -> Result<Tensor> {
-        let (cfg, mb) = (self.cfg, self.mb);
-        let width = last.size()[2];
-        let h = last.reshape([-1, width]).index_select(0, &mb.batch.predicting);
-        let head = self.model.transformer.lm_head_weight();
-        let chunk = cfg.head_chunk.unwrap_or_else(|| {
-            chunk_positions(self.model.config.vocab_size, default_logits_budget(self.model.output_device()))
-        });
-        let loss = HeadLoss {
-            next_tokens: &mb.batch.next_tokens,
-            teacher: mb.teacher.as_ref(),
-            kd: cfg.kd,
-            alpha: cfg.alpha,
-            logit_softcap: self.model.transformer.final_softcap(),
-        };
-        let started = Instant::now();
-        // The head's gradient goes straight into its `.grad()` when that holds nothing
-        // of this step yet and is float32 (no `[V, H]` buffer and surrogate); a later
-        // micro-batch's enters through autograd, which adds it as it adds each
-        // micro-batch's gradient (so N micro-batches in one process sum exactly as N
-        // ranks do).
-        let existing = head.grad();
-        let direct = self.fresh && existing.defined() && existing.kind() == Kind::Float;
-        let into = if direct { existing } else { Tensor::zeros(head.size(), (Kind::Float, head.device())) };
-        let mut out = fused_head_loss_into(&h.detach(), head, &loss, chunk, self.scale, into)?;
-        if let Some(u) = &mb.uld {
-            let weight = (1.0 - cfg.alpha) * cfg.uld_weight;
-            if u.groups() > 0 && weight > 0.0 {
-                let softcap = self.model.transformer.final_softcap();
-                let g = uld_gradients(&h, head, &mb.batch.next_tokens, u, weight * self.scale, softcap);
-                out.grad_hidden += g.grad_hidden.to_kind(out.grad_hidden.kind());
-                let _ = out.grad_head.g_add_(&g.grad_head);
-                self.sums.loss.push(g.sum.shallow_clone() * (weight * self.scale));
-                self.sums.kd.push(g.sum);
-            }
-        }
-        self.sums.head_time += started.elapsed();
-        self.sums.loss.push(out.loss);
-        self.sums.kd.push(out.kd_sum);
-        self.sums.ce.push(out.ce_sum);
-        // The gradients enter the graph through the surrogates sum(h * dL/dh) (the body)
-        // and, unless added in place above, sum(W * dL/dW) (the head, tied or not).
-        let body = (&h * out.grad_hidden).sum(Kind::Float);
-        if direct {
-            return Ok(body);
-        }
-        Ok(body + (head * out.grad_head).sum(Kind::Float))
-    }
-
-    fn fresh_gradients(&self) -> bool {
-        self.fresh
-    }
-
-    /// Each micro-batch's balance loss counts by its share of the step's trained tokens,
-    /// as every other term does (`scale` = 1 / the step's trained tokens).
-    fn router_balance_weight(&self) -> f64 {
-        self.cfg.router_aux_weight * self.mb.targets as f64 * self.scale
-    }
-
-    fn on_router_balance(&mut self, loss: f64) {
-        self.sums.router_balance += loss * self.mb.targets as f64 * self.scale;
-    }
-
-    fn on_captured(&mut self, slot: usize, state: &Tensor) -> Result<Tensor> {
-        let hd = self.hidden.expect("captures are requested for hidden-state distillation only");
-        let (term, raw) =
-            hd.slot_loss(slot, state, &self.mb.batch.predicting, &self.mb.teacher_hidden[slot], self.scale);
-        self.sums.loss.push(term.detach().to_kind(Kind::Double));
-        self.sums.hidden.push(raw);
-        Ok(term)
-    }
-}
-
-/// ULD's sum over a micro-batch's groups and its gradients (times `scale`) with respect
-/// to the trained positions' hidden states `[P, H]` and the head, by autograd on the
-/// rows of the groups' positions: the cross-tokenizer term beside the fused head's.
-struct UldGradients {
-    sum: Tensor,
-    grad_hidden: Tensor,
-    grad_head: Tensor,
-}
-
-fn uld_gradients(
-    h: &Tensor,
-    head: &Tensor,
-    labels: &Tensor,
-    u: &UldBatch,
-    scale: f64,
-    softcap: Option<f64>,
-) -> UldGradients {
-    let mut grad_hidden = Tensor::zeros(h.size(), (Kind::Float, h.device()));
-    let mut grad_head = Tensor::zeros(head.size(), (Kind::Float, head.device()));
-    let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
-    // Logits of at most 16M values (64 MiB) at a time.
-    let vocab = head.size()[0];
-    for piece in u.pieces((1 << 24) / vocab.max(1)) {
-        let (rows, local) = piece.gathered();
-        let h_sel = h.detach().index_select(0, &rows).to_kind(Kind::Float).set_requires_grad(true);
-        let w = head.detach().to_kind(Kind::Float).set_requires_grad(true);
-        let log_q = head_logits(&h_sel, &w, softcap).log_softmax(-1, Kind::Float);
-        let per_group = uld_per_group(&log_q, &labels.index_select(0, &rows), &local);
-        (per_group.sum(Kind::Float) * scale).backward();
-        grad_hidden = grad_hidden.index_add(0, &rows, &h_sel.grad());
-        grad_head += w.grad();
-        sum += per_group.detach().sum(Kind::Double);
-    }
-    UldGradients { sum, grad_hidden, grad_head }
-}
-
-/// Forward, chunked head + losses, hidden-state terms and backward for one micro-batch.
-fn micro_step(
-    model: &CausalLm,
-    hidden: Option<&HiddenDistill>,
-    mb: &MicroBatch,
-    cfg: &TrainConfig,
-    scale: f64,
-    sums: &mut LossSums,
-    fresh: bool,
-) -> Result<()> {
-    let capture = hidden.map(|h| h.student_layers()).unwrap_or_default();
-    let mut losses = MicroLosses { model, hidden, mb, cfg, scale, sums, fresh };
-    model.transformer.forward_backward(&mb.batch.input(), &capture, cfg.recompute, &mut losses)
 }

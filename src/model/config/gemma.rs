@@ -15,7 +15,7 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-use super::rope::RopeScaling;
+use crate::model::rope::RopeScaling;
 
 /// A multimodal Gemma 3 config.json's text part, as a `gemma3_text` config of its own.
 pub(super) fn text_part(mut raw: Map<String, Value>) -> Result<Map<String, Value>> {
@@ -136,7 +136,7 @@ pub(super) fn gemma3_rope(raw: &Map<String, Value>) -> Result<((f64, RopeScaling
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::{Activation, ModelConfig};
+    use super::super::{Activation, ModelConfig};
     use super::*;
 
     fn err(v: Value) -> String {

@@ -1,203 +1,27 @@
 //! `config.json` of a Hugging Face decoder-only model (Llama, Mistral, Qwen2, Qwen3, the
 //! mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral, and Gemma 2 / Gemma 3, whose
-//! config quirks live in `gemma.rs`).
+//! config quirks live in `gemma.rs`; `families.rs` and `moe.rs` hold what
+//! differs between families, `raw.rs` the fields as serde reads them and their ranges).
 //!
 //! We parse the fields our math depends on and refuse configs whose other settings
 //! would change the math in ways we do not implement: a silently ignored field is a
 //! wrong model, so it must be an error that names the field.
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-use super::gemma;
+mod families;
+mod gemma;
+mod moe;
+mod raw;
+
+pub use families::{Activation, Family};
+pub use moe::MoeConfig;
+
 use super::rope::RopeScaling;
-
-/// The families we implement. They differ in biases, q/k norms, defaults and, for the
-/// mixture-of-experts ones, in the feed-forward block (`MoeConfig`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Llama,
-    Mistral,
-    Qwen2,
-    Qwen3,
-    Qwen2Moe,
-    Qwen3Moe,
-    Mixtral,
-    Gemma2,
-    /// Gemma 3's text model (`gemma3_text`; also the text part of a `gemma3` checkpoint).
-    Gemma3,
-}
-
-const MODEL_TYPES: &[(&str, Family)] = &[
-    ("llama", Family::Llama),
-    ("mistral", Family::Mistral),
-    ("qwen2", Family::Qwen2),
-    ("qwen3", Family::Qwen3),
-    ("qwen2_moe", Family::Qwen2Moe),
-    ("qwen3_moe", Family::Qwen3Moe),
-    ("mixtral", Family::Mixtral),
-    ("gemma2", Family::Gemma2),
-    ("gemma3_text", Family::Gemma3),
-];
-
-impl Family {
-    fn from_model_type(model_type: &str) -> Option<Self> {
-        MODEL_TYPES.iter().find(|(name, _)| *name == model_type).map(|&(_, f)| f)
-    }
-
-    /// The `architectures` entry transformers expects for a causal LM of this family.
-    pub fn architecture(self) -> &'static str {
-        match self {
-            Family::Llama => "LlamaForCausalLM",
-            Family::Mistral => "MistralForCausalLM",
-            Family::Qwen2 => "Qwen2ForCausalLM",
-            Family::Qwen3 => "Qwen3ForCausalLM",
-            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
-            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
-            Family::Mixtral => "MixtralForCausalLM",
-            Family::Gemma2 => "Gemma2ForCausalLM",
-            Family::Gemma3 => "Gemma3ForCausalLM",
-        }
-    }
-
-    pub fn is_gemma(self) -> bool {
-        matches!(self, Family::Gemma2 | Family::Gemma3)
-    }
-
-    pub fn is_moe(self) -> bool {
-        matches!(self, Family::Qwen2Moe | Family::Qwen3Moe | Family::Mixtral)
-    }
-}
-
-/// What an MLP's gate goes through (`hidden_act`; Gemma: `hidden_activation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's).
-    GeluTanh,
-    /// Exact GELU (`gelu`).
-    Gelu,
-}
-
-impl Activation {
-    fn parse(name: &str, field: &str) -> Result<Self> {
-        Ok(match name {
-            "silu" | "swish" => Activation::Silu,
-            "gelu_pytorch_tanh" => Activation::GeluTanh,
-            "gelu" => Activation::Gelu,
-            other => bail!("field `{field}`: {other:?} is not supported (silu, gelu_pytorch_tanh, gelu)"),
-        })
-    }
-}
-
-/// The mixture-of-experts feed-forward of a family that has one: a router picks
-/// `experts_per_token` of `num_experts` gated MLPs per token (softmax over all experts in
-/// float32, then top-k), their outputs summed with the router's probabilities.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MoeConfig {
-    pub num_experts: usize,
-    pub experts_per_token: usize,
-    /// Width of each expert's MLP (`moe_intermediate_size`; Mixtral: `intermediate_size`).
-    pub expert_intermediate_size: usize,
-    /// Renormalise the chosen experts' probabilities to sum to one (Mixtral always).
-    pub norm_topk_prob: bool,
-    /// Qwen2-MoE: an always-on expert of this width, scaled by sigmoid(its own gate).
-    pub shared_expert_intermediate_size: Option<usize>,
-    /// Per layer: experts (true) or a dense MLP of `intermediate_size` (Qwen's
-    /// `mlp_only_layers` and `decoder_sparse_step`).
-    pub sparse_layers: Vec<bool>,
-}
-
-/// Fields as they appear in config.json; `ModelConfig` is the validated form.
-#[derive(Debug, Deserialize)]
-struct RawConfig {
-    model_type: String,
-    #[serde(default)]
-    architectures: Option<Vec<String>>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    #[serde(default)]
-    num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
-    #[serde(default)]
-    rope_theta: Option<f64>,
-    #[serde(default)]
-    rope_scaling: Option<Value>,
-    /// transformers >= 5 writes theta and scaling together here.
-    #[serde(default)]
-    rope_parameters: Option<Value>,
-    #[serde(default)]
-    tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    attention_bias: Option<bool>,
-    #[serde(default)]
-    mlp_bias: Option<bool>,
-    #[serde(default = "default_act")]
-    hidden_act: String,
-    /// Gemma's name for the activation (its hidden_act is ignored by transformers).
-    #[serde(default)]
-    hidden_activation: Option<String>,
-    #[serde(default)]
-    query_pre_attn_scalar: Option<f64>,
-    #[serde(default)]
-    attn_logit_softcapping: Option<f64>,
-    #[serde(default)]
-    final_logit_softcapping: Option<f64>,
-    #[serde(default)]
-    max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    sliding_window: Option<usize>,
-    #[serde(default)]
-    use_sliding_window: Option<bool>,
-    #[serde(default)]
-    max_window_layers: Option<usize>,
-    #[serde(default)]
-    layer_types: Option<Vec<String>>,
-    #[serde(default = "default_init_range")]
-    initializer_range: f64,
-    #[serde(default)]
-    partial_rotary_factor: Option<f64>,
-    #[serde(default)]
-    pretraining_tp: Option<usize>,
-    /// Qwen2 in transformers >= 5 (default true); Qwen2-MoE.
-    #[serde(default)]
-    qkv_bias: Option<bool>,
-    // Mixture of experts. Qwen names the count num_experts; Mixtral (and transformers 5
-    // when it saves Qwen3-MoE) num_local_experts.
-    #[serde(default)]
-    num_experts: Option<usize>,
-    #[serde(default)]
-    num_local_experts: Option<usize>,
-    #[serde(default)]
-    num_experts_per_tok: Option<usize>,
-    #[serde(default)]
-    moe_intermediate_size: Option<usize>,
-    #[serde(default)]
-    norm_topk_prob: Option<bool>,
-    #[serde(default)]
-    decoder_sparse_step: Option<usize>,
-    #[serde(default)]
-    mlp_only_layers: Option<Vec<usize>>,
-    #[serde(default)]
-    shared_expert_intermediate_size: Option<usize>,
-}
-
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_act() -> String {
-    "silu".into()
-}
-fn default_init_range() -> f64 {
-    0.02
-}
+use families::{rope_settings, sliding_windows, MODEL_TYPES};
+use moe::moe_config;
+use raw::RawConfig;
 
 /// A validated model configuration. `raw` keeps every field of the original file so
 /// that saving writes back what we did not touch.
@@ -293,6 +117,7 @@ impl ModelConfig {
             let t = t.to_string();
             gemma::complete(&mut raw, &t)?;
         }
+        raw::check_values(&raw)?;
         let cfg: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
             .context("config.json is missing a required field or has a wrong type")?;
         let family = Family::from_model_type(&cfg.model_type).with_context(|| {
@@ -385,9 +210,6 @@ impl ModelConfig {
         // Values that would make every output NaN or infinite.
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             bail!("field `rope_theta`: {rope_theta} must be a positive number");
-        }
-        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps >= 0.0) {
-            bail!("field `rms_norm_eps`: {} must be zero or a small positive number", cfg.rms_norm_eps);
         }
         let attention_bias = cfg.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
@@ -520,54 +342,6 @@ impl ModelConfig {
     }
 }
 
-/// The mixture-of-experts settings of `family` (None for a dense family), as
-/// transformers reads them.
-fn moe_config(cfg: &RawConfig, family: Family) -> Result<Option<MoeConfig>> {
-    if !family.is_moe() {
-        return Ok(None);
-    }
-    let n = cfg.num_hidden_layers;
-    let num_experts = cfg.num_experts.or(cfg.num_local_experts).context("field `num_experts` is missing")?;
-    let experts_per_token = cfg.num_experts_per_tok.context("field `num_experts_per_tok` is missing")?;
-    if num_experts == 0 || experts_per_token == 0 || experts_per_token > num_experts {
-        bail!("field `num_experts_per_tok`: {experts_per_token} must be between 1 and num_experts ({num_experts})");
-    }
-    let (expert_intermediate_size, norm_topk_prob, shared, sparse_layers) = match family {
-        Family::Mixtral => (cfg.intermediate_size, true, None, vec![true; n]),
-        _ => {
-            let width = cfg.moe_intermediate_size.context("field `moe_intermediate_size` is missing")?;
-            let step = cfg.decoder_sparse_step.unwrap_or(1);
-            if step == 0 {
-                bail!("field `decoder_sparse_step` must be positive");
-            }
-            let dense = cfg.mlp_only_layers.clone().unwrap_or_default();
-            if let Some(&bad) = dense.iter().find(|&&l| l >= n) {
-                bail!("field `mlp_only_layers`: layer {bad} does not exist ({n} layers)");
-            }
-            let sparse = (0..n).map(|i| !dense.contains(&i) && (i + 1) % step == 0).collect();
-            let shared = match family {
-                Family::Qwen2Moe => Some(
-                    cfg.shared_expert_intermediate_size
-                        .context("field `shared_expert_intermediate_size` is missing (Qwen2-MoE)")?,
-                ),
-                _ => None,
-            };
-            (width, cfg.norm_topk_prob.unwrap_or(false), shared, sparse)
-        }
-    };
-    if expert_intermediate_size == 0 || shared == Some(0) {
-        bail!("field `moe_intermediate_size` / `shared_expert_intermediate_size` must be positive");
-    }
-    Ok(Some(MoeConfig {
-        num_experts,
-        experts_per_token,
-        expert_intermediate_size,
-        norm_topk_prob,
-        shared_expert_intermediate_size: shared,
-        sparse_layers,
-    }))
-}
-
 pub fn config_path_of(dir: &Path) -> PathBuf {
     dir.join("config.json")
 }
@@ -576,74 +350,20 @@ fn log_note(msg: &str) {
     eprintln!("note: {msg}");
 }
 
-fn rope_settings(cfg: &RawConfig) -> Result<(f64, RopeScaling)> {
-    // transformers 5: {"rope_theta": .., "rope_type": .., ...}; 4: rope_theta + rope_scaling.
-    let params = cfg.rope_parameters.as_ref().filter(|v| !v.is_null());
-    let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(cfg.rope_theta).unwrap_or(10000.0);
-    let scaling = match (params, cfg.rope_scaling.as_ref().filter(|v| !v.is_null())) {
-        (_, Some(s)) => RopeScaling::from_json(s).context("field `rope_scaling`")?,
-        (Some(p), None) => RopeScaling::from_json(p).context("field `rope_parameters`")?,
-        (None, None) => RopeScaling::Default,
-    };
-    Ok((theta, scaling))
-}
-
-fn sliding_windows(cfg: &RawConfig, family: Family) -> Result<Vec<Option<usize>>> {
-    let n = cfg.num_hidden_layers;
-    // transformers' Mistral and Mixtral ignore layer_types and window every layer when set.
-    if matches!(family, Family::Mistral | Family::Mixtral) {
-        return Ok(vec![cfg.sliding_window; n]);
-    }
-    // Qwen3-MoE: every layer when use_sliding_window.
-    if family == Family::Qwen3Moe {
-        let window = cfg.sliding_window.filter(|_| cfg.use_sliding_window.unwrap_or(false));
-        return Ok(vec![window; n]);
-    }
-    if let Some(types) = &cfg.layer_types {
-        if types.len() != n {
-            bail!("field `layer_types` has {} entries for {n} layers", types.len());
-        }
-        return types
-            .iter()
-            .enumerate()
-            .map(|(i, t)| match t.as_str() {
-                "full_attention" => Ok(None),
-                "sliding_attention" => cfg.sliding_window.map(Some).with_context(|| {
-                    format!("field `layer_types[{i}]` is sliding_attention but `sliding_window` is not set")
-                }),
-                other => bail!("field `layer_types[{i}]`: unsupported layer type {other:?}"),
-            })
-            .collect();
-    }
-    let sliding = cfg.use_sliding_window.unwrap_or(false);
-    Ok(match family {
-        Family::Qwen2 | Family::Qwen3 if sliding => {
-            let first = cfg.max_window_layers.unwrap_or(n);
-            (0..n).map(|i| if i >= first { cfg.sliding_window } else { None }).collect()
-        }
-        // transformers' Qwen2MoeConfig default layer_types: every other layer, from the
-        // first, below max_window_layers.
-        Family::Qwen2Moe if sliding => {
-            let below = cfg.max_window_layers.unwrap_or(n);
-            (0..n).map(|i| if i % 2 == 0 && i < below { cfg.sliding_window } else { None }).collect()
-        }
-        _ => vec![None; n],
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn base() -> Value {
+    /// A small valid Llama config, edited by each family's tests.
+    pub(super) fn base() -> Value {
         json!({
             "model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         })
     }
 
-    fn err(v: Value) -> String {
+    pub(super) fn err(v: Value) -> String {
         format!("{:#}", ModelConfig::from_value(v).unwrap_err())
     }
 
@@ -654,18 +374,6 @@ mod tests {
         assert_eq!(c.rope_theta, 10000.0);
         assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.qk_norm);
         assert_eq!(c.sliding_windows, vec![None, None]);
-    }
-
-    #[test]
-    fn qwen_families_set_bias_and_norm() {
-        let mut v = base();
-        v["model_type"] = "qwen2".into();
-        let c = ModelConfig::from_value(v.clone()).unwrap();
-        assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
-        v["model_type"] = "qwen3".into();
-        v["head_dim"] = 16.into();
-        let c = ModelConfig::from_value(v).unwrap();
-        assert!(!c.qkv_bias && c.qk_norm && c.head_dim == 16);
     }
 
     #[test]
@@ -698,69 +406,6 @@ mod tests {
         let mut v = base();
         v["architectures"] = json!(["LlamaForSequenceClassification"]);
         assert!(err(v).contains("architectures"));
-    }
-
-    #[test]
-    fn sliding_window_per_family() {
-        let mut v = base();
-        v["model_type"] = "mistral".into();
-        v["sliding_window"] = 4.into();
-        assert_eq!(ModelConfig::from_value(v).unwrap().sliding_windows, vec![Some(4), Some(4)]);
-        let mut v = base();
-        v["model_type"] = "qwen2".into();
-        v["sliding_window"] = 4.into();
-        v["use_sliding_window"] = true.into();
-        v["max_window_layers"] = 1.into();
-        assert_eq!(ModelConfig::from_value(v).unwrap().sliding_windows, vec![None, Some(4)]);
-    }
-
-    #[test]
-    fn mixture_of_experts_fields_follow_transformers() {
-        let mut v = base();
-        v["model_type"] = "qwen3_moe".into();
-        v["num_experts"] = 8.into();
-        v["num_experts_per_tok"] = 2.into();
-        v["moe_intermediate_size"] = 16.into();
-        v["num_hidden_layers"] = 4.into();
-        v["decoder_sparse_step"] = 2.into();
-        v["mlp_only_layers"] = json!([3]);
-        let c = ModelConfig::from_value(v.clone()).unwrap();
-        let moe = c.moe.clone().unwrap();
-        assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
-        assert!(!moe.norm_topk_prob && c.qk_norm && moe.shared_expert_intermediate_size.is_none());
-        // Written back as one explicit list, which transformers reads the same way.
-        let again = ModelConfig::from_value(c.to_json("float32")).unwrap();
-        assert_eq!(again.moe.unwrap().sparse_layers, moe.sparse_layers);
-        // transformers 5 saves the count as num_local_experts.
-        let o = v.as_object_mut().unwrap();
-        o.remove("num_experts");
-        o.insert("num_local_experts".into(), 8.into());
-        assert_eq!(ModelConfig::from_value(v.clone()).unwrap().moe.unwrap().num_experts, 8);
-        v["num_experts_per_tok"] = 9.into();
-        assert!(err(v).contains("num_experts_per_tok"));
-
-        let mut m = base();
-        m["model_type"] = "mixtral".into();
-        m["num_local_experts"] = 4.into();
-        m["num_experts_per_tok"] = 2.into();
-        m["sliding_window"] = 4.into();
-        let c = ModelConfig::from_value(m).unwrap();
-        let moe = c.moe.unwrap();
-        assert!(moe.norm_topk_prob && moe.expert_intermediate_size == 64 && moe.sparse_layers == vec![true, true]);
-        assert_eq!(c.sliding_windows, vec![Some(4), Some(4)]);
-
-        let mut q = base();
-        q["model_type"] = "qwen2_moe".into();
-        q["num_experts"] = 4.into();
-        q["num_experts_per_tok"] = 2.into();
-        q["moe_intermediate_size"] = 16.into();
-        // transformers 5 writes sliding_window 0 when no layer slides.
-        q["sliding_window"] = 0.into();
-        assert!(err(q.clone()).contains("shared_expert_intermediate_size"));
-        q["shared_expert_intermediate_size"] = 24.into();
-        let c = ModelConfig::from_value(q).unwrap();
-        assert!(c.qkv_bias && c.sliding_windows == vec![None, None]);
-        assert_eq!(c.moe.unwrap().shared_expert_intermediate_size, Some(24));
     }
 
     #[test]
