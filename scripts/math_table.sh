@@ -12,17 +12,10 @@
 # Knobs (environment): MATH_TRAIN MATH_HELDOUT EXPERT_STEPS EXPERT_LR STEPS LR BATCH_TOKENS LAYERS
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-: "${MATH_TRAIN:=256}" "${MATH_HELDOUT:=64}" "${EXPERT_STEPS:=18}" "${EXPERT_LR:=1e-4}" "${STEPS:=20}"
+: "${MATH_TRAIN:=256}" "${MATH_HELDOUT:=64}" "${EXPERT_STEPS:=18}" "${EXPERT_LR:=1e-4}" "${STEPS:=48}"
 : "${LR:=1e-3}" "${BATCH_TOKENS:=2048}" "${LAYERS:=15}"
-cache=.cache/real
 run=${RUN_DIR:-.cache/runs/math}
-started=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
-[[ -d $cache/teacher ]] || { echo "run scripts/run.sh once first: it installs the teacher and the data tools" >&2; exit 1; }
-scripts/setup.sh --release
-source scripts/env.sh
-distill=target/release/distill
-teacher=$cache/teacher
+source scripts/real_tables.sh
 python scripts/real_data.py math $cache/math-$MATH_TRAIN-$MATH_HELDOUT --train "$MATH_TRAIN" --heldout "$MATH_HELDOUT"
 math=$cache/math-$MATH_TRAIN-$MATH_HELDOUT
 mkdir -p "$run"

@@ -12,14 +12,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${TRAIN_DOCS:=540}" "${HELDOUT_DOCS:=50}" "${STEPS:=32}" "${BATCH_TOKENS:=2048}" "${LR:=3e-4}"
 : "${LAYERS:=15}" "${MAX_LEN:=256}"
-cache=.cache/real
 run=${RUN_DIR:-.cache/runs/targets}
-started=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
-[[ -d $cache/teacher ]] || { echo "run scripts/run.sh once first: it installs the teacher and the data tools" >&2; exit 1; }
-scripts/setup.sh --release
-source scripts/env.sh
-distill=target/release/distill
+source scripts/real_tables.sh
 
 # name | precompute flags | train flags
 rows=(

@@ -21,15 +21,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${MATH_TRAIN:=256}" "${MATH_HELDOUT:=64}" "${EXPERT_STEPS:=18}" "${EXPERT_LR:=1e-4}" "${STEPS:=16}"
 : "${BATCH_TOKENS:=2048}" "${LR:=3e-4}" "${TOP_K:=16}" "${LAYERS:=15}"
-cache=.cache/real
 run=${RUN_DIR:-.cache/runs/teachers}
-started=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
-[[ -d $cache/teacher ]] || { echo "run scripts/run.sh once first: it installs the teacher and the data tools" >&2; exit 1; }
-scripts/setup.sh --release
-source scripts/env.sh
-distill=target/release/distill
-teacher=$cache/teacher
+source scripts/real_tables.sh
 train_flags=(--device cpu --batch-tokens "$BATCH_TOKENS" --pack --seq-len 256 --warmup-steps 2)
 
 python scripts/real_data.py data $cache/data-270-50 --train-docs 270 --heldout-docs 50 --cache $cache/npm

@@ -1,9 +1,42 @@
-//! What a training step reports: its losses, rates and times (`StepLog`, one line of
-//! metrics.jsonl and one TensorBoard step each) and the bytes of training state.
+//! What a training step reports: its losses, rates and times (`StepLog`) and the bytes
+//! of training state, written by `RunLog` as one line of metrics.jsonl and one
+//! TensorBoard event per step.
+use anyhow::Result;
 use serde::Serialize;
+use std::io::Write;
 use tch::Tensor;
 
+use super::config::TrainConfig;
 use super::optim::AdamW;
+use super::run_dir::{self, RunRecord};
+use super::tensorboard::EventWriter;
+
+/// Where rank 0 (or the only process) writes each step's log.
+pub(super) struct RunLog {
+    metrics: std::fs::File,
+    events: EventWriter,
+}
+
+impl RunLog {
+    /// The run folder started (or resumed after `step`) and a new TensorBoard event file
+    /// in `--tensorboard` or `OUTPUT/tensorboard`.
+    pub(super) fn start(cfg: &TrainConfig, record: &RunRecord, step: u64) -> Result<Self> {
+        let metrics = run_dir::start(&cfg.output, record, step)?;
+        let events_dir = cfg.tensorboard.clone().unwrap_or_else(|| cfg.output.join(run_dir::TENSORBOARD_DIR));
+        Ok(RunLog { metrics, events: EventWriter::create(&events_dir, step)? })
+    }
+
+    pub(super) fn write(&mut self, log: &StepLog) -> Result<()> {
+        writeln!(self.metrics, "{}", serde_json::to_string(log)?)?;
+        self.events.scalars(log.step, &serde_json::to_value(log)?)?;
+        self.events.flush()
+    }
+
+    pub(super) fn flush(&mut self) -> Result<()> {
+        self.metrics.flush()?;
+        self.events.flush()
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {

@@ -5,7 +5,6 @@
 //! step, and every loss part is logged on its own. In a data-parallel job (`parallel`)
 //! "the step" spans every rank's micro-batches.
 use anyhow::{bail, Result};
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::Tensor;
@@ -15,12 +14,11 @@ use super::checkpoint::{restore, Checkpoint, TrainerState};
 use super::config::{Precision, TrainConfig};
 use super::extras::{hidden_distill, student_side_set};
 use super::hidden::HiddenDistill;
-use super::log::{StateBytes, StepLog, StepTime};
+use super::log::{RunLog, StateBytes, StepLog, StepTime};
 use super::optim::{clip_grad_norm, AdamW};
 use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
 use super::step::{micro_step, LossSums};
-use super::tensorboard::EventWriter;
 use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
@@ -37,12 +35,8 @@ pub fn train(cfg: &TrainConfig, mut on_step: impl FnMut(&StepLog)) -> Result<Vec
     let mut steps = || -> Result<()> {
         for step in run.state.step..end {
             let log = run.step(step)?;
-            if let Some(metrics) = &mut run.metrics {
-                writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
-            }
-            if let Some(events) = &mut run.events {
-                events.scalars(log.step, &serde_json::to_value(&log)?)?;
-                events.flush()?;
+            if let Some(run_log) = &mut run.log {
+                run_log.write(&log)?;
             }
             on_step(&log);
             logs.push(log);
@@ -74,8 +68,7 @@ struct Run<'a> {
     state: TrainerState,
     precision: Precision,
     /// Rank 0's (or the only process's).
-    metrics: Option<std::fs::File>,
-    events: Option<EventWriter>,
+    log: Option<RunLog>,
     parallel: Option<Parallel>,
 }
 
@@ -149,13 +142,11 @@ impl<'a> Run<'a> {
         }
         // Every check has passed: the first write (rank 0's only).
         let first = parallel.as_ref().is_none_or(Parallel::is_first);
-        let metrics = first.then(|| run_dir::start(&cfg.output, &record, state.step)).transpose()?;
-        let events_dir = cfg.tensorboard.clone().unwrap_or_else(|| cfg.output.join(run_dir::TENSORBOARD_DIR));
-        let events = first.then(|| EventWriter::create(&events_dir, state.step)).transpose()?;
+        let log = first.then(|| RunLog::start(cfg, &record, state.step)).transpose()?;
         let share = parallel.as_ref().map_or(Share::ALL, Parallel::share);
         let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state, share);
         let precision = cfg.resolved_precision();
-        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, metrics, events, parallel })
+        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, log, parallel })
     }
 
     /// Optimiser step `step` (0-based) over `grad_accum` micro-batches of each rank.
@@ -256,8 +247,8 @@ impl<'a> Run<'a> {
             None => Some(self.opt.state()),
         };
         // Rank 0 writes; the others have contributed their moments (ZeRO-1) and go on.
-        let (Some(optimizer_state), Some(metrics)) = (optimizer_state, &mut self.metrics) else { return Ok(()) };
-        metrics.flush()?;
+        let (Some(optimizer_state), Some(log)) = (optimizer_state, &mut self.log) else { return Ok(()) };
+        log.flush()?;
         let checkpoint = Checkpoint {
             model: &self.model,
             tokenizer_dir: &self.cfg.student,
