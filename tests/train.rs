@@ -477,3 +477,29 @@ print(len(tags), "tags,", len(rows), "steps")
         &[&run],
     );
 }
+
+/// `--tensorboard DIR` elsewhere than the run folder: a folder holding files distill did
+/// not write, or another run's events for a run that starts afresh, is refused before
+/// anything is written; the run's own resume adds its next event file there.
+#[test]
+fn a_tensorboard_folder_that_is_not_the_runs_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_set = shards("sample.jsonl", &tmp.path().join("train"));
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("notes.txt"), "mine").unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let args = ["--steps", "2", "--save-every", "1", "--tensorboard", logs.to_str().unwrap()];
+    let e = err(train(&train_set, &first, &[&args[..], &["--stop-at", "1"]].concat()));
+    assert!(e.contains("--tensorboard") && e.contains("notes.txt"), "{e}");
+    assert!(!first.exists(), "the run folder was created before the refusal");
+    assert_eq!(std::fs::read_to_string(logs.join("notes.txt")).unwrap(), "mine");
+
+    std::fs::remove_file(logs.join("notes.txt")).unwrap();
+    ok(train(&train_set, &first, &[&args[..], &["--stop-at", "1"]].concat()));
+    let e = err(train(&train_set, &second, &args));
+    assert!(e.contains("another run"), "{e}");
+    assert!(!second.exists());
+    ok(train(&train_set, &first, &[&args[..], &["--resume"]].concat()));
+    assert_eq!(std::fs::read_dir(&logs).unwrap().count(), 2, "one event file per part of the run");
+}

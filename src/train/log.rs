@@ -27,8 +27,10 @@ impl RunLog {
     }
 
     pub(super) fn write(&mut self, log: &StepLog) -> Result<()> {
-        writeln!(self.metrics, "{}", serde_json::to_string(log)?)?;
-        self.events.scalars(log.step, &serde_json::to_value(log)?)?;
+        // One serialisation for both (serde_json keeps the fields' order).
+        let value = serde_json::to_value(log)?;
+        writeln!(self.metrics, "{value}")?;
+        self.events.scalars(log.step, &value)?;
         self.events.flush()
     }
 

@@ -6,11 +6,35 @@
 //! Every number of a step's `StepLog` becomes a scalar tagged by its JSON path
 //! (`loss`, `kd`, `lr`, `grad_norm`, `time/body`, `state_bytes/optimizer`, ...), so
 //! TensorBoard shows what metrics.jsonl holds, under the same names.
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+const EVENTS_PREFIX: &str = "events.out.tfevents.";
+/// Marks the event files distill writes, so a resumed run knows its folder.
+const EVENTS_SUFFIX: &str = ".distill";
+
+/// Refuses a `--tensorboard` folder that is not this run's: one holding anything but
+/// distill's event files, or, for a run that starts afresh, any file at all (its session
+/// start would hide another run's steps in TensorBoard). A missing folder is fine.
+pub fn check_dir(dir: &Path, resuming: bool) -> Result<()> {
+    let names = crate::files::dir_entries(dir)?;
+    if let Some(other) = names.iter().find(|n| !(n.starts_with(EVENTS_PREFIX) && n.ends_with(EVENTS_SUFFIX))) {
+        bail!(
+            "--tensorboard {}: holds {other}, which distill did not write; choose an empty or new folder",
+            dir.display()
+        );
+    }
+    if let (Some(first), false) = (names.first(), resuming) {
+        bail!(
+            "--tensorboard {}: already holds {first} of another run; choose an empty or new folder, or --resume that run",
+            dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// One run's (or one resumed part's) event file in a TensorBoard log directory.
 pub struct EventWriter {
@@ -31,7 +55,7 @@ impl EventWriter {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
         let name = format!(
-            "events.out.tfevents.{:010}.{}.{:09}.{}",
+            "{EVENTS_PREFIX}{:010}.{}.{:09}.{}{EVENTS_SUFFIX}",
             now.as_secs(),
             if host.is_empty() { "localhost" } else { &host },
             now.subsec_nanos(),

@@ -19,6 +19,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
 use super::step::{micro_step, LossSums};
+use super::tensorboard::check_dir;
 use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
 use crate::batch::stream::{RowStream, StreamOptions};
 use crate::batch::targets::TargetOptions;
@@ -89,6 +90,9 @@ impl<'a> Run<'a> {
         // The record names the teacher's set: the student-side one follows from it.
         let record = RunRecord::new(cfg, &set.manifest)?;
         let resume_from = run_dir::check(cfg, &record)?;
+        if let Some(dir) = &cfg.tensorboard {
+            check_dir(dir, resume_from.is_some())?;
+        }
         if let Some(c) = &cfg.cross_tokenizer {
             set = Arc::new(student_side_set(cfg, c)?);
             set.check_student(&tokenizer_hash, config.vocab_size, false)?;

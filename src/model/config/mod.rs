@@ -177,20 +177,15 @@ impl ModelConfig {
         if cfg.pretraining_tp.unwrap_or(1) != 1 {
             log_note("pretraining_tp > 1 only splits matmuls in transformers; the math is the same");
         }
-        let positive = |name: &str, v: usize| -> Result<usize> {
-            if v == 0 {
-                bail!("field `{name}` must be positive");
-            }
-            Ok(v)
-        };
-        let hidden_size = positive("hidden_size", cfg.hidden_size)?;
-        let num_heads = positive("num_attention_heads", cfg.num_attention_heads)?;
-        let num_kv_heads = positive("num_key_value_heads", cfg.num_key_value_heads.unwrap_or(num_heads))?;
+        // Sizes are whole numbers of at least 1 here (`raw::check_values`).
+        let hidden_size = cfg.hidden_size;
+        let num_heads = cfg.num_attention_heads;
+        let num_kv_heads = cfg.num_key_value_heads.unwrap_or(num_heads);
         if num_heads % num_kv_heads != 0 {
             bail!("field `num_key_value_heads`: {num_kv_heads} does not divide num_attention_heads {num_heads}");
         }
         let head_dim = match cfg.head_dim {
-            Some(d) => positive("head_dim", d)?,
+            Some(d) => d,
             None => {
                 if hidden_size % num_heads != 0 {
                     bail!("field `hidden_size`: {hidden_size} is not divisible by num_attention_heads {num_heads} and head_dim is not set");
@@ -245,10 +240,10 @@ impl ModelConfig {
         let gemma = family.is_gemma();
         Ok(ModelConfig {
             family,
-            vocab_size: positive("vocab_size", cfg.vocab_size)?,
+            vocab_size: cfg.vocab_size,
             hidden_size,
-            intermediate_size: positive("intermediate_size", cfg.intermediate_size)?,
-            num_layers: positive("num_hidden_layers", cfg.num_hidden_layers)?,
+            intermediate_size: cfg.intermediate_size,
+            num_layers: cfg.num_hidden_layers,
             num_heads,
             num_kv_heads,
             head_dim,

@@ -38,10 +38,8 @@ pub(super) fn moe_config(cfg: &RawConfig, family: Family) -> Result<Option<MoeCo
         Family::Mixtral => (cfg.intermediate_size, true, None, vec![true; n]),
         _ => {
             let width = cfg.moe_intermediate_size.context("field `moe_intermediate_size` is missing")?;
+            // At least 1, as the widths below (`raw::check_values`).
             let step = cfg.decoder_sparse_step.unwrap_or(1);
-            if step == 0 {
-                bail!("field `decoder_sparse_step` must be positive");
-            }
             let dense = cfg.mlp_only_layers.clone().unwrap_or_default();
             if let Some(&bad) = dense.iter().find(|&&l| l >= n) {
                 bail!("field `mlp_only_layers`: layer {bad} does not exist ({n} layers)");
@@ -57,9 +55,6 @@ pub(super) fn moe_config(cfg: &RawConfig, family: Family) -> Result<Option<MoeCo
             (width, cfg.norm_topk_prob.unwrap_or(false), shared, sparse)
         }
     };
-    if expert_intermediate_size == 0 || shared == Some(0) {
-        bail!("field `moe_intermediate_size` / `shared_expert_intermediate_size` must be positive");
-    }
     Ok(Some(MoeConfig {
         num_experts,
         experts_per_token,
