@@ -14,6 +14,8 @@ pub struct TextTokenizer {
     /// bytes of text (times a normaliser's shrink), which bounds how much text `n`
     /// tokens can need.
     max_token_bytes: usize,
+    /// What an id means: see `vocab_fingerprint`.
+    fingerprint: String,
 }
 
 /// Token ids and, per token, whether a loss trains on predicting it.
@@ -34,12 +36,25 @@ impl TextTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
-        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
-        Ok(TextTokenizer { inner, path: path.to_path_buf(), max_token_bytes })
+        let vocab = inner.get_vocab(true);
+        let max_token_bytes = vocab.keys().map(String::len).max().unwrap_or(1).max(1);
+        let mut by_id: Vec<(u32, &str)> = vocab.iter().map(|(token, &id)| (id, token.as_str())).collect();
+        by_id.sort_unstable();
+        let listed: String = by_id.iter().map(|(id, token)| format!("{id}\t{token}\n")).collect();
+        let fingerprint = crate::files::checksum_bytes(listed.as_bytes());
+        Ok(TextTokenizer { inner, path: path.to_path_buf(), max_token_bytes, fingerprint })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// xxh3 of the vocabulary (every id with its token, added tokens included): two
+    /// tokenizers with the same fingerprint give an id the same meaning, whatever else
+    /// differs in their files. Rows of token ids carry it (`ids_tokenizer`) so that ids
+    /// are never read by another tokenizer's model.
+    pub fn vocab_fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Number of ids the tokenizer can produce (vocabulary plus added tokens).

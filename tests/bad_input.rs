@@ -34,12 +34,6 @@ fn cli_error(dir: &Path) -> String {
     err(distill(&["score", "--device", "cpu", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap()]))
 }
 
-fn assert_names(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "error does not name {p:?}:\n{msg}");
-    }
-}
-
 #[test]
 fn missing_weight_is_named() {
     let tmp = tempfile::tempdir().unwrap();

@@ -43,7 +43,7 @@ fn rewrite_rows(set: &Path, f: impl FnOnce(&mut Vec<ShardRow>)) {
     let work = tempfile::tempdir().unwrap();
     let settings = serde_json::to_string(&m.settings).unwrap();
     let mut writer = ShardWriter::create(work.path(), 0, m.settings.layout(), &opts, &settings).unwrap();
-    writer.write(&rows).unwrap();
+    writer.write_unchecked(&rows).unwrap();
     let entry = writer.finish().unwrap();
     std::fs::copy(work.path().join(&entry.file), set.join(&entry.file)).unwrap();
     m.shards[0] = entry;
@@ -236,6 +236,14 @@ fn corrupted_fields_are_refused_by_name_or_change_nothing() {
                 r[i].topk.logprobs[p * K] = f16::from_f32(0.5);
             }),
             &["topk_logprobs"],
+        ),
+        (
+            "probabilities that sum to 8 (each listed id at probability 1)",
+            rows(|r, g| {
+                let (i, p, _) = pick(r, g);
+                r[i].topk.logprobs[p * K..(p + 1) * K].fill(f16::ZERO);
+            }),
+            &["topk_logprobs", "sum to 8"],
         ),
         (
             "NaN tail mass",

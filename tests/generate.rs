@@ -237,7 +237,7 @@ fn cli_refuses_bad_prompts_naming_the_row() {
     let e = run(&qwen3, &format!("{ok_row}{{\"prompt\": \"\"}}\n"), &[]);
     assert!(e.contains("in.jsonl:2") && e.contains("empty"), "{e}");
     let e = run(&qwen3, &format!("{ok_row}{{\"text\": \"{}\"}}\n", "word ".repeat(400)), &[]);
-    assert!(e.contains("in.jsonl:2") && e.contains("context is 256"), "{e}");
+    assert!(e.contains("in.jsonl:2") && e.contains("(256, its max_position_embeddings)"), "{e}");
     let e = run(&qwen3, ok_row, &["--max-new-tokens", "0"]);
     assert!(e.contains("--max-new-tokens 0"), "{e}");
     let e = run(&qwen3, "{\"messages\": [{\"role\": \"assistant\", \"content\": \"Hi\"}]}\n", &[]);

@@ -10,7 +10,7 @@ use super::targets::{matched_ids, ConvertStats, RowConverter};
 use super::token_bytes::TokenBytes;
 use super::Aligner;
 use crate::files::checksum_file;
-use crate::shards::dir::{create_staged, holds_shard_set};
+use crate::shards::dir::{create_staged, existing_set};
 use crate::shards::manifest::{settings_diff, CrossTokenizerInfo, Manifest, Settings, TokenizerInfo};
 use crate::shards::reader::ShardSet;
 use crate::shards::row::ShardRow;
@@ -77,7 +77,7 @@ pub fn student_targets(
         matched_ids: matched.len(),
         rule: RULE.into(),
     });
-    if holds_shard_set(output)? {
+    if existing_set(output)?.is_some() {
         let existing = Manifest::load(output)?;
         let diff = settings_diff(&settings, &existing.settings);
         if existing.complete && diff.is_empty() {

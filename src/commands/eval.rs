@@ -200,7 +200,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             replies_of.push((name.clone(), replies.texts));
             Some(replies.metrics)
         };
-        results.push(ModelEval { name, path, text, shards, generation });
+        let evaluated = ModelEval { name, path, text, shards, generation };
+        check_finite(&evaluated)?;
+        results.push(evaluated);
     }
     if let Some(path) = &args.side_by_side {
         write_side_by_side(path, &prompts_shown, &replies_of)?;
@@ -292,6 +294,37 @@ fn print_generation_table(results: &[ModelEval], width: usize) {
 /// A number with `p` decimals, or `-` when not measured.
 fn num(v: Option<f64>, p: usize) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.p$}"))
+}
+
+/// A figure that is not a number (NaN logits of the model or the teacher) fails the
+/// run rather than reaching a table.
+fn check_finite(e: &ModelEval) -> Result<()> {
+    let mut figures: Vec<(&str, Option<f64>)> = vec![];
+    if let Some(t) = &e.text {
+        figures.extend([("text cross-entropy", Some(t.cross_entropy)), ("text KL to the teacher", t.kl_to_teacher)]);
+        figures.push(("text top-1 agreement", t.top1_agreement));
+    }
+    if let Some(s) = &e.shards {
+        figures.extend([("shard cross-entropy", Some(s.cross_entropy)), ("shard KL", Some(s.kl_to_teacher))]);
+        figures.extend([("shard top-1 agreement", Some(s.top1_agreement)), ("shard ULD", s.uld)]);
+        for t in &s.per_teacher {
+            figures.extend([
+                ("per-teacher cross-entropy", Some(t.cross_entropy)),
+                ("per-teacher KL", Some(t.kl_to_teacher)),
+            ]);
+        }
+    }
+    if let Some(g) = &e.generation {
+        figures.extend([("replies' teacher NLL", g.teacher_nll), ("KL on replies", g.kl_on_replies)]);
+    }
+    match figures.iter().find(|(_, v)| v.is_some_and(|v| !v.is_finite())) {
+        Some((what, v)) => bail!(
+            "model {}: the {what} is {} (the model's or the teacher's logits are not finite)",
+            e.name,
+            v.unwrap_or_default()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// First line of a side-by-side file: eval replaces only files that carry it.

@@ -18,7 +18,7 @@ use distill::precompute::capture::{CaptureSettings, DrawSettings};
 use distill::precompute::replies::ReplyTargets;
 use distill::precompute::PrecomputeConfig;
 use distill::runtime::parse_device;
-use distill::shards::dir::holds_shard_set;
+use distill::shards::dir::existing_set;
 use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
@@ -99,32 +99,14 @@ pub struct GenerateArgs {
     messages_field: String,
     #[arg(long)]
     no_progress: bool,
+    /// For the tests only: abort like `kill -9` while writing the captured set, after
+    /// this many complete shards.
+    #[arg(long, hide = true)]
+    crash_after_shards: Option<usize>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.max_new_tokens == 0 {
-        bail!("--max-new-tokens 0 asks for no reply; give at least 1");
-    }
-    if args.num_samples == 0 {
-        bail!("--num-samples must be at least 1");
-    }
-    if args.num_samples > 1 && args.temperature == 0.0 {
-        bail!(
-            "--num-samples {} with greedy decoding gives the same reply each time; set --temperature",
-            args.num_samples
-        );
-    }
-    if args.output.exists() && !args.overwrite {
-        bail!("{} exists; choose another --output or pass --overwrite", args.output.display());
-    }
-    // Checked before any work: a missing folder must not cost the whole generation.
-    let folder = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    if !folder.is_dir() {
-        bail!("--output {}: the folder {} does not exist", args.output.display(), folder.display());
-    }
-    if args.output.is_dir() {
-        bail!("--output {} is a directory; give a .jsonl file", args.output.display());
-    }
+    check_options(&args)?;
     let fields = FieldNames {
         text: args.text_field.clone(),
         prompt: args.prompt_field.clone(),
@@ -140,12 +122,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer = check_tokenizer_fits(&args.model)?;
     let template = ChatTemplate::load(&args.model)?;
     let rows = prompt_rows(read_raw_rows(&resolve_inputs(&args.input)?)?, &fields, &tokenizer, template.as_ref())?;
-    let model = CausalLm::load(&args.model, parse_device(&args.device)?, parse_kind(&args.dtype)?)?;
-    if let Some(context) = model.config.max_position_embeddings {
-        if let Some(r) = rows.iter().find(|r| r.ids.len() >= context) {
-            bail!("{}: the prompt has {} tokens; the model's context is {context}", r.location, r.ids.len());
-        }
+    let config = ModelConfig::from_file(&distill::model::config_path_of(&args.model))?;
+    for r in &rows {
+        config
+            .check_length(r.ids.len() + 1)
+            .with_context(|| format!("{}: the prompt ({} tokens) and its first new token", r.location, r.ids.len()))?;
     }
+    let model = CausalLm::load(&args.model, parse_device(&args.device)?, parse_kind(&args.dtype)?)?;
     let n = args.num_samples;
     let prompts: Vec<Vec<u32>> = rows.iter().flat_map(|r| std::iter::repeat_n(r.ids.clone(), n)).collect();
     let keys: Vec<u64> = (0..prompts.len() as u64).collect();
@@ -217,7 +200,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let replies = generate(&model, &prompts, &keys, &opts, &hooks)?;
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
-    let tmp = args.output.with_extension("tmp-distill");
+    // The replies go to a temporary file first; --output is replaced only once they and
+    // the captured targets are complete, so a failure keeps the old pair as it was.
+    // (Its name ends in .jsonl: the capture reads it back.)
+    let tmp = args.output.with_extension("tmp-distill.jsonl");
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
     );
@@ -238,22 +224,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             extra.insert("prompt_ids".into(), json!(row.ids));
             extra.insert("response_ids".into(), json!(reply.ids));
             extra.insert("response_logprobs".into(), json!(logprobs.borrow()[i]));
+            extra.insert("ids_tokenizer".into(), json!(tokenizer.vocab_fingerprint()));
         }
         new_tokens += reply.ids.len();
         serde_json::to_writer(&mut out, &output_row(row, &fields, &text, extra))?;
         out.write_all(b"\n")?;
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, &args.output).with_context(|| format!("cannot write {}", args.output.display()))?;
     eprintln!(
-        "generated {new_tokens} tokens for {} rows ({} replies) in {elapsed:.2}s ({:.1} tokens/s) -> {}",
+        "generated {new_tokens} tokens for {} rows ({} replies) in {elapsed:.2}s ({:.1} tokens/s)",
         rows.len(),
         replies.len(),
         new_tokens as f64 / elapsed.max(1e-9),
-        args.output.display()
     );
     if let (Some(recorder), Some(cfg)) = (recorder, capture) {
-        let summary = recorder.write(&cfg)?;
+        // The set is made from the rows as written (the temporary file), and records
+        // --output as its source: the name they have once moved into place.
+        let summary = recorder
+            .write(&PrecomputeConfig { inputs: vec![tmp.display().to_string()], ..cfg.clone() }, &args.output)?;
         eprintln!(
             "captured the targets of {} reply tokens in {} shards ({:.1} bytes/token) -> {}",
             summary.targets,
@@ -262,6 +250,61 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             cfg.output.display()
         );
     }
+    std::fs::rename(&tmp, &args.output).with_context(|| format!("cannot write {}", args.output.display()))?;
+    eprintln!("replies -> {}", args.output.display());
+    Ok(())
+}
+
+/// Every option checked before the model is loaded: a mistake must not cost the whole
+/// generation.
+fn check_options(args: &GenerateArgs) -> Result<()> {
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0 asks for no reply; give at least 1");
+    }
+    if args.num_samples == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        bail!("--temperature {} must be a number, 0 (greedy) or more", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p {} must lie in (0, 1]", args.top_p);
+    }
+    if args.num_samples > 1 && args.temperature == 0.0 {
+        bail!(
+            "--num-samples {} with greedy decoding gives the same reply each time; set --temperature",
+            args.num_samples
+        );
+    }
+    if let Some(i) = args.stop.iter().position(String::is_empty) {
+        bail!("--stop number {}: an empty string would end every reply before its first token", i + 1);
+    }
+    // Rows are JSON lines, and precompute and train read a file by its extension.
+    if args.output.extension().is_none_or(|e| e != "jsonl") {
+        bail!("--output {}: the replies are JSON lines; give a file name ending in .jsonl", args.output.display());
+    }
+    if args.output.exists() && !args.overwrite {
+        bail!("{} exists; choose another --output or pass --overwrite", args.output.display());
+    }
+    let folder = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !folder.is_dir() {
+        bail!("--output {}: the folder {} does not exist", args.output.display(), folder.display());
+    }
+    if args.output.is_dir() {
+        bail!("--output {} is a directory; give a .jsonl file", args.output.display());
+    }
+    if args.output.exists() {
+        let out = std::fs::canonicalize(&args.output)?;
+        for input in resolve_inputs(&args.input)? {
+            if std::fs::canonicalize(&input).is_ok_and(|i| i == out) {
+                bail!(
+                    "--output {} is also an --input: the rows being read would be replaced; write the replies elsewhere",
+                    args.output.display()
+                );
+            }
+        }
+    }
+    stop_ids_of(&args.model)?;
     Ok(())
 }
 
@@ -289,13 +332,16 @@ fn capture_config(args: &GenerateArgs, dir: &std::path::Path) -> Result<Precompu
         dtype: Some(parse_kind(&args.dtype)?),
         overwrite: args.overwrite,
         progress: false,
+        crash_after_shards: args.crash_after_shards,
         ..defaults
     };
     cfg.validate()?;
     // Checked before decoding (the shard set is written after it): a directory that is
-    // not a shard set is refused untouched, a shard set is replaced only with --overwrite.
-    let holds_set = holds_shard_set(dir).with_context(|| format!("--capture {}", dir.display()))?;
-    if holds_set && !args.overwrite {
+    // not a shard set is refused untouched; a complete set is replaced only with
+    // --overwrite; an incomplete one (an interrupted run) is resumed when its settings
+    // are this run's, which `OutputPlan` checks against the rows once they exist.
+    let existing = existing_set(dir).with_context(|| format!("--capture {}", dir.display()))?;
+    if existing.is_some_and(|m| m.complete) && !args.overwrite {
         bail!(
             "--capture {}: a shard set is already there; choose another directory or pass --overwrite",
             dir.display()

@@ -52,7 +52,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let (ids, sums) = score_inputs(&args.model, &model, None, &args.input, &fields, &opts)?;
     let elapsed = started.elapsed().as_secs_f64();
-    let (per, total) = rows(&ids, &sums);
+    let (per, total) = rows(&ids, &sums)?;
     match args.format {
         Format::Jsonl => {
             for row in per.iter().chain(std::iter::once(&total)) {
@@ -63,7 +63,12 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             let width = per.iter().map(|r| r.id.len()).max().unwrap_or(2).max(3);
             println!("{:<width$}  {:>7}  {:>8}  {:>10}", "id", "tokens", "nll", "ppl");
             for r in per.iter().chain(std::iter::once(&total)) {
-                println!("{:<width$}  {:>7}  {:>8.4}  {:>10.3}", r.id, r.tokens, r.nll, r.ppl);
+                if r.tokens == 0 {
+                    // One token long or masked: nothing to score.
+                    println!("{:<width$}  {:>7}  {:>8}  {:>10}", r.id, r.tokens, "-", "-");
+                } else {
+                    println!("{:<width$}  {:>7}  {:>8.4}  {:>10.3}", r.id, r.tokens, r.nll, r.ppl);
+                }
             }
             eprintln!(
                 "scored {} tokens of {} examples in {elapsed:.2}s ({:.0} tokens/s) on {device:?} in {}",

@@ -236,6 +236,9 @@ enum WireArg {
     Bf16,
 }
 
+/// The longest --dist-timeout (35 years): what c10d's clocks hold.
+const MAX_DIST_TIMEOUT_S: f64 = distill::distributed::group::MAX_WAIT_MS as f64 / 1000.0;
+
 pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
     let file = args.config.clone();
     let a = super::with_pipeline_file(args, file.as_deref())?;
@@ -270,8 +273,10 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
     let dp = ParallelSettings::default();
     let parallel = ParallelSettings {
         timeout: match a.dist_timeout {
-            Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
-            Some(t) => bail!("--dist-timeout must be a positive number of seconds, not {t}"),
+            Some(t) if t > 0.0 && t <= MAX_DIST_TIMEOUT_S => Duration::from_secs_f64(t),
+            Some(t) => {
+                bail!("--dist-timeout must be a positive number of seconds up to {MAX_DIST_TIMEOUT_S:e}, not {t}")
+            }
             None => dp.timeout,
         },
         zero1: a.zero1.unwrap_or(dp.zero1),

@@ -22,10 +22,13 @@ pub enum Example {
     /// teacher sees exactly the tokens that were sampled, with no re-tokenisation that
     /// could split them differently. Only the response is trained.
     /// `logprobs`: the sampling model's log-probability of each response token.
+    /// `tokenizer`: the vocabulary fingerprint of the tokenizer the ids are in
+    /// (`TextTokenizer::vocab_fingerprint`); a model reads them only if it is its own.
     Tokens {
         prompt: Vec<u32>,
         response: Vec<u32>,
         logprobs: Option<Vec<f32>>,
+        tokenizer: Option<String>,
     },
 }
 
@@ -48,6 +51,9 @@ pub struct TokenIdFields {
     pub response: String,
     /// Optional: the sampler's log-probability of each response token.
     pub logprobs: String,
+    /// The vocabulary fingerprint of the tokenizer the ids are in (required: ids are
+    /// only numbers, and another tokenizer's would be read as wrong tokens).
+    pub tokenizer: String,
 }
 
 impl Default for TokenIdFields {
@@ -56,6 +62,7 @@ impl Default for TokenIdFields {
             prompt: "prompt_ids".into(),
             response: "response_ids".into(),
             logprobs: "response_logprobs".into(),
+            tokenizer: "ids_tokenizer".into(),
         }
     }
 }
@@ -157,7 +164,12 @@ impl Example {
                 }
                 Some(_) => bail!("field `{}` is not a list of log-probabilities", f.logprobs),
             };
-            return Ok(Example::Tokens { prompt, response, logprobs });
+            let tokenizer = match map.get(&f.tokenizer) {
+                None | Some(Json::Null) => None,
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(other) => bail!("field `{}` is not a string: {other}", f.tokenizer),
+            };
+            return Ok(Example::Tokens { prompt, response, logprobs, tokenizer });
         }
         let string = |name: &str| -> Result<String> {
             match map.get(name) {
@@ -239,7 +251,20 @@ impl Example {
             None => Ok(text.len()),
         };
         match (self, template) {
-            (Example::Tokens { prompt, response, .. }, _) => {
+            (Example::Tokens { prompt, response, tokenizer: made_by, .. }, _) => {
+                let ours = tokenizer.vocab_fingerprint();
+                match made_by.as_deref() {
+                    Some(theirs) if theirs == ours => {}
+                    Some(theirs) => bail!(
+                        "field `ids_tokenizer` is {theirs}, but {} is {ours}: the ids are another tokenizer's and would be read as wrong tokens",
+                        tokenizer.path().display()
+                    ),
+                    None => bail!(
+                        "field `ids_tokenizer` is missing: nothing says which tokenizer the ids are in \
+                         (`distill generate --with-ids` writes it; for ids of {} add \"ids_tokenizer\": \"{ours}\")",
+                        tokenizer.path().display()
+                    ),
+                }
                 let vocab = tokenizer.vocab_size();
                 if let Some(&id) = prompt.iter().chain(response).find(|&&id| id as usize >= vocab) {
                     bail!("token id {id} is outside the tokenizer's vocabulary ({vocab} tokens): the ids come from another model");
@@ -297,10 +322,17 @@ mod tests {
         // Text fields are kept for people; the ids are what the teacher sees.
         let row = json!({"messages": [], "prompt_ids": [5, 6], "response_ids": [7, 8, 9]});
         let example = Example::from_json(&row, &f).unwrap();
-        assert_eq!(example, Example::Tokens { prompt: vec![5, 6], response: vec![7, 8, 9], logprobs: None });
-        let sampled = json!({"prompt_ids": [5], "response_ids": [7, 8], "response_logprobs": [-0.5, 0]});
+        assert_eq!(
+            example,
+            Example::Tokens { prompt: vec![5, 6], response: vec![7, 8, 9], logprobs: None, tokenizer: None }
+        );
+        let sampled = json!({"prompt_ids": [5], "response_ids": [7, 8], "response_logprobs": [-0.5, 0], "ids_tokenizer": "xxh3:1"});
         let example = Example::from_json(&sampled, &f).unwrap();
-        assert_eq!(example, Example::Tokens { prompt: vec![5], response: vec![7, 8], logprobs: Some(vec![-0.5, 0.0]) });
+        let tokenizer = Some("xxh3:1".to_string());
+        assert_eq!(
+            example,
+            Example::Tokens { prompt: vec![5], response: vec![7, 8], logprobs: Some(vec![-0.5, 0.0]), tokenizer }
+        );
         // A row without ids is fixed data, read as text.
         assert_eq!(Example::from_json(&json!({"text": "a"}), &f).unwrap(), Example::Text("a".into()));
         for (bad, field) in [

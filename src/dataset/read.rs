@@ -243,9 +243,15 @@ fn binary_as_text(batch: &arrow::array::RecordBatch) -> Result<arrow::array::Rec
 /// A hash of the input files' bytes, in order, with their names: the data identity
 /// that a resumed or merged run must share.
 pub fn hash_inputs(files: &[PathBuf]) -> Result<String> {
+    let name = |f: &PathBuf| f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    hash_named_inputs(&files.iter().map(|f| (f.clone(), name(f))).collect::<Vec<_>>())
+}
+
+/// `hash_inputs` with each file hashed under the name given: rows read from a temporary
+/// file that then takes another name (`generate --capture`) hash as the file they become.
+pub fn hash_named_inputs(files: &[(PathBuf, String)]) -> Result<String> {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for file in files {
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for (file, name) in files {
         hasher.update(name.as_bytes());
         let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
         hasher.update(&f.metadata()?.len().to_le_bytes());

@@ -120,7 +120,7 @@ impl ProcessGroup {
                 prefix.as_ptr(),
                 opts.rank as i32,
                 opts.world as i32,
-                opts.timeout.as_millis() as i64,
+                millis(opts.timeout),
                 opts.backend == Backend::Nccl,
                 &mut raw,
             )
@@ -192,9 +192,7 @@ impl ProcessGroup {
         let k = CString::new(key)?;
         let (mut found, mut value, mut len) = (false, std::ptr::null_mut(), 0usize);
         // SAFETY: out-pointers the shim fills; the value is malloc'd and freed here.
-        checked(unsafe {
-            distill_store_get(self.raw, k.as_ptr(), wait.as_millis() as i64, &mut found, &mut value, &mut len)
-        })?;
+        checked(unsafe { distill_store_get(self.raw, k.as_ptr(), millis(wait), &mut found, &mut value, &mut len) })?;
         if !found {
             return Ok(None);
         }
@@ -202,6 +200,14 @@ impl ProcessGroup {
         unsafe { distill_free_message(value.cast()) };
         Ok(Some(bytes))
     }
+}
+
+/// The most milliseconds handed to c10d: 2^40 (35 years). Larger counts overflow when
+/// C++ adds them to a clock's nanoseconds.
+pub const MAX_WAIT_MS: u64 = 1 << 40;
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(MAX_WAIT_MS as u128) as i64
 }
 
 impl Drop for ProcessGroup {

@@ -88,6 +88,12 @@ pub fn score_inputs(
         .iter()
         .map(|r| r.example.tokenize(&tokenizer, template.as_ref()).with_context(|| r.location.clone()))
         .collect::<Result<Vec<_>>>()?;
+    for (r, s) in records.iter().zip(&seqs) {
+        let n = if opts.max_len > 0 { s.ids.len().min(opts.max_len) } else { s.ids.len() };
+        for m in std::iter::once(model).chain(teacher) {
+            m.config.check_length(n).with_context(|| format!("{}: cut it with --max-len", r.location))?;
+        }
+    }
     let sums = score_sequences_against(model, teacher, &seqs, opts)?;
     Ok((records.into_iter().map(|r| r.id).collect(), sums))
 }
@@ -236,14 +242,22 @@ fn score_batch(model: &CausalLm, teacher: Option<&CausalLm>, rows: &[&Sequence],
     Ok(sums)
 }
 
-/// Combines per-sequence sums into rows, and a token-weighted total row.
-pub fn rows(ids: &[String], sums: &[TokenSums]) -> (Vec<ScoreRow>, ScoreRow) {
+/// Combines per-sequence sums into rows, and a token-weighted total row; refused when
+/// no token was scored or a sum is not finite (a model whose logits are NaN), naming the
+/// first example at fault.
+pub fn rows(ids: &[String], sums: &[TokenSums]) -> Result<(Vec<ScoreRow>, ScoreRow)> {
     let row = |id: String, tokens: usize, sum: f64| {
         let nll = if tokens > 0 { sum / tokens as f64 } else { f64::NAN };
         ScoreRow { id, tokens, nll, ppl: nll.exp() }
     };
+    if let Some((id, s)) = ids.iter().zip(sums).find(|(_, s)| !s.nll.is_finite()) {
+        anyhow::bail!("example {id}: the model's NLL is {} (its logits are not finite)", s.nll);
+    }
     let per: Vec<ScoreRow> = ids.iter().zip(sums).map(|(id, s)| row(id.clone(), s.tokens, s.nll)).collect();
     let tokens = sums.iter().map(|x| x.tokens).sum();
+    if tokens == 0 {
+        anyhow::bail!("no token to score: each of the {} examples is masked or one token long", ids.len());
+    }
     let total = sums.iter().map(|x| x.nll).sum();
-    (per, row("ALL".into(), tokens, total))
+    Ok((per, row("ALL".into(), tokens, total)))
 }

@@ -5,7 +5,7 @@
 //! uniform number of a prompt's n-th token comes from the same splitmix64 stream as the
 //! precompute draws (`model::sampling`, keyed by the prompt and n), and the inverse CDF
 //! is summed in float64.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::decode::KvCache;
@@ -107,10 +107,12 @@ pub fn generate(
         bail!("prompt {i} has no token; a continuation needs at least one");
     }
     let context = model.config.max_position_embeddings.unwrap_or(usize::MAX);
-    if let Some(i) = prompts.iter().position(|p| p.len() >= context) {
-        bail!("prompt {i} has {} tokens; the model's context is {context}", prompts[i].len());
+    for (i, p) in prompts.iter().enumerate() {
+        model.config.check_length(p.len() + 1).with_context(|| format!("prompt {i} and its first new token"))?;
     }
-    if opts.sampling.temperature < 0.0 || !(opts.sampling.top_p > 0.0 && opts.sampling.top_p <= 1.0) {
+    let t = opts.sampling.temperature;
+    let top_p = opts.sampling.top_p;
+    if !(t.is_finite() && t >= 0.0 && top_p > 0.0 && top_p <= 1.0) {
         bail!(
             "temperature must be >= 0 and top-p in (0, 1], not {} and {}",
             opts.sampling.temperature,
@@ -193,6 +195,15 @@ impl Decoder<'_> {
     /// hidden state, records it, and returns the rows that go on and the tokens.
     fn step(&self, hidden: &Hidden, batch: &[usize], results: &mut [Generated]) -> Result<(Vec<usize>, Vec<u32>)> {
         let logits = self.model.transformer.logits(&hidden.last).to_kind(Kind::Float);
+        // A NaN (or +inf) logit would pick an arbitrary token and log-probabilities of NaN.
+        let broken = logits.isnan().logical_or(&logits.isposinf()).any_dim(-1, false);
+        if let Some(r) = Vec::<bool>::try_from(broken.to_device(Device::Cpu))?.iter().position(|&b| b) {
+            let i = batch[r];
+            bail!(
+                "prompt {i}: the model's logits for reply token {} are not finite (NaN or inf); its weights or dtype are broken",
+                results[i].ids.len()
+            );
+        }
         // A row's n-th token takes the n-th number of its stream, whatever the batch.
         let streams: Vec<(u64, u64)> = batch.iter().map(|&i| (self.keys[i], results[i].ids.len() as u64)).collect();
         let tokens = choose(&logits, &self.opts.sampling, &streams)?;
@@ -281,10 +292,19 @@ pub fn stop_ids_of(model_dir: &std::path::Path) -> Result<Vec<u32>> {
             std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+        let as_id = |v: &serde_json::Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+        let bad = |v: &serde_json::Value| {
+            anyhow::anyhow!(
+                "{}: field `eos_token_id` is {v}: it must be a token id or a list of token ids",
+                path.display()
+            )
+        };
         let ids: Vec<u32> = match json.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().map(|x| x as u32).collect(),
-            Some(serde_json::Value::Array(list)) => list.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-            _ => vec![],
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(serde_json::Value::Array(list)) => {
+                list.iter().map(|x| as_id(x).ok_or_else(|| bad(x))).collect::<Result<_>>()?
+            }
+            Some(v) => vec![as_id(v).ok_or_else(|| bad(v))?],
         };
         if !ids.is_empty() {
             return Ok(ids);

@@ -169,6 +169,9 @@ pub fn write_without_teacher(
             rows.push(row);
         }
         writer.write(&rows)?;
+        if cfg.crash_after_shards == Some(manifest.shards.len()) {
+            std::process::abort(); // the resume tests' stand-in for `kill -9`
+        }
         manifest.shards.push(writer.finish()?);
         manifest.save(&out.dir)?;
     }

@@ -59,6 +59,17 @@ pub fn prepare(cfg: &PrecomputeConfig) -> Result<Prepared> {
     };
     let (rows, stats) =
         build_sequences(&records[range.clone()], range.start as u64, &tokenizer, template.as_ref(), &seq_opts)?;
+    // The teacher reads each document from position 0 (a packed row restarts them), so
+    // each must fit its context: the rule `generate` and `score` follow too.
+    for row in &rows {
+        for (id, &len) in row.sample_ids.iter().zip(&row.doc_lengths) {
+            if let Err(e) = teacher_config.check_length(len as usize) {
+                let at = records.iter().find(|r| &r.id == id).map_or(id.clone(), |r| r.location.clone());
+                let context = teacher_config.max_position_embeddings.unwrap_or_default();
+                bail!("{at}: {e:#}; give --max-len {context} or less");
+            }
+        }
+    }
     let mut all_invalid = invalid;
     all_invalid.extend(stats.invalid);
     let skipped = SkipReport {

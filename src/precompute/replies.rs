@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use super::capture::{hidden_targets, CaptureSettings, TargetParts};
 use super::plan::prepare;
 use super::{PrecomputeConfig, Summary};
+use crate::dataset::read::hash_named_inputs;
 use crate::shards::row::{HiddenTargets, TopKTargets};
 
 /// The targets of every reply, gathered as the replies are written.
@@ -79,11 +80,18 @@ impl ReplyTargets {
         Ok(())
     }
 
-    /// Writes the shard set of `cfg` (whose input is the rows written with their ids)
-    /// from the captured targets.
-    pub fn write(self, cfg: &PrecomputeConfig) -> Result<Summary> {
+    /// Writes the shard set of `cfg` (whose one input is the rows written with their
+    /// ids) from the captured targets; the manifest names that input `recorded_as` (the
+    /// rows are read from a temporary file that then takes this name).
+    pub fn write(self, cfg: &PrecomputeConfig, recorded_as: &std::path::Path) -> Result<Summary> {
         cfg.validate()?;
-        let prepared = prepare(cfg)?;
+        let mut prepared = prepare(cfg)?;
+        let name = recorded_as.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let read_from: Vec<_> = cfg.inputs.iter().map(|f| (std::path::PathBuf::from(f), name.clone())).collect();
+        prepared.settings.data.hash = hash_named_inputs(&read_from)?;
+        for source in &mut prepared.settings.data.sources {
+            source.path = recorded_as.display().to_string();
+        }
         let mut captured = self.rows.into_inner();
         super::write_without_teacher(cfg, &prepared, |sequence| {
             let (topk, hidden) =

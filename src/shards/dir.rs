@@ -149,16 +149,16 @@ impl ShardDir {
     }
 }
 
+/// The manifest of the shard set in `dir` (`None`: missing or empty); an error naming
+/// what is there when it holds anything else. For a command that writes a set only after
+/// long work and must refuse a foreign directory before starting it.
+pub fn existing_set(dir: &Path) -> Result<Option<Manifest>> {
+    recognise(dir)
+}
+
 /// The manifest of the shard set in `dir`, `None` when `dir` is absent or holds nothing
 /// of a set; refuses a directory holding anything else, naming the entry. An interrupted
 /// replacement (no manifest, a complete staged set) is finished first.
-/// Whether `dir` holds a shard set (false: missing or empty); an error naming what is
-/// there when it holds anything else. For a command that writes a set only after long
-/// work and must refuse a foreign directory before starting it.
-pub fn holds_shard_set(dir: &Path) -> Result<bool> {
-    Ok(recognise(dir)?.is_some())
-}
-
 fn recognise(dir: &Path) -> Result<Option<Manifest>> {
     let names = dir_entries(dir)?;
     if !names.iter().any(|n| n == MANIFEST_FILE) {

@@ -394,9 +394,46 @@ impl Manifest {
 }
 
 /// Names the first fields where `ours` and `theirs` differ, as dotted paths.
+/// A field that differs is named with the option that sets it, where one does.
 pub fn settings_diff(ours: &Settings, theirs: &Settings) -> Vec<String> {
-    json_diff(&serde_json::to_value(ours).unwrap(), &serde_json::to_value(theirs).unwrap())
+    let lines = json_diff(&serde_json::to_value(ours).unwrap(), &serde_json::to_value(theirs).unwrap());
+    lines
+        .into_iter()
+        .map(|line| {
+            let path = line.split(':').next().unwrap_or_default();
+            let option = SETTING_OPTIONS.iter().find(|(prefix, _)| {
+                path == *prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with(['.', '[']))
+            });
+            match option {
+                Some((_, option)) => line.replacen(':', &format!(" ({option}):"), 1),
+                None => line,
+            }
+        })
+        .collect()
 }
+
+/// The options of `precompute` (and the commands that write sets like it) behind each
+/// recorded setting.
+const SETTING_OPTIONS: &[(&str, &str)] = &[
+    ("teacher.path", "--teacher"),
+    ("teacher.dtype", "--dtype"),
+    ("capture.top_k", "--top-k"),
+    ("capture.top_p", "--top-p"),
+    ("capture.min_k", "--min-k"),
+    ("capture.draws", "--sample / --sample-seed"),
+    ("capture.hidden_layers", "--hidden-layers"),
+    ("data.sources", "--input"),
+    ("data.hash", "--input"),
+    ("data.fields.token_ids", "--token-ids"),
+    ("data.fields", "the --*-field options"),
+    ("data.max_len", "--max-len"),
+    ("data.packing", "--pack"),
+    ("data.train_on_all_tokens", "--train-on-all-tokens"),
+    ("data.skip_invalid", "--skip-invalid"),
+    ("sharding.shard_tokens", "--shard-tokens"),
+    ("sharding.zstd_level", "--zstd-level"),
+    ("sharding.row_group_rows", "--row-group-rows"),
+];
 
 /// The fields where two JSON descriptions of settings differ, as `path: theirs there,
 /// ours here` lines.
@@ -408,10 +445,13 @@ pub fn json_diff(ours: &Json, theirs: &Json) -> Vec<String> {
 
 fn diff_json(path: &str, a: &Json, b: &Json, out: &mut Vec<String>) {
     match (a, b) {
+        // Every key of either side: a setting recorded only when on (`top_p`, the
+        // token-id fields) differs from its absence.
         (Json::Object(x), Json::Object(y)) => {
-            for (k, va) in x {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
                 let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                diff_json(&p, va, y.get(k).unwrap_or(&Json::Null), out);
+                diff_json(&p, x.get(k).unwrap_or(&Json::Null), y.get(k).unwrap_or(&Json::Null), out);
             }
         }
         _ if a != b => out.push(format!("{path}: {b} there, {a} here")),
@@ -421,4 +461,18 @@ fn diff_json(path: &str, a: &Json, b: &Json, out: &mut Vec<String>) {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_present_on_one_side_only_differs() {
+        let with = serde_json::json!({"capture": {"top_k": 16, "top_p": 0.9}});
+        let without = serde_json::json!({"capture": {"top_k": 16}});
+        assert_eq!(json_diff(&without, &with), ["capture.top_p: 0.9 there, null here"]);
+        assert_eq!(json_diff(&with, &without), ["capture.top_p: null there, 0.9 here"]);
+        assert!(json_diff(&with, &with).is_empty());
+    }
 }

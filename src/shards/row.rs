@@ -7,6 +7,10 @@ use half::f16;
 
 use crate::dataset::sequence::Sequence;
 
+/// How far a position's probabilities may sum from 1 beyond float16 rounding
+/// (`TopKTargets::check_mass`).
+pub const MASS_SLACK: f64 = 2e-3;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardRow {
     /// Row index, sample ids, document lengths, token ids and loss mask.
@@ -153,6 +157,30 @@ impl TopKTargets {
         })
     }
 
+    /// Each position's listed probabilities plus its tail mass make 1, within the
+    /// stored precision: a log-probability rounded to float16 moves its probability by
+    /// at most `2^-11 * p * |log p|`, and `MASS_SLACK` covers float32 arithmetic and the
+    /// 1e-3 to which a served teacher's log-probs are taken as normalised
+    /// (`precompute::served`). Catches targets that are not a distribution (a broken
+    /// mixture, scaled values) before anything trains on them.
+    pub fn check_mass(&self) -> anyhow::Result<()> {
+        for (i, (_, logprobs)) in self.per_position().enumerate() {
+            let (mut mass, mut rounding) = (f64::from(self.tail_logmass[i]).exp(), 0.0);
+            for lp in logprobs.iter().map(|x| x.to_f64()) {
+                let p = lp.exp();
+                mass += p;
+                rounding += if p > 0.0 { p * -lp } else { 0.0 };
+            }
+            if (mass - 1.0).abs() > rounding / 2048.0 + MASS_SLACK {
+                anyhow::bail!(
+                    "column `{}`: position {i}: the listed probabilities and the tail mass sum to {mass:.4}, not 1: these are not a distribution",
+                    super::schema::columns::TOPK_LOGPROBS
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn append(&mut self, other: TopKTargets) {
         let was_empty = self.positions() == 0;
         match (&mut self.lengths, other.lengths) {
@@ -280,6 +308,7 @@ impl ShardRow {
                 bail!("column `{column}`: {x} is not a log-probability (NaN or above 0)");
             }
         }
+        t.check_mass()?;
         self.check_draws(limits)?;
         self.check_uld(limits)?;
         let layers: Vec<(usize, usize)> = self.hidden.iter().map(|h| (h.layer, h.width)).collect();

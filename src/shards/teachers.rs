@@ -119,11 +119,15 @@ fn normalised(weights: &[f64]) -> Result<Vec<f64>> {
     if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
         bail!("weight {w} is not a finite number >= 0");
     }
-    let sum: f64 = weights.iter().sum();
-    if sum <= 0.0 {
+    // Scaled by the largest first: a sum of huge weights (1e308 + 1e308) would overflow
+    // to inf and make every weight 0.
+    let largest = weights.iter().copied().fold(0.0, f64::max);
+    if largest <= 0.0 {
         bail!("the weights {weights:?} sum to 0");
     }
-    Ok(weights.iter().map(|w| w / sum).collect())
+    let scaled: Vec<f64> = weights.iter().map(|w| w / largest).collect();
+    let sum: f64 = scaled.iter().sum();
+    Ok(scaled.iter().map(|w| w / sum).collect())
 }
 
 /// The sets must describe the same rows with the same tokenizer, and hold top-k lists
@@ -510,6 +514,14 @@ fn write_mixture(sets: &[ShardSet], mixer: &Mixer, out: &mut RollingShards, mani
 mod tests {
     use super::*;
     use crate::dataset::sequence::Sequence;
+
+    #[test]
+    fn weights_too_large_to_sum_are_still_scaled() {
+        assert_eq!(normalised(&[1e308, 1e308]).unwrap(), [0.5, 0.5]);
+        assert_eq!(normalised(&[3.0, 1.0]).unwrap(), [0.75, 0.25]);
+        assert!(normalised(&[0.0, 0.0]).is_err());
+        assert!(normalised(&[f64::INFINITY, 1.0]).is_err());
+    }
 
     fn row(index: u64, docs: usize) -> ShardRow {
         let sequence = Sequence {

@@ -80,12 +80,25 @@ fn row(index: u64, docs: &[u32], layout: &ShardLayout, max_id: u32) -> ShardRow 
     // Mass-adaptive: 1..=k ids per position.
     let lengths: Option<Vec<u32>> = layout.adaptive.then(|| (0..p).map(|i| 1 + (i % k) as u32).collect());
     let n = lengths.as_ref().map_or(p * k, |l| l.iter().sum::<u32>() as usize);
+    // A distribution at each position: the listed ids hold mass M (1 at every fifth
+    // position, no tail), halving from one to the next; the tail holds 1 - M.
+    let listed_mass = |j: usize| match (k, j % 5) {
+        (0, _) => 0.0, // draws alone: all of it is tail
+        (_, 4) => 1.0,
+        _ => 0.5 + 0.4 * value(j).abs() as f64,
+    };
+    let mut logprobs = vec![];
+    for j in 0..p {
+        let m = lengths.as_ref().map_or(k, |l| l[j] as usize);
+        let norm: f64 = (0..m).map(|x| 0.5f64.powi(x as i32)).sum();
+        logprobs.extend((0..m).map(|x| f16::from_f64((listed_mass(j) * 0.5f64.powi(x as i32) / norm).ln())));
+    }
     let topk = TopKTargets {
         k,
         lengths,
         ids: (0..n).map(|i| (i as u32 * 31 + index as u32) % max_id).collect(),
-        logprobs: (0..n).map(|i| f16::from_f32(-(i as f32) * 0.25)).collect(),
-        tail_logmass: (0..p).map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { -value(i).abs() }).collect(),
+        logprobs,
+        tail_logmass: (0..p).map(|j| (1.0 - listed_mass(j)).ln() as f32).collect(),
         target_logprob: (0..p).map(|i| -1.5 - value(i)).collect(),
         draws: layout.draws.then(|| draws(p, max_id)),
         uld: None,

@@ -9,21 +9,13 @@ use super::run_dir;
 use crate::align::set::student_targets;
 use crate::losses::uld::{head_logits, uld_per_group, UldBatch};
 use crate::model::CausalLm;
-use crate::shards::manifest::Manifest;
 use crate::shards::reader::ShardSet;
 
 /// The teacher's targets in the student's tokens, made in `OUTPUT/student-targets` by
-/// the first run and reused by later ones (and by every rank of a data-parallel run,
-/// which only reads them).
+/// the first run and reused by later ones (in a data-parallel run rank 0 makes them and
+/// the other ranks read them: `Parallel::first_makes`).
 pub(super) fn student_side_set(cfg: &TrainConfig, c: &CrossTokenizerSettings) -> Result<ShardSet> {
     let dir = cfg.output.join(run_dir::STUDENT_TARGETS_DIR);
-    let several = cfg.world.as_ref().is_some_and(|w| w.world > 1);
-    if several && !Manifest::load(&dir).is_ok_and(|m| m.complete) {
-        bail!(
-            "--cross-tokenizer with several processes: {} does not hold the student-side targets yet; make them with one process first (e.g. --steps 1 --stop-at 1), then --resume",
-            dir.display()
-        );
-    }
     let made = student_targets(&cfg.shards, c.teacher_tokenizer.as_deref(), &cfg.student, &dir)?;
     if let Some(s) = made.stats {
         eprintln!(

@@ -160,6 +160,30 @@ impl Parallel {
         Ok(self.is_first().then_some(out))
     }
 
+    /// Rank 0 runs `make` (files the other ranks then read) and returns its value; the
+    /// other ranks wait for it however long it takes, and stop with rank 0's error if
+    /// it fails, or as soon as it is gone (its store goes with it): never a hang.
+    pub fn first_makes<T>(&self, what: &str, make: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+        let key = format!("made/{what}");
+        if self.is_first() {
+            let made = make();
+            let note = match &made {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            self.group.store_set(&key, note.as_bytes())?;
+            return made.map(Some);
+        }
+        loop {
+            match self.group.store_get(&key, Duration::from_secs(5)) {
+                Ok(Some(note)) if note == b"ok" => return Ok(None),
+                Ok(Some(note)) => bail!("rank 0 could not make {what}: {}", String::from_utf8_lossy(&note)),
+                Ok(None) => continue,
+                Err(e) => bail!("rank {}: rank 0 stopped while making {what}: {e:#}", self.world.rank),
+            }
+        }
+    }
+
     /// Tells the other ranks why this one stops (best effort: the store may be gone).
     pub fn report(&self, message: &str) {
         let _ = self.group.store_set(&failed_key(self.world.rank), message.as_bytes());

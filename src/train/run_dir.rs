@@ -20,6 +20,8 @@ pub const STUDENT_TARGETS_DIR: &str = "student-targets";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// TensorBoard's event files, unless `--tensorboard` puts them elsewhere.
 pub const TENSORBOARD_DIR: &str = "tensorboard";
+/// Held (flock) by the process writing the run, so that a second one is refused.
+pub const LOCK_FILE: &str = ".lock";
 const FORMAT: &str = "distill-run";
 
 /// What a run was made with; a resumed run must match it.
@@ -116,7 +118,8 @@ impl RunRecord {
 /// this run; writes nothing.
 pub fn check(cfg: &TrainConfig, record: &RunRecord) -> Result<Option<PathBuf>> {
     let out = &cfg.output;
-    let names = dir_entries(out)?;
+    // The lock file alone is what a run that stopped before its first write leaves.
+    let names: Vec<String> = dir_entries(out)?.into_iter().filter(|n| n != LOCK_FILE).collect();
     let Some(first) = names.first() else { return Ok(None) };
     if !cfg.resume {
         bail!(
@@ -147,6 +150,57 @@ pub fn check(cfg: &TrainConfig, record: &RunRecord) -> Result<Option<PathBuf>> {
         }
     }
     latest_checkpoint(out)
+}
+
+/// The run folder held by this process for as long as the value lives: another `train`
+/// on the same --output (a `--resume` while this run writes, say) is refused, naming
+/// this process. The operating system drops the lock when the process ends, however it
+/// ends, so an interrupted run never leaves a stale one.
+pub struct RunLock {
+    _file: std::fs::File,
+    dir: PathBuf,
+    created_dir: bool,
+}
+
+pub fn lock(out: &Path) -> Result<RunLock> {
+    let created_dir = !out.exists();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    let path = out.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "{}: another distill train (process {}) is writing this run; wait for it to end, or choose another --output",
+                out.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+    use std::io::Write;
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(RunLock { _file: file, dir: out.to_path_buf(), created_dir })
+}
+
+impl Drop for RunLock {
+    /// A run that stopped before writing anything leaves the folder as it found it.
+    fn drop(&mut self) {
+        if dir_entries(&self.dir).is_ok_and(|n| n == [LOCK_FILE]) {
+            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+            if self.created_dir {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
+    }
 }
 
 /// Creates the output directory, records the run and opens `metrics.jsonl` for
@@ -181,6 +235,7 @@ fn is_run_entry(name: &str) -> bool {
         name,
         RUN_FILE
             | METRICS_FILE
+            | LOCK_FILE
             | TENSORBOARD_DIR
             | STUDENT_TARGETS_DIR
             | "loss.png"

@@ -71,6 +71,8 @@ struct Run<'a> {
     /// Rank 0's (or the only process's).
     log: Option<RunLog>,
     parallel: Option<Parallel>,
+    /// Rank 0's (or the only process's) hold on the run folder.
+    _lock: Option<run_dir::RunLock>,
 }
 
 impl<'a> Run<'a> {
@@ -93,11 +95,9 @@ impl<'a> Run<'a> {
         if let Some(dir) = &cfg.tensorboard {
             check_dir(dir, resume_from.is_some())?;
         }
-        if let Some(c) = &cfg.cross_tokenizer {
-            set = Arc::new(student_side_set(cfg, c)?);
-            set.check_student(&tokenizer_hash, config.vocab_size, false)?;
-        }
-        let targets = cfg.target_options(&set.manifest.settings.capture)?;
+        // Every check of the folder has passed: hold it before the first write.
+        let writes = cfg.world.as_ref().is_none_or(|w| w.rank == 0);
+        let lock = writes.then(|| run_dir::lock(&cfg.output)).transpose()?;
         let mut parallel = match &cfg.world {
             Some(world) => {
                 let p = Parallel::join(world, cfg.parallel, cfg.device)?;
@@ -117,6 +117,19 @@ impl<'a> Run<'a> {
             }
             None => None,
         };
+        if let Some(c) = &cfg.cross_tokenizer {
+            // Made once, by rank 0 (or the only process); the other ranks read them.
+            let made = match &parallel {
+                Some(p) => p.first_makes("the student-side targets", || student_side_set(cfg, c))?,
+                None => Some(student_side_set(cfg, c)?),
+            };
+            set = Arc::new(match made {
+                Some(set) => set,
+                None => student_side_set(cfg, c)?,
+            });
+            set.check_student(&tokenizer_hash, config.vocab_size, false)?;
+        }
+        let targets = cfg.target_options(&set.manifest.settings.capture)?;
         tch::manual_seed(cfg.seed as i64);
 
         let weights = cfg.memory.weight_kind();
@@ -150,7 +163,7 @@ impl<'a> Run<'a> {
         let share = parallel.as_ref().map_or(Share::ALL, Parallel::share);
         let loader = batch_loader(cfg, &set, targets, hidden.as_ref(), &state, share);
         let precision = cfg.resolved_precision();
-        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, log, parallel })
+        Ok(Run { cfg, model, hidden, named, params, opt, loader, state, precision, log, parallel, _lock: lock })
     }
 
     /// Optimiser step `step` (0-based) over `grad_accum` micro-batches of each rank.

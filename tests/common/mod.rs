@@ -58,6 +58,13 @@ pub fn sample() -> PathBuf {
     repo().join("tests/data/sample.jsonl")
 }
 
+/// Panics unless `msg` (a refusal) names every one of `parts`.
+pub fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "the message should name {p:?}:\n{msg}");
+    }
+}
+
 /// `distill precompute` of tiny teacher `model` over `input` into `out` (on the CPU
 /// unless `extra` names `--devices`).
 pub fn precompute(model: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {

@@ -95,6 +95,18 @@ const GEMMA_FIELDS: &[&str] = &["attn_logit_softcapping", "final_logit_softcappi
 const MOE_FIELDS: &[&str] = &["num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok"];
 
 impl ModelConfig {
+    /// The one rule on length, for every command that runs a model: it reads at most
+    /// `max_position_embeddings` positions at once (past them its rotary positions were
+    /// never trained). Packed rows restart positions per document: each document counts.
+    pub fn check_length(&self, tokens: usize) -> Result<()> {
+        match self.max_position_embeddings {
+            Some(context) if tokens > context => {
+                bail!("{tokens} tokens are more than the model reads at once ({context}, its max_position_embeddings)")
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
@@ -317,23 +329,25 @@ impl ModelConfig {
 
     /// Parameters of the model this config describes (every expert counted).
     pub fn num_parameters(&self) -> u64 {
-        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
-        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        // In 128 bits: sizes up to 2^31 multiply without wrapping; saturated to u64.
+        let (h, v) = (self.hidden_size as u128, self.vocab_size as u128);
+        let (q, kv) = ((self.num_heads * self.head_dim) as u128, (self.num_kv_heads * self.head_dim) as u128);
         let attention = 2 * h * q + 2 * h * kv;
-        let mlp = |width: usize| 3 * h * width as u64;
-        let feed_forward: u64 = (0..self.num_layers)
+        let mlp = |width: usize| 3 * h * width as u128;
+        let feed_forward: u128 = (0..self.num_layers)
             .map(|i| match &self.moe {
                 Some(m) if m.sparse_layers[i] => {
                     let shared = m.shared_expert_intermediate_size.map_or(0, |w| mlp(w) + h);
-                    m.num_experts as u64 * (mlp(m.expert_intermediate_size) + h) + shared
+                    m.num_experts as u128 * (mlp(m.expert_intermediate_size) + h) + shared
                 }
                 _ => mlp(self.intermediate_size),
             })
             .sum();
         let embeddings = v * h * if self.tie_word_embeddings { 1 } else { 2 };
         let norms =
-            h * if self.sandwich_norms { 4 } else { 2 } + if self.qk_norm { 2 * self.head_dim as u64 } else { 0 };
-        embeddings + self.num_layers as u64 * (attention + norms) + feed_forward + h
+            h * if self.sandwich_norms { 4 } else { 2 } + if self.qk_norm { 2 * self.head_dim as u128 } else { 0 };
+        let total = embeddings + self.num_layers as u128 * (attention + norms) + feed_forward + h;
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
 }
 

@@ -95,24 +95,30 @@ fn default_init_range() -> f64 {
 
 /// Sizes, with the least value each may take; a dense family's config may carry the
 /// expert counts as 0 (the MoE families' own checks come later).
-const SIZES: &[(&str, u64)] = &[
-    ("vocab_size", 1),
-    ("hidden_size", 1),
-    ("intermediate_size", 1),
-    ("num_hidden_layers", 1),
-    ("num_attention_heads", 1),
-    ("num_key_value_heads", 1),
-    ("head_dim", 1),
-    ("max_position_embeddings", 1),
-    ("moe_intermediate_size", 1),
-    ("shared_expert_intermediate_size", 1),
-    ("decoder_sparse_step", 1),
-    ("num_experts_per_tok", 0),
-    ("num_experts", 0),
-    ("num_local_experts", 0),
+/// Above any real width or length (2^31 - 1), and small enough that products of sizes
+/// cannot wrap; counts (layers, heads, experts) that size per-item tables stop at 2^16.
+const MAX_SIZE: u64 = i32::MAX as u64;
+const MAX_COUNT: u64 = 1 << 16;
+
+/// (field, least, most).
+const SIZES: &[(&str, u64, u64)] = &[
+    ("vocab_size", 1, MAX_SIZE),
+    ("hidden_size", 1, MAX_SIZE),
+    ("intermediate_size", 1, MAX_SIZE),
+    ("num_hidden_layers", 1, MAX_COUNT),
+    ("num_attention_heads", 1, MAX_COUNT),
+    ("num_key_value_heads", 1, MAX_COUNT),
+    ("head_dim", 1, MAX_SIZE),
+    ("max_position_embeddings", 1, MAX_SIZE),
+    ("moe_intermediate_size", 1, MAX_SIZE),
+    ("shared_expert_intermediate_size", 1, MAX_SIZE),
+    ("decoder_sparse_step", 1, MAX_COUNT),
+    ("num_experts_per_tok", 0, MAX_COUNT),
+    ("num_experts", 0, MAX_COUNT),
+    ("num_local_experts", 0, MAX_COUNT),
     // Qwen2-MoE writes a window of 0 when no layer slides.
-    ("sliding_window", 0),
-    ("max_window_layers", 0),
+    ("sliding_window", 0, MAX_SIZE),
+    ("max_window_layers", 0, MAX_SIZE),
 ];
 
 /// Numbers that must be positive: each divides, or is the base of a power, in the
@@ -126,9 +132,10 @@ const POSITIVE: &[&str] = &["rope_theta", "rms_norm_eps", "rope_local_base_freq"
 /// two values. Before any weight is read, so a broken teacher costs nothing.
 pub(super) fn check_values(raw: &Map<String, Value>) -> Result<()> {
     let present = |name: &str| raw.get(name).filter(|v| !v.is_null());
-    for &(name, least) in SIZES {
+    for &(name, least, most) in SIZES {
         if let Some(v) = present(name) {
             match v.as_u64() {
+                Some(n) if n > most => bail!("field `{name}`: {v} is larger than any model's (at most {most})"),
                 Some(n) if n >= least => {}
                 _ if least == 1 => bail!("field `{name}`: {v} must be a positive whole number"),
                 _ => bail!("field `{name}`: {v} must be a whole number (0 or more)"),
