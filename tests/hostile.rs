@@ -315,7 +315,8 @@ fn kill_resume_script_runs_every_job() {
     let bin = std::env::var("DISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_distill").to_string());
     let out = std::process::Command::new(python())
         .arg(repo().join("scripts/kill_resume.py"))
-        .args(["--distill", &bin, "--models", s(fixtures()), "--trials", "1", "--work", s(&tmp.path().join("w"))])
+        .args(["--distill", &bin, "--models", s(fixtures()), "--trials", "1", "--copies", "4"])
+        .args(["--work", s(&tmp.path().join("w"))])
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
