@@ -14,7 +14,14 @@ fn transformers_logits(dir: &Path, ids: &Tensor, mask: &Tensor, work: &Path) -> 
     read_tensors(&out).remove("logits").unwrap()
 }
 
+/// The tests of this file run their forwards one at a time: concurrent tests share
+/// libtorch's OpenMP threads, and one CI run (2026-12-06) saw two forwards of identical
+/// weights differ by 1.9e-4 while the tests ran side by side (not reproduced in 11 runs
+/// since; noted in the issue-30 note).
+static FORWARDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn roundtrip(name: &str, kind: Kind, max_shard_bytes: usize) {
+    let _one_at_a_time = FORWARDS.lock().unwrap_or_else(|e| e.into_inner());
     let tol = 1e-4;
     let src = model_dir(name);
     let reference = read_tensors(&src.join("reference.safetensors"));
@@ -27,6 +34,12 @@ fn roundtrip(name: &str, kind: Kind, max_shard_bytes: usize) {
 
     let ours = tch::no_grad(|| model.forward(ids, Some(mask), &[])).unwrap().logits;
     let again = CausalLm::load(&saved, Device::Cpu, kind).unwrap();
+    // The reload holds the very tensors (bit for bit), and computes the very logits.
+    let (before, after) = (model.vs.variables(), again.vs.variables());
+    assert_eq!(before.len(), after.len(), "{name}: the reload has other tensors");
+    for (n, t) in &before {
+        assert!(t.equal(&after[n]), "{name}: {n} changed in the save");
+    }
     let ours_again = tch::no_grad(|| again.forward(ids, Some(mask), &[])).unwrap().logits;
     assert_eq!(rel_err(&ours_again, &ours, Some(mask)), 0.0, "{name}: reloading our own save changed the logits");
 
