@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// Recompute each layer's activations during backward (less memory, one more forward).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     recompute: Option<bool>,
+    /// Recompute the first N layers only, whatever --recompute says; the others keep their
+    /// activations (memory and time in between; N above the model's layers: every layer).
+    #[arg(long, value_name = "N")]
+    recompute_layers: Option<usize>,
     /// auto (bf16 on CUDA, f32 on CPU), f32, or bf16 autocast with float32 weights [default: auto].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
@@ -297,7 +301,12 @@ pub fn config_from(args: TrainArgs) -> Result<TrainConfig> {
         batch_tokens: a.batch_tokens.unwrap_or(d.batch_tokens),
         pack: a.pack.or(d.pack),
         seq_len: a.seq_len,
-        recompute: a.recompute.unwrap_or(d.recompute),
+        recompute: match (a.recompute, a.recompute_layers) {
+            (_, Some(n)) => n,
+            (Some(true), None) => usize::MAX,
+            (Some(false), None) => 0,
+            (None, None) => d.recompute,
+        },
         precision: match a.precision {
             None | Some(PrecisionArg::Auto) => Precision::Auto,
             Some(PrecisionArg::F32) => Precision::Float32,
@@ -442,5 +451,26 @@ mod tests {
         assert_eq!(cfg.schedule.peak_lr, 0.5, "the file fills what the flags leave out");
         assert!(cfg.pack == Some(true) && cfg.kd.divergence == Divergence::Jsd { beta: 0.5 });
         assert_eq!(cfg.batch_tokens, TrainConfig::default().batch_tokens, "the library's default");
+    }
+
+    #[test]
+    fn recompute_flags_give_the_layers_recomputed() {
+        let layers = |recompute: Option<bool>, recompute_layers: Option<usize>| {
+            let args = TrainArgs {
+                recompute,
+                recompute_layers,
+                student: Some("s".into()),
+                shards: Some("d".into()),
+                output: Some("o".into()),
+                device: Some("cpu".into()),
+                ..TrainArgs::default()
+            };
+            config_from(args).unwrap().recompute
+        };
+        assert_eq!(layers(None, None), 0, "none by default");
+        assert_eq!(layers(Some(true), None), usize::MAX, "--recompute: every layer");
+        assert_eq!(layers(Some(false), None), 0);
+        assert_eq!(layers(None, Some(8)), 8);
+        assert_eq!(layers(Some(false), Some(8)), 8, "a pipeline file's `recompute = false` does not undo the count");
     }
 }

@@ -1,9 +1,11 @@
 //! A training step's forward and backward through the body, optionally with activation
-//! recomputation per layer: only each layer's input is kept during the forward pass
-//! (no graph), and during backward each layer is run again with its graph, from the
+//! recomputation per layer: only each recomputed layer's input is kept during the forward
+//! pass (no graph), and during backward each layer is run again with its graph, from the
 //! last to the first, and backpropagated at once. Activation memory drops from every
 //! layer's intermediates to one `[batch, seq, hidden]` tensor per layer plus one
-//! layer's graph, for one extra forward pass. tch has no custom autograd functions, so
+//! layer's graph, for one extra forward pass. Recomputing only the first `k` layers
+//! (Megatron's `--recompute-num-layers`) keeps the others' graphs from the forward pass:
+//! memory and time in between, in proportion. tch has no custom autograd functions, so
 //! the chain rule across layers is applied here: a layer's output gradient enters its
 //! recomputed graph as the surrogate `sum(output * gradient)`. Either way, in a step's
 //! first micro-batch, the embeddings' output is a leaf whose gradient is added into the
@@ -11,7 +13,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::moe::RouterBalance;
+use super::moe::{RouterBalance, RouterRecord};
 use super::transformer::{ForwardInput, Transformer};
 
 /// Loss terms a step attaches to the body's outputs; each returns a scalar to backpropagate.
@@ -36,19 +38,21 @@ pub trait StepLosses {
 }
 
 impl Transformer {
-    /// Forward, losses and backward: parameter gradients accumulate in `.grad()`.
+    /// Forward, losses and backward: parameter gradients accumulate in `.grad()`. The
+    /// first `recompute` layers (all of them for `usize::MAX`) are recomputed during
+    /// backward; 0 keeps one graph of the whole body.
     pub fn forward_backward(
         &self,
         input: &ForwardInput,
         capture: &[usize],
-        recompute: bool,
+        recompute: usize,
         losses: &mut dyn StepLosses,
     ) -> Result<()> {
         let weight = losses.router_balance_weight();
         let balance = weight > 0.0 && self.has_experts();
         // Built only for the balance loss (no work per micro-batch without it).
         let real = if balance { real_tokens(input) } else { Tensor::new() };
-        if !recompute {
+        if recompute == 0 {
             self.record_routing(balance);
             let in_place = self.embeds_in_place(losses.fresh_gradients());
             let embedded = if in_place { self.embed_leaf(input.input_ids) } else { self.embed(input.input_ids) };
@@ -60,7 +64,7 @@ impl Transformer {
             for (slot, state) in out.captured.iter().enumerate() {
                 total = total.g_add(&losses.on_captured(slot, state)?.to_device(total.device()));
             }
-            if let Some(b) = RouterBalance::new(&records, &real) {
+            if let Some(b) = RouterBalance::new(&records.iter().collect::<Vec<_>>(), &real) {
                 let loss = records
                     .iter()
                     .map(|r| b.term(r, &real).to_device(total.device()))
@@ -75,27 +79,44 @@ impl Transformer {
             return Ok(());
         }
         let n = self.check_capture(capture)?;
+        let recomputed = recompute.min(n);
         let slots_at = |index: usize| capture.iter().enumerate().filter(move |(_, &c)| c == index).map(|(s, _)| s);
-        // Forward without a graph, keeping each layer's input (and counting the routers'
-        // choices, which the load-balancing terms of the recomputed layers need).
+        // Forward, keeping each layer's input; without a graph for the recomputed layers,
+        // with one (cut at the layer's input) for the others. The routers' choices of
+        // every layer are counted: the load-balancing terms need all of them.
         self.record_routing(balance);
-        let forward = tch::no_grad(|| -> Result<_> {
-            let x = self.embed(input.input_ids);
-            let mut ctx = self.layer_context(input, x.kind())?;
+        let forward = (|| -> Result<_> {
+            let x = tch::no_grad(|| self.embed(input.input_ids));
+            let mut ctx = tch::no_grad(|| self.layer_context(input, x.kind()))?;
             let mut inputs = vec![x];
+            let mut graphs = vec![];
+            let mut routing = vec![];
             for i in 0..n {
-                let next = self.layer_forward(i, &inputs[i], &mut ctx);
+                let next = if i < recomputed {
+                    tch::no_grad(|| self.layer_forward(i, &inputs[i], &mut ctx))
+                } else {
+                    let x = inputs[i].detach().set_requires_grad(true);
+                    let out = self.layer_forward(i, &x, &mut ctx);
+                    let next = out.detach();
+                    graphs.push((x, out));
+                    next
+                };
+                routing.push(self.take_routing());
                 inputs.push(next);
             }
-            Ok((inputs, ctx))
-        });
-        let records = self.take_routing();
-        let (mut inputs, mut ctx) = forward.inspect_err(|_| self.record_routing(false))?;
-        let router_balance = RouterBalance::new(&records, &real);
-        if let Some(b) = &router_balance {
-            losses.on_router_balance(records.iter().map(|r| b.term(r, &real).double_value(&[])).sum());
-        }
-        drop(records);
+            Ok((inputs, ctx, graphs, routing))
+        })();
+        let (mut inputs, mut ctx, mut graphs, mut routing) = forward.inspect_err(|_| self.record_routing(false))?;
+        let router_balance = {
+            let records: Vec<&RouterRecord> = routing.iter().flatten().collect();
+            let b = RouterBalance::new(&records, &real);
+            if let Some(b) = &b {
+                losses.on_router_balance(records.iter().map(|r| b.term(r, &real).double_value(&[])).sum());
+            }
+            b
+        };
+        // A recomputed layer's terms come from its recomputation: these were for the count.
+        routing[..recomputed].iter_mut().for_each(Vec::clear);
         // The head and every loss on the final hidden state.
         let top = inputs.pop().expect("n + 1 inputs").detach().set_requires_grad(true);
         let last = self.final_norm(&top);
@@ -105,14 +126,21 @@ impl Transformer {
         }
         total.backward();
         let mut grad = grad_or_zeros(&top);
-        // Each layer again, last to first, with its graph.
+        // Each layer, last to first: its graph from the forward pass, or run again.
         for i in (0..n).rev() {
-            let x = inputs.pop().expect("one input per layer").detach().set_requires_grad(true);
-            let out = self.layer_forward(i, &x, &mut ctx);
+            let input = inputs.pop().expect("one input per layer");
+            let (x, out, records) = if i < recomputed {
+                let x = input.detach().set_requires_grad(true);
+                let out = self.layer_forward(i, &x, &mut ctx);
+                (x, out, self.take_routing())
+            } else {
+                let (x, out) = graphs.pop().expect("one graph per kept layer");
+                (x, out, std::mem::take(&mut routing[i]))
+            };
             let mut total = (&out * grad.to_device(out.device())).sum(Kind::Float);
             if let Some(b) = &router_balance {
-                for r in self.take_routing() {
-                    total = total.g_add(&(b.term(&r, &real) * weight).to_device(total.device()));
+                for r in &records {
+                    total = total.g_add(&(b.term(r, &real) * weight).to_device(total.device()));
                 }
             }
             if i + 1 < n {
@@ -214,7 +242,7 @@ mod tests {
         let capture = [0usize, 2, 3, 2];
         let weights = (0..capture.len()).map(|_| Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu))).collect();
         let mut probe = Probe { weights, balance: vec![] };
-        let grads = |recompute: bool, probe: &mut Probe| -> Vec<Tensor> {
+        let grads = |recompute: usize, probe: &mut Probe| -> Vec<Tensor> {
             let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             for (_, v) in &vars {
@@ -226,21 +254,27 @@ mod tests {
             model.transformer.forward_backward(&input, &capture, recompute, probe).unwrap();
             vars.iter().map(|(_, v)| v.grad().copy()).collect()
         };
-        let plain = grads(false, &mut probe);
-        let recomputed = grads(true, &mut probe);
-        // The balance loss: reported once per pass, the same both ways, > 0 with experts.
+        let plain = grads(0, &mut probe);
+        // Every layer recomputed, the first one or two (the others keep their graphs),
+        // and more than there are layers.
+        let counts = [usize::MAX, 1, 2, 3, 4];
+        for &k in &counts {
+            let recomputed = grads(k, &mut probe);
+            assert_eq!(plain.len(), recomputed.len());
+            for (a, b) in plain.iter().zip(&recomputed) {
+                let scale = a.abs().max().double_value(&[]);
+                assert!(scale > 0.0, "every parameter gets a gradient");
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff <= 1e-5 * scale, "{k} recomputed: max |difference| {diff:e} vs max |gradient| {scale:e}");
+            }
+        }
+        // The balance loss: reported once per pass, the same every way, > 0 with experts.
         if moe {
-            assert_eq!(probe.balance.len(), 2);
-            assert!(probe.balance[0] > 0.0 && (probe.balance[0] - probe.balance[1]).abs() < 1e-6 * probe.balance[0]);
+            assert_eq!(probe.balance.len(), 1 + counts.len());
+            let first = probe.balance[0];
+            assert!(first > 0.0 && probe.balance.iter().all(|b| (b - first).abs() < 1e-6 * first));
         } else {
             assert!(probe.balance.is_empty());
-        }
-        assert_eq!(plain.len(), recomputed.len());
-        for (a, b) in plain.iter().zip(&recomputed) {
-            let scale = a.abs().max().double_value(&[]);
-            assert!(scale > 0.0, "every parameter gets a gradient");
-            let diff = (a - b).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5 * scale, "max |difference| {diff:e} vs max |gradient| {scale:e}");
         }
     }
 }

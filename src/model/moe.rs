@@ -182,7 +182,7 @@ pub struct RouterBalance {
 impl RouterBalance {
     /// From every layer's records of one forward; `mask` `[tokens]` float32 (1 = real
     /// token). None when no layer routed a real token.
-    pub fn new(records: &[RouterRecord], mask: &Tensor) -> Option<Self> {
+    pub fn new(records: &[&RouterRecord], mask: &Tensor) -> Option<Self> {
         let first = records.first()?;
         let (experts, k) = (first.probs.size()[1], first.chosen.size()[1]);
         let mut counts = Tensor::zeros([experts], (Kind::Float, mask.device()));

@@ -30,8 +30,9 @@ pub struct TrainConfig {
     /// `pack_to`.
     pub pack: Option<bool>,
     pub seq_len: Option<usize>,
-    /// Keep only each layer's input and recompute the layer during backward.
-    pub recompute: bool,
+    /// Layers (the first ones) that keep only their input and are recomputed during
+    /// backward: 0 none, `usize::MAX` all (see `Transformer::forward_backward`).
+    pub recompute: usize,
     pub precision: Precision,
     /// How the training state is kept: weights, moments, where (see `MemorySettings`).
     pub memory: MemorySettings,
@@ -176,7 +177,7 @@ impl Default for TrainConfig {
             batch_tokens: 8192,
             pack: None,
             seq_len: None,
-            recompute: false,
+            recompute: 0,
             precision: Precision::Auto,
             memory: MemorySettings::default(),
             grad_accum: 1,
