@@ -64,7 +64,7 @@ impl Transformer {
             for (slot, state) in out.captured.iter().enumerate() {
                 total = total.g_add(&losses.on_captured(slot, state)?.to_device(total.device()));
             }
-            if let Some(b) = RouterBalance::new(&records.iter().collect::<Vec<_>>(), &real) {
+            if let Some(b) = RouterBalance::new(&records, &real) {
                 let loss = records
                     .iter()
                     .map(|r| b.term(r, &real).to_device(total.device()))
@@ -109,7 +109,7 @@ impl Transformer {
         let (mut inputs, mut ctx, mut graphs, mut routing) = forward.inspect_err(|_| self.record_routing(false))?;
         let router_balance = {
             let records: Vec<&RouterRecord> = routing.iter().flatten().collect();
-            let b = RouterBalance::new(&records, &real);
+            let b = RouterBalance::new(records.iter().copied(), &real);
             if let Some(b) = &b {
                 losses.on_router_balance(records.iter().map(|r| b.term(r, &real).double_value(&[])).sum());
             }

@@ -182,16 +182,19 @@ pub struct RouterBalance {
 impl RouterBalance {
     /// From every layer's records of one forward; `mask` `[tokens]` float32 (1 = real
     /// token). None when no layer routed a real token.
-    pub fn new(records: &[&RouterRecord], mask: &Tensor) -> Option<Self> {
-        let first = records.first()?;
+    pub fn new<'a>(records: impl IntoIterator<Item = &'a RouterRecord>, mask: &Tensor) -> Option<Self> {
+        let mut records = records.into_iter().peekable();
+        let first = records.peek()?;
         let (experts, k) = (first.probs.size()[1], first.chosen.size()[1]);
         let mut counts = Tensor::zeros([experts], (Kind::Float, mask.device()));
+        let mut layers = 0;
         for r in records {
             let m = mask.to_device(r.chosen.device()).repeat_interleave_self_int(k, 0, None);
             let c = Tensor::zeros([experts], (Kind::Float, m.device())).scatter_add(0, &r.chosen.reshape([-1]), &m);
             counts += c.to_device(mask.device());
+            layers += 1;
         }
-        let rows = mask.sum(Kind::Double).double_value(&[]) * records.len() as f64;
+        let rows = mask.sum(Kind::Double).double_value(&[]) * layers as f64;
         (rows > 0.0).then(|| RouterBalance { fractions: counts / rows, scale: experts as f64 / rows })
     }
 
