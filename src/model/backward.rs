@@ -13,7 +13,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::moe::{RouterBalance, RouterRecord};
+use super::moe::RouterBalance;
 use super::transformer::{ForwardInput, Transformer};
 
 /// Loss terms a step attaches to the body's outputs; each returns a scalar to backpropagate.
@@ -107,14 +107,10 @@ impl Transformer {
             Ok((inputs, ctx, graphs, routing))
         })();
         let (mut inputs, mut ctx, mut graphs, mut routing) = forward.inspect_err(|_| self.record_routing(false))?;
-        let router_balance = {
-            let records: Vec<&RouterRecord> = routing.iter().flatten().collect();
-            let b = RouterBalance::new(records.iter().copied(), &real);
-            if let Some(b) = &b {
-                losses.on_router_balance(records.iter().map(|r| b.term(r, &real).double_value(&[])).sum());
-            }
-            b
-        };
+        let router_balance = RouterBalance::new(routing.iter().flatten(), &real);
+        if let Some(b) = &router_balance {
+            losses.on_router_balance(routing.iter().flatten().map(|r| b.term(r, &real).double_value(&[])).sum());
+        }
         // A recomputed layer's terms come from its recomputation: these were for the count.
         routing[..recomputed].iter_mut().for_each(Vec::clear);
         // The head and every loss on the final hidden state.
