@@ -8,8 +8,10 @@
 //! LD_LIBRARY_PATH (LD_LIBRARY_PATH still wins, which is how a prebuilt binary is
 //! pointed at another machine's torch).
 //!
-//! It also compiles `src/distributed/shim.cpp`, the c10d binding (see its header), and
+//! It also compiles `src/distributed/shim.cpp`, the c10d binding (see its header),
 //! `src/model/flash_varlen.cpp`, the variable-length flash attention forward,
+//! `src/model/fused.cpp`, RMSNorm and the gated MLP with their own backward, and
+//! `src/cpu_cache.cpp`, the caching CPU allocator for training,
 //! against the libtorch headers next to that folder, with the C++ ABI libtorch was built
 //! with (`LIBTORCH_CXX11_ABI`, default 1 as torch-sys assumes: every torch wheel since
 //! 2.7 uses the C++11 ABI).
@@ -36,6 +38,8 @@ fn main() {
 fn compile_c10d_shim(lib: &Path) {
     println!("cargo:rerun-if-changed=src/distributed/shim.cpp");
     println!("cargo:rerun-if-changed=src/model/flash_varlen.cpp");
+    println!("cargo:rerun-if-changed=src/model/fused.cpp");
+    println!("cargo:rerun-if-changed=src/cpu_cache.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib.parent().expect("libtorch's lib folder has a parent").join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -44,6 +48,8 @@ fn compile_c10d_shim(lib: &Path) {
         .cpp(true)
         .file("src/distributed/shim.cpp")
         .file("src/model/flash_varlen.cpp")
+        .file("src/model/fused.cpp")
+        .file("src/cpu_cache.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

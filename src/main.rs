@@ -48,6 +48,9 @@ fn main() {
     // cores: 437 tokens/s with sleeping workers, 243 with spinning ones).
     if matches!(cli.command, Command::Train(_) | Command::Generate(_)) {
         distill::runtime::tune_for_torch_loops_on_cpu();
+        if matches!(cli.command, Command::Train(_)) {
+            distill::runtime::cache_cpu_allocations();
+        }
     } else if matches!(cli.command, Command::Precompute(_)) {
         distill::runtime::keep_freed_memory_on_cpu();
     }

@@ -239,3 +239,77 @@ fn keep_freed_memory() {
         }
     }
 }
+
+extern "C" {
+    fn distill_cpu_cache_install();
+    fn distill_cpu_cache_release_idle();
+    fn distill_cpu_cache_bytes(mapped: *mut usize, cached: *mut usize);
+}
+
+/// Environment variable that keeps glibc's heap for `train`'s tensors (`glibc`), for
+/// comparison; anything else, or unset, caches (see `cache_cpu_allocations`).
+pub const CPU_ALLOCATOR_VAR: &str = "DISTILL_CPU_ALLOCATOR";
+
+/// Makes libtorch's CPU tensors of 1 MiB and more come from `cpu_cache.cpp`'s caching
+/// allocator (training on a machine without CUDA): blocks kept by size and reused every
+/// step, never fragmented, never zeroed again, returned once idle for a whole step
+/// (`release_idle_cpu_blocks`). Against glibc's untrimmed heap it measured the same rate
+/// and 1.4 / 2.2 GiB less peak memory on 135M / 360M-parameter KD steps (docs/scale.md).
+/// Returns whether it was installed.
+pub fn cache_cpu_allocations() -> bool {
+    if tch::Cuda::is_available() || std::env::var(CPU_ALLOCATOR_VAR).is_ok_and(|v| v == "glibc") {
+        return false;
+    }
+    // SAFETY: registers a process-lifetime allocator with libtorch; tensors made before
+    // keep their own deleters.
+    unsafe { distill_cpu_cache_install() };
+    true
+}
+
+/// Returns to the kernel the cached blocks not asked for since the previous call (a
+/// no-op without the caching allocator). Called once per optimiser step.
+pub fn release_idle_cpu_blocks() {
+    // SAFETY: takes the allocator's lock; safe whether or not it is installed.
+    unsafe { distill_cpu_cache_release_idle() };
+}
+
+/// Bytes the caching allocator holds from the kernel, and of those the cached (free) ones.
+pub fn cpu_cache_bytes() -> (usize, usize) {
+    let (mut mapped, mut cached) = (0, 0);
+    // SAFETY: writes two integers.
+    unsafe { distill_cpu_cache_bytes(&mut mapped, &mut cached) };
+    (mapped, cached)
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn the_caching_allocator_reuses_a_freed_block_and_returns_idle_ones() {
+        // SAFETY: as in `cache_cpu_allocations` (the other tests in this process then
+        // allocate through it too, as `train` does).
+        unsafe { distill_cpu_cache_install() };
+        // A size no other test asks for: 1 MiB + 3 x 64 KiB + 4 bytes, in floats.
+        let floats = ((1 << 20) + 3 * (64 << 10) + 4) / 4;
+        let a = Tensor::ones([floats], (Kind::Float, Device::Cpu));
+        let first = a.data_ptr();
+        let (mapped, _) = cpu_cache_bytes();
+        assert!(mapped >= floats as usize * 4);
+        drop(a);
+        let b = Tensor::zeros([floats], (Kind::Float, Device::Cpu));
+        assert_eq!(b.data_ptr(), first, "the freed block serves the next tensor of its size");
+        assert_eq!(b.sum(Kind::Float).double_value(&[]), 0.0, "a reused block holds what it is given");
+        drop(b);
+        // Idle through two release rounds, the block is unmapped; later tensors of its
+        // size get a new one.
+        release_idle_cpu_blocks();
+        release_idle_cpu_blocks();
+        let c = Tensor::ones([floats], (Kind::Float, Device::Cpu));
+        assert_eq!(c.sum(Kind::Float).double_value(&[]), floats as f64);
+        // Small tensors stay with glibc and work as before.
+        let small = Tensor::arange(100, (Kind::Float, Device::Cpu));
+        assert_eq!(small.sum(Kind::Float).double_value(&[]), 4950.0);
+    }
+}

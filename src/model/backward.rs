@@ -231,12 +231,15 @@ mod tests {
         let moe = config.moe.is_some();
         tch::manual_seed(3);
         let model = CausalLm::random(config, Device::Cpu, Kind::Float).unwrap();
-        let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
-        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([2, 7]);
+        // 2 x 40 positions: more than `layers::FEW_ROWS`, so the training graph has the
+        // fused norms and MLPs (`fused.rs`); the second row ends in padding.
+        let ids = Tensor::randint(50, [2, 40], (Kind::Int64, Device::Cpu));
+        let mask = Tensor::ones([2, 40], (Kind::Int64, Device::Cpu));
+        let _ = mask.get(1).narrow(0, 33, 7).fill_(0);
         let input = ForwardInput::new(&ids, Some(&mask));
         // Hidden states 0 (embeddings), 2 (a middle layer) and 3 (final) twice.
         let capture = [0usize, 2, 3, 2];
-        let weights = (0..capture.len()).map(|_| Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu))).collect();
+        let weights = (0..capture.len()).map(|_| Tensor::randn([2, 40, 16], (Kind::Float, Device::Cpu))).collect();
         let mut probe = Probe { weights, balance: vec![] };
         let grads = |recompute: usize, probe: &mut Probe| -> Vec<Tensor> {
             let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();

@@ -1,10 +1,12 @@
 //! The blocks every family is built from: RMSNorm (Llama's and Gemma's), linear maps and
 //! the gated MLP. Numerics follow transformers' modeling files: the norm in float32, cast
-//! back where each family casts.
+//! back where each family casts. Where a training graph is recorded, the norm and the
+//! MLP are `fused`'s functions with their own backward (same values, less kept).
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::config::{Activation, ModelConfig};
+use super::fused;
 use super::weights::{Init, VarBuilder};
 
 #[derive(Debug)]
@@ -27,6 +29,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if fused::wanted(x, &self.weight, FEW_ROWS) {
+            return fused::rms_norm(x, &self.weight, self.eps, self.plus_one);
+        }
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let variance = xf.square().mean_dim(-1, true, Kind::Float);
@@ -116,6 +121,26 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
+        let unbiased = gate.bias.is_none() && up.bias.is_none() && down.bias.is_none();
+        if unbiased && fused::wanted(x, &gate.weight, FEW_ROWS) {
+            return fused::gated_mlp(x, &gate.weight, &up.weight, &down.weight, self.activation);
+        }
+        self.decomposed(x)
+    }
+
+    /// `forward(norm.forward(x))`, in one fused function where a graph is recorded.
+    pub fn forward_normed(&self, norm: &RmsNorm, x: &Tensor) -> Tensor {
+        let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
+        let unbiased = gate.bias.is_none() && up.bias.is_none() && down.bias.is_none();
+        if unbiased && fused::wanted(x, &norm.weight, FEW_ROWS) {
+            let weights = [&gate.weight, &up.weight, &down.weight];
+            return fused::norm_gated_mlp(x, (&norm.weight, norm.eps, norm.plus_one), weights, self.activation);
+        }
+        self.forward(&norm.forward(x))
+    }
+
+    fn decomposed(&self, x: &Tensor) -> Tensor {
         let gate = self.gate_proj.forward(x);
         let gate = match self.activation {
             Activation::Silu => gate.silu(),

@@ -8,6 +8,7 @@ pub mod backward;
 pub mod config;
 pub mod decode;
 pub mod flash_varlen;
+pub mod fused;
 pub mod layers;
 pub mod logits;
 pub mod moe;

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
 use super::config::{Family, ModelConfig, MoeConfig};
-use super::layers::{linear, Mlp};
+use super::layers::{linear, Mlp, RmsNorm};
 use super::weights::{Init, VarBuilder};
 
 /// A layer's feed-forward block: dense, or experts.
@@ -48,6 +48,14 @@ impl FeedForward {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(x),
             FeedForward::Sparse(moe) => moe.forward(x),
+        }
+    }
+
+    /// `forward(norm.forward(x))`; a dense MLP takes both in one fused function.
+    pub fn forward_normed(&self, norm: &RmsNorm, x: &Tensor) -> Tensor {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward_normed(norm, x),
+            FeedForward::Sparse(moe) => moe.forward(&norm.forward(x)),
         }
     }
 }

@@ -81,7 +81,7 @@ impl DecoderLayer {
             None => t,
         };
         let h = x + normed(&self.attn_out_norm, attn);
-        let out = self.mlp.forward(&self.mlp_in_norm.forward(&h));
+        let out = self.mlp.forward_normed(&self.mlp_in_norm, &h);
         &h + normed(&self.mlp_out_norm, out)
     }
 }

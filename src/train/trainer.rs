@@ -206,6 +206,7 @@ impl<'a> Run<'a> {
         let grad_norm = clip_grad_norm(&self.params, cfg.clip_norm);
         let lr = cfg.schedule().lr(step);
         self.opt.step(lr);
+        crate::runtime::release_idle_cpu_blocks();
         let optimizer = optimizer_started.elapsed();
         if let Some(p) = &self.parallel {
             let gathering = Instant::now();
