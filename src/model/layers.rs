@@ -122,18 +122,21 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
-        let unbiased = gate.bias.is_none() && up.bias.is_none() && down.bias.is_none();
-        if unbiased && fused::wanted(x, &gate.weight, FEW_ROWS) {
+        if self.unbiased() && fused::wanted(x, &gate.weight, FEW_ROWS) {
             return fused::gated_mlp(x, &gate.weight, &up.weight, &down.weight, self.activation);
         }
         self.decomposed(x)
     }
 
+    /// Whether no projection has a bias (the fused functions take none).
+    fn unbiased(&self) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.bias.is_none())
+    }
+
     /// `forward(norm.forward(x))`, in one fused function where a graph is recorded.
     pub fn forward_normed(&self, norm: &RmsNorm, x: &Tensor) -> Tensor {
         let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
-        let unbiased = gate.bias.is_none() && up.bias.is_none() && down.bias.is_none();
-        if unbiased && fused::wanted(x, &norm.weight, FEW_ROWS) {
+        if self.unbiased() && fused::wanted(x, &norm.weight, FEW_ROWS) {
             let weights = [&gate.weight, &up.weight, &down.weight];
             return fused::norm_gated_mlp(x, (&norm.weight, norm.eps, norm.plus_one), weights, self.activation);
         }

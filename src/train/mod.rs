@@ -5,6 +5,7 @@
 //! reports (metrics.jsonl, TensorBoard, the loss `plot`); bf16 `autocast` and
 //! hidden-state projections (`hidden`) serve the step.
 pub mod autocast;
+mod batches;
 pub mod checkpoint;
 pub mod config;
 mod extras;

@@ -10,6 +10,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use super::autocast::AutocastGuard;
+use super::batches::batch_loader;
 use super::checkpoint::{restore, Checkpoint, TrainerState};
 use super::config::{Precision, TrainConfig};
 use super::extras::{hidden_distill, student_side_set};
@@ -20,9 +21,7 @@ use super::parallel::Parallel;
 use super::run_dir::{self, RunRecord};
 use super::step::{micro_step, LossSums};
 use super::tensorboard::check_dir;
-use crate::batch::feed::{BatchContent, BatchCounts, BatchLoader, Feed, FeedOptions, Loaded, MicroBatch, Share};
-use crate::batch::stream::{RowStream, StreamOptions};
-use crate::batch::targets::TargetOptions;
+use crate::batch::feed::{BatchCounts, BatchLoader, Loaded, MicroBatch, Share};
 use crate::files::checksum_file;
 use crate::model::CausalLm;
 use crate::shards::reader::ShardSet;
@@ -281,29 +280,4 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
-}
-
-/// Micro-batches from the stream position of `state`, built ahead on a thread.
-fn batch_loader(
-    cfg: &TrainConfig,
-    set: &Arc<ShardSet>,
-    targets: Option<TargetOptions>,
-    hidden: Option<&HiddenDistill>,
-    state: &TrainerState,
-    share: Share,
-) -> BatchLoader {
-    let stream = RowStream::new(
-        set.clone(),
-        StreamOptions { seed: cfg.seed, window: 8, prefetch: 2, epochs: None, shuffle: cfg.shuffle },
-        state.position,
-    );
-    let content = BatchContent {
-        teacher: targets,
-        hidden_layers: hidden.map(|h| h.teacher_layers()).unwrap_or_default(),
-        // A set moved to the student's tokens (by --cross-tokenizer or cross-tokenize).
-        uld: set.manifest.settings.capture.cross_tokenizer.is_some() && targets.is_some(),
-    };
-    let pack_to = cfg.pack_to(set.manifest.settings.data.max_len);
-    let feed = Feed::new(stream, FeedOptions { batch_tokens: cfg.batch_tokens, pack_to });
-    BatchLoader::shared(feed, content, cfg.device, 2 * cfg.grad_accum.max(1) * share.of, share)
 }
