@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -43,16 +42,18 @@ struct Block {
 class CachingCpuAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    void* p = nullptr;
+    const c10::Device cpu(c10::DeviceType::CPU);
     if (n < kSmallest) {
-      p = c10::alloc_cpu(n);
-    } else {
-      const size_t size = rounded(n);
-      p = take(size);
-      if (p == nullptr) p = map(size);
+      // Freed straight by glibc, without this allocator's lock (`give_back` serves them
+      // too, for raw_deallocate).
+      void* p = c10::alloc_cpu(n);
+      return {p, p, &c10::free_cpu, cpu};
     }
+    const size_t size = rounded(n);
+    void* p = take(size);
+    if (p == nullptr) p = map(size);
     // Data and context alike, so libtorch's raw_allocate / raw_deallocate work too.
-    return {p, p, &give_back, c10::Device(c10::DeviceType::CPU)};
+    return {p, p, &give_back, cpu};
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &give_back; }
@@ -81,13 +82,6 @@ class CachingCpuAllocator final : public c10::Allocator {
   size_t mapped() {
     std::lock_guard<std::mutex> lock(mutex_);
     return mapped_;
-  }
-
-  size_t cached() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    size_t total = 0;
-    for (auto& [size, blocks] : free_) total += size * blocks.size();
-    return total;
   }
 
   static CachingCpuAllocator& instance() {
@@ -168,9 +162,6 @@ void distill_cpu_cache_install() { c10::SetCPUAllocator(&CachingCpuAllocator::in
 
 void distill_cpu_cache_release_idle() { CachingCpuAllocator::instance().release_idle(); }
 
-// Bytes mapped by the allocator (live and cached) and bytes cached (free, kept).
-void distill_cpu_cache_bytes(size_t* mapped, size_t* cached) {
-  *mapped = CachingCpuAllocator::instance().mapped();
-  *cached = CachingCpuAllocator::instance().cached();
-}
+// Bytes mapped by the allocator (in use and cached).
+size_t distill_cpu_cache_mapped() { return CachingCpuAllocator::instance().mapped(); }
 }

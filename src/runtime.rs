@@ -243,7 +243,7 @@ fn keep_freed_memory() {
 extern "C" {
     fn distill_cpu_cache_install();
     fn distill_cpu_cache_release_idle();
-    fn distill_cpu_cache_bytes(mapped: *mut usize, cached: *mut usize);
+    fn distill_cpu_cache_mapped() -> usize;
 }
 
 /// Environment variable that keeps glibc's heap for `train`'s tensors (`glibc`), for
@@ -255,15 +255,13 @@ pub const CPU_ALLOCATOR_VAR: &str = "DISTILL_CPU_ALLOCATOR";
 /// step, never fragmented, never zeroed again, returned once idle for a whole step
 /// (`release_idle_cpu_blocks`). Against glibc's untrimmed heap it measured the same rate
 /// and 1.4 / 2.2 GiB less peak memory on 135M / 360M-parameter KD steps (docs/scale.md).
-/// Returns whether it was installed.
-pub fn cache_cpu_allocations() -> bool {
+pub fn cache_cpu_allocations() {
     if tch::Cuda::is_available() || std::env::var(CPU_ALLOCATOR_VAR).is_ok_and(|v| v == "glibc") {
-        return false;
+        return;
     }
     // SAFETY: registers a process-lifetime allocator with libtorch; tensors made before
     // keep their own deleters.
     unsafe { distill_cpu_cache_install() };
-    true
 }
 
 /// Returns to the kernel the cached blocks not asked for since the previous call (a
@@ -273,12 +271,10 @@ pub fn release_idle_cpu_blocks() {
     unsafe { distill_cpu_cache_release_idle() };
 }
 
-/// Bytes the caching allocator holds from the kernel, and of those the cached (free) ones.
-pub fn cpu_cache_bytes() -> (usize, usize) {
-    let (mut mapped, mut cached) = (0, 0);
-    // SAFETY: writes two integers.
-    unsafe { distill_cpu_cache_bytes(&mut mapped, &mut cached) };
-    (mapped, cached)
+/// Bytes the caching allocator holds from the kernel (in use and cached).
+pub fn cpu_cache_mapped() -> usize {
+    // SAFETY: reads a counter under the allocator's lock.
+    unsafe { distill_cpu_cache_mapped() }
 }
 
 #[cfg(test)]
@@ -295,8 +291,7 @@ mod cache_tests {
         let floats = ((1 << 20) + 3 * (64 << 10) + 4) / 4;
         let a = Tensor::ones([floats], (Kind::Float, Device::Cpu));
         let first = a.data_ptr();
-        let (mapped, _) = cpu_cache_bytes();
-        assert!(mapped >= floats as usize * 4);
+        assert!(cpu_cache_mapped() >= floats as usize * 4);
         drop(a);
         let b = Tensor::zeros([floats], (Kind::Float, Device::Cpu));
         assert_eq!(b.data_ptr(), first, "the freed block serves the next tensor of its size");

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
@@ -73,6 +74,16 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& g, int6
   return at::gelu_backward(grad, g, activation == 1 ? "tanh" : "none");
 }
 
+// down(act(gate(x)) * up(x)) and the gate and up outputs that its backward keeps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_forward(const at::Tensor& x, const at::Tensor& gate_w,
+                                                           const at::Tensor& up_w, const at::Tensor& down_w,
+                                                           int64_t activation) {
+  auto gate = at::linear(x, gate_w);
+  auto up = at::linear(x, up_w);
+  auto y = at::linear(activate(gate, activation) * up, down_w);
+  return {y, gate, up};
+}
+
 struct MlpGrads {
   at::Tensor dx, gate_w, up_w, down_w;
 };
@@ -122,9 +133,7 @@ struct RmsNormFunction : public Function<RmsNormFunction> {
 struct GatedMlpFunction : public Function<GatedMlpFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate_w,
                             const at::Tensor& up_w, const at::Tensor& down_w, int64_t activation) {
-    auto gate = at::linear(x, gate_w);
-    auto up = at::linear(x, up_w);
-    auto y = at::linear(activate(gate, activation) * up, down_w);
+    auto [y, gate, up] = mlp_forward(x, gate_w, up_w, down_w, activation);
     ctx->save_for_backward({x, gate, up, gate_w, up_w, down_w});
     ctx->saved_data["activation"] = activation;
     return y;
@@ -148,9 +157,8 @@ struct NormGatedMlpFunction : public Function<NormGatedMlpFunction> {
     auto [normed, rstd] = normalise(x, eps);
     auto h = norm_output(x, normed, norm_w, plus_one);
     normed.reset();
-    auto gate = at::linear(h, gate_w);
-    auto up = at::linear(h, up_w);
-    auto y = at::linear(activate(gate, activation) * up, down_w);
+    auto [y, gate, up] = mlp_forward(h, gate_w, up_w, down_w, activation);
+    h.reset();
     ctx->save_for_backward({x, norm_w, rstd, gate, up, gate_w, up_w, down_w});
     ctx->saved_data["plus_one"] = plus_one;
     ctx->saved_data["activation"] = activation;
