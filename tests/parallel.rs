@@ -193,7 +193,7 @@ fn start_rank(rank: usize, port: u16, args: &[String]) -> Child {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    distill::distributed::launch::free_loopback_port().unwrap()
 }
 
 /// Waits for `child` at most `limit`; its stderr and how long it took.

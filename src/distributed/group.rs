@@ -254,7 +254,7 @@ mod tests {
     use tch::Kind;
 
     pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        crate::distributed::launch::free_loopback_port().unwrap()
     }
 
     pub fn options(port: u16, rank: usize, timeout: Duration) -> GroupOptions {
@@ -298,6 +298,41 @@ mod tests {
             let strided = Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)).tr();
             assert!(g.all_reduce(&[strided]).unwrap_err().to_string().contains("contiguous"));
         });
+    }
+
+    /// Groups of two ranks, four pairs at a time (eight c10d groups in this process),
+    /// whose first collectives start together: torch 2.11's flight recorder adds a group
+    /// to a map without its lock on the group's first collective, which crashed
+    /// (SIGSEGV) when two groups' first collectives met; the shim issues under one lock.
+    #[test]
+    fn groups_in_one_process_issue_collectives_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for _ in 0..3 {
+            // Not a std Barrier: a rank that failed to join would leave the others waiting.
+            let ready = std::sync::Arc::new(AtomicUsize::new(0));
+            let pairs: Vec<_> = (0..4)
+                .map(|_| {
+                    let ready = ready.clone();
+                    std::thread::spawn(move || {
+                        on_two_ranks(move |g| {
+                            ready.fetch_add(1, Ordering::SeqCst);
+                            let since = std::time::Instant::now();
+                            while ready.load(Ordering::SeqCst) < 8 && since.elapsed() < Duration::from_secs(20) {
+                                std::thread::yield_now();
+                            }
+                            for round in 0..4 {
+                                let t = Tensor::full([8], round as f64, (Kind::Float, tch::Device::Cpu));
+                                g.all_reduce(&[t.shallow_clone()]).unwrap();
+                                assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![2.0 * round as f32; 8]);
+                            }
+                        })
+                    })
+                })
+                .collect();
+            for p in pairs {
+                p.join().unwrap();
+            }
+        }
     }
 
     /// A peer that stops taking part makes the next collective fail after the timeout.

@@ -96,6 +96,31 @@ pub fn first_host(list: &str) -> Result<String> {
     Ok(first)
 }
 
+/// A loopback port nothing listens on, for a rendezvous this process starts: outside the
+/// kernel's ephemeral range (`ip_local_port_range`), since a port the kernel handed out
+/// (bind to port 0, then close) may be handed out again as another socket's local port
+/// before the store binds it (Gloo's pairs open several), and distinct within this
+/// process (a counter; the tests start many rendezvous at once).
+pub fn free_loopback_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.clamp(10_001, 65_536));
+    let span = high - low;
+    // Processes start at different offsets, so concurrent ones rarely try the same ports.
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span.min(4096) {
+        let port = low + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// Runs `nproc` copies of this program with `args` on this machine, as torchrun does
 /// (ranks 0..nproc, a free loopback port), and waits for them. When one fails, the
 /// others are stopped and the error names it; when this process dies (`kill -9`, a job
@@ -104,7 +129,7 @@ pub fn first_host(list: &str) -> Result<String> {
 /// all-core teams would each spin on every core.
 pub fn run_local(nproc: usize, args: &[OsString]) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find this program to start its ranks")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = free_loopback_port()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / nproc).max(1).to_string());
     let mut children: Vec<(usize, Child)> = vec![];

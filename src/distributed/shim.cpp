@@ -20,6 +20,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <string>
 
@@ -78,6 +79,19 @@ static char* message(const std::string& m) {
   } catch (...) {                              \
     return message("unknown C++ exception");   \
   }
+
+// Held while a collective is issued (not while it is waited for). torch 2.11's flight
+// recorder, which every collective goes through, adds a group to a map before taking its
+// own lock (FlightRecorderDetail.hpp, `recordWithResetEnabled`), so two groups issuing
+// their first collectives at once corrupt the map (SIGSEGV): several ranks in one process
+// (the tests) or several groups in one rank. Issuing only enqueues, so the lock is short.
+static std::mutex issue_mutex;
+
+template <typename F>
+static c10::intrusive_ptr<c10d::Work> issue(F f) {
+  std::lock_guard<std::mutex> lock(issue_mutex);
+  return f();
+}
 
 static std::vector<at::Tensor> tensors(at::Tensor* const* ts, int n) {
   std::vector<at::Tensor> v;
@@ -144,9 +158,12 @@ char* distill_backend_name(DistillGroup* g, char** out) { GUARD(*out = message(g
 char* distill_allreduce(DistillGroup* g, at::Tensor* const* ts, int n) {
   GUARD({
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (int i = 0; i < n; i++) {
-      std::vector<at::Tensor> one{*ts[i]};
-      works.push_back(g->backend->allreduce(one));
+    {
+      std::lock_guard<std::mutex> lock(issue_mutex);
+      for (int i = 0; i < n; i++) {
+        std::vector<at::Tensor> one{*ts[i]};
+        works.push_back(g->backend->allreduce(one));
+      }
     }
     for (auto& w : works) w->wait();
   })
@@ -158,7 +175,7 @@ char* distill_broadcast(DistillGroup* g, at::Tensor* t, int root) {
     std::vector<at::Tensor> one{*t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    g->backend->broadcast(one, o)->wait();
+    issue([&] { return g->backend->broadcast(one, o); })->wait();
   })
 }
 
@@ -167,11 +184,13 @@ char* distill_allgather(DistillGroup* g, at::Tensor* input, at::Tensor* const* o
   GUARD({
     std::vector<std::vector<at::Tensor>> out{tensors(outputs, n)};
     std::vector<at::Tensor> in{*input};
-    g->backend->allgather(out, in)->wait();
+    issue([&] { return g->backend->allgather(out, in); })->wait();
   })
 }
 
-char* distill_barrier(DistillGroup* g) { GUARD(g->backend->barrier()->wait()) }
+char* distill_barrier(DistillGroup* g) {
+  GUARD(issue([&] { return g->backend->barrier(); })->wait())
+}
 
 char* distill_store_set(DistillGroup* g, const char* key, const uint8_t* value, size_t len) {
   GUARD(g->store->set(std::string(key), std::vector<uint8_t>(value, value + len)))
