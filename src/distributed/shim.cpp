@@ -84,7 +84,9 @@ static char* message(const std::string& m) {
 // recorder, which every collective goes through, adds a group to a map before taking its
 // own lock (FlightRecorderDetail.hpp, `recordWithResetEnabled`), so two groups issuing
 // their first collectives at once corrupt the map (SIGSEGV): several ranks in one process
-// (the tests) or several groups in one rank. Issuing only enqueues, so the lock is short.
+// (the tests) or several groups in one rank. Issuing a Gloo collective only enqueues it,
+// so the lock is short; NCCL's first collective also creates the communicator, which
+// waits for the other ranks, harmless while each process has one group (distill's case).
 static std::mutex issue_mutex;
 
 template <typename F>
